@@ -1,0 +1,302 @@
+//! `cusa-pipe bench engine`: the engine's speed against peers, measured in the same run.
+//!
+//! Figures (best of `--repeat` runs, page cache warm for every contender alike):
+//! * (a) cold hashing — no stat cache — of a many-file folder (default 100,000 × 4 KiB) and of
+//!   one large file (default 2 GiB), against `sha256sum` over the same files;
+//! * (b) a no-op `cusa-pipe status` whose pipeline has that folder as an input (warm stat cache);
+//! * (c) `dvc status` on the same data and the same one-stage pipeline, if `dvc` is installed
+//!   (`pip install dvc`), after one `dvc repro`.
+//!
+//! Every figure is printed with its ratio to the peer; nothing is asserted: speed targets are
+//! read from this output, never from timed tests.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+
+use crate::fingerprint::content::{ContentHasher, Walk, sha256_file};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Suite {
+    /// Hashing, no-op status, DVC comparison
+    Engine,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    suite: Suite,
+    /// Where the generated data lives (kept between runs; reused if present)
+    #[arg(long, default_value = "/tmp/cusa-pipe-bench")]
+    dir: PathBuf,
+    /// Files in the many-file folder
+    #[arg(long, default_value_t = 100_000)]
+    files: usize,
+    /// Size of each of those files in bytes
+    #[arg(long, default_value_t = 4096)]
+    file_size: usize,
+    /// Size of the large file in MiB
+    #[arg(long, default_value_t = 2048)]
+    big_mib: usize,
+    /// Repetitions of each timing (the best is kept)
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// The DVC executable [default: `dvc` on PATH]
+    #[arg(long)]
+    dvc: Option<PathBuf>,
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
+    let Suite::Engine = args.suite;
+    let root = &args.dir;
+    let many = root.join("data/many");
+    let big = root.join("data/big.bin");
+    generate(&many, &big, &args)?;
+    let files = list_files(&many)?;
+    println!(
+        "data: {} files × {} B in {}, one {} MiB file; {} cores",
+        files.len(),
+        args.file_size,
+        many.display(),
+        args.big_mib,
+        cores()
+    );
+
+    // Warm the page cache for everyone.
+    run_quiet(Command::new("sha256sum").arg(&big))?;
+    sha256sum_files(&files)?;
+
+    println!(
+        "\n(a) cold hashing (no stat cache), best of {}",
+        args.repeat
+    );
+    let ours_many = best(args.repeat, || {
+        ContentHasher::new(None)
+            .manifest(&many, Walk { follow_links: true })
+            .map(drop)
+            .map_err(anyhow::Error::from)
+    })?;
+    let peer_many = best(args.repeat, || sha256sum_files(&files))?;
+    report(
+        "many files",
+        ours_many,
+        "sha256sum (xargs)",
+        peer_many,
+        "goal ≥ 1.8×",
+    );
+    let ours_big = best(args.repeat, || {
+        sha256_file(&big).map(drop).map_err(anyhow::Error::from)
+    })?;
+    let peer_big = best(args.repeat, || {
+        run_quiet(Command::new("sha256sum").arg(&big))
+    })?;
+    report(
+        "one large file",
+        ours_big,
+        "sha256sum",
+        peer_big,
+        "single stream: parity expected",
+    );
+
+    println!("\n(b) no-op status with the many-file folder as an input (warm)");
+    let project = root.join("cusa");
+    std::fs::create_dir_all(&project)?;
+    std::fs::write(
+        project.join("pipeline.yaml"),
+        "version: 1\nstages:\n  consume:\n    kind: command\n    inputs:\n      data: ../data/many\n    with:\n      run: ls ${inputs.data} | wc -l > ${out}/count.txt\n",
+    )?;
+    let exe = std::env::current_exe().context("locating the cusa-pipe binary")?;
+    run_quiet(
+        Command::new(&exe)
+            .current_dir(&project)
+            .args(["run", "pipeline.yaml"]),
+    )?;
+    run_quiet(
+        Command::new(&exe)
+            .current_dir(&project)
+            .args(["status", "pipeline.yaml"]),
+    )?;
+    let status = best(args.repeat, || {
+        run_quiet(
+            Command::new(&exe)
+                .current_dir(&project)
+                .args(["status", "pipeline.yaml"]),
+        )
+    })?;
+    println!(
+        "  cusa-pipe status          {:>9}   goal < 0.5 s: {}",
+        secs(status),
+        if status.as_secs_f64() < 0.5 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+
+    println!("\n(c) the same no-op under DVC");
+    let dvc = args.dvc.clone().unwrap_or_else(|| PathBuf::from("dvc"));
+    if Command::new(&dvc)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!("  dvc not found: `pip install dvc` (or pass --dvc PATH) to measure it");
+        return Ok(0);
+    }
+    let repo = root.clone();
+    if !repo.join(".dvc").exists() {
+        run_quiet(
+            Command::new(&dvc)
+                .current_dir(&repo)
+                .args(["init", "--no-scm", "-q"]),
+        )?;
+    }
+    std::fs::write(
+        repo.join("dvc.yaml"),
+        "stages:\n  consume:\n    cmd: ls data/many | wc -l > count.txt\n    deps:\n    - data/many\n    outs:\n    - count.txt\n",
+    )?;
+    let t = Instant::now();
+    run_quiet(Command::new(&dvc).current_dir(&repo).args(["repro", "-q"]))?;
+    println!(
+        "  dvc repro (first, hashes everything)  {}",
+        secs(t.elapsed())
+    );
+    run_quiet(Command::new(&dvc).current_dir(&repo).args(["status", "-q"]))?;
+    let dvc_status = best(args.repeat, || {
+        run_quiet(Command::new(&dvc).current_dir(&repo).args(["status", "-q"]))
+    })?;
+    report(
+        "no-op status",
+        status,
+        "dvc status",
+        dvc_status,
+        "goal ≥ 20×",
+    );
+    Ok(0)
+}
+
+fn generate(many: &Path, big: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let per_dir = 1000;
+    let marker = many.join(format!(".complete-{}x{}", args.files, args.file_size));
+    if !marker.exists() {
+        eprintln!("generating {} files of {} B…", args.files, args.file_size);
+        let _ = std::fs::remove_dir_all(many);
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut buf = vec![0u8; args.file_size];
+        for i in 0..args.files {
+            let dir = many.join(format!("d{:04}", i / per_dir));
+            if i % per_dir == 0 {
+                std::fs::create_dir_all(&dir)?;
+            }
+            rng.fill(&mut buf);
+            std::fs::write(dir.join(format!("f{i:06}.bin")), &buf)?;
+        }
+        std::fs::write(&marker, b"")?;
+    }
+    let want = (args.big_mib as u64) << 20;
+    if std::fs::metadata(big).map(|m| m.len()).ok() != Some(want) {
+        eprintln!("generating a {} MiB file…", args.big_mib);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(big)?);
+        let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..args.big_mib {
+            rng.fill(&mut buf);
+            f.write_all(&buf)?;
+        }
+        f.flush()?;
+    }
+    Ok(())
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.into_path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `sha256sum` over many files, as `xargs` would batch them.
+fn sha256sum_files(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut child = Command::new("xargs")
+        .args(["-0", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting xargs sha256sum")?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        for f in files {
+            stdin.write_all(f.as_os_str().as_encoded_bytes())?;
+            stdin.write_all(b"\0")?;
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("sha256sum failed");
+    }
+    Ok(())
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn best(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+fn report(what: &str, ours: Duration, peer_name: &str, peer: Duration, goal: &str) {
+    let ratio = peer.as_secs_f64() / ours.as_secs_f64().max(1e-9);
+    println!(
+        "  {what:<24} cusa-pipe {:>9}   {peer_name} {:>9}   {ratio:.2}× faster   ({goal})",
+        secs(ours),
+        secs(peer)
+    );
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}

@@ -1,0 +1,180 @@
+//! `cusa-pipe cache verify | gc [--dry-run] | du`
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::CliError;
+use crate::store::Store;
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Re-hash every object and check every run record
+    Verify {
+        /// Quarantine damaged objects and drop the records that need them
+        #[arg(long)]
+        repair: bool,
+        /// The pipeline file (locates the default cache)
+        #[arg(long, default_value = "pipeline.yaml")]
+        pipeline: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove results not used by the current pipeline nor by the last N runs
+    Gc {
+        /// Show what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Also keep everything the last N runs used
+        #[arg(long, default_value_t = 5, value_name = "N")]
+        keep_runs: usize,
+        /// The pipeline file whose results are kept
+        #[arg(long, default_value = "pipeline.yaml")]
+        pipeline: PathBuf,
+    },
+    /// Show how much space the cache uses
+    Du {
+        /// The pipeline file whose stages are listed
+        #[arg(long, default_value = "pipeline.yaml")]
+        pipeline: PathBuf,
+    },
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The store for `pipeline` (or `./cache` when the file does not exist).
+fn open(pipeline: &std::path::Path, cache_dir: Option<PathBuf>) -> Result<Store, CliError> {
+    let dir = std::path::absolute(pipeline)
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+        .unwrap_or_default();
+    Ok(Store::open(&super::cache_root(cache_dir, &dir))?)
+}
+
+pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
+    match cmd {
+        CacheCommand::Verify {
+            repair,
+            pipeline,
+            json,
+        } => {
+            let store = open(&pipeline, cache_dir)?;
+            let _lock = store.lock(repair, || {
+                eprintln!("  waiting  another cusa-pipe process holds the cache lock")
+            })?;
+            let report = store.verify(repair)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                println!(
+                    "checked {} objects ({}) and {} run records",
+                    report.objects,
+                    human(report.bytes),
+                    report.records
+                );
+                for d in &report.damaged_objects {
+                    println!("damaged  object {d}");
+                }
+                for p in &report.problems {
+                    println!("problem  {p}");
+                }
+                for r in &report.repaired {
+                    println!("repaired {r}");
+                }
+                if report.staging_leftovers > 0 {
+                    println!(
+                        "note     {} staging folder(s) from interrupted runs (removed by the next run)",
+                        report.staging_leftovers
+                    );
+                }
+                if report.is_clean() {
+                    println!("cache is intact");
+                } else if !repair {
+                    println!(
+                        "run `cusa-pipe cache verify --repair` to drop damaged results; the next run recomputes them"
+                    );
+                }
+            }
+            Ok(if report.is_clean() || repair { 0 } else { 1 })
+        }
+        CacheCommand::Gc {
+            dry_run,
+            keep_runs,
+            pipeline,
+        } => {
+            let store = open(&pipeline, cache_dir)?;
+            let _lock = store.lock(true, || eprintln!("  waiting  for running cusa-pipe processes to finish (gc needs the cache alone)"))?;
+            let mut keep: BTreeSet<_> = store.recent_fingerprints(keep_runs);
+            if pipeline.exists() {
+                let id = crate::store::pipeline_id(&pipeline);
+                let names: BTreeSet<String> = match super::load(&pipeline, &[]) {
+                    Ok((p, _)) => p.stages.iter().map(|s| s.name.clone()).collect(),
+                    Err(_) => BTreeSet::new(),
+                };
+                keep.extend(
+                    store
+                        .heads(&id)
+                        .into_iter()
+                        .filter(|(n, _)| names.is_empty() || names.contains(n))
+                        .map(|(_, fp)| fp),
+                );
+            }
+            let report = store.gc(&keep, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for r in &report.records {
+                println!("{verb}: {r}");
+            }
+            println!(
+                "{verb} {} result(s), {} object(s) ({}), {} log(s); kept {} result(s)",
+                report.records.len(),
+                report.objects,
+                human(report.bytes),
+                report.logs,
+                report.kept_records
+            );
+            Ok(0)
+        }
+        CacheCommand::Du { pipeline } => {
+            let store = open(&pipeline, cache_dir)?;
+            let du = store.du();
+            println!(
+                "objects     {:>10}  ({} files)",
+                human(du.object_bytes),
+                du.objects
+            );
+            println!("records     {:>10}", du.records);
+            println!("logs        {:>10}", human(du.log_bytes));
+            println!("scratch     {:>10}", human(du.scratch_bytes));
+            println!("quarantine  {:>10}", human(du.quarantine_bytes));
+            if pipeline.exists() {
+                let heads = store.heads(&crate::store::pipeline_id(&pipeline));
+                for (stage, size) in store.output_sizes(&heads) {
+                    match size {
+                        Some((files, bytes)) => {
+                            println!("  {stage:<20} {:>10}  ({files} entries)", human(bytes))
+                        }
+                        None => println!("  {stage:<20} {:>10}", "-"),
+                    }
+                }
+            }
+            Ok(0)
+        }
+    }
+}

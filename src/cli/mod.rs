@@ -1,0 +1,185 @@
+//! The command line: flags → validated settings once, one function per subcommand, exit codes
+//! by error class (0 success, 1 a stage failed, 2 invalid pipeline or usage, 130 interrupted).
+
+mod cache;
+mod dag;
+mod path;
+mod run;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::graph::Dag;
+use crate::runner::Engine;
+use crate::spec::{self, Diagnostic, Override, Pipeline};
+use crate::store::Store;
+
+/// Exit codes.
+pub const EXIT_STAGE_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Parser)]
+#[command(
+    name = "cusa-pipe",
+    version,
+    about = "Content-hashed, explained, crash-safe pipelines for image-text retrieval training"
+)]
+struct Cli {
+    /// Cache directory [default: `cache/` beside the pipeline file]
+    #[arg(long, global = true, env = "CUSA_PIPE_CACHE", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline (or the named stages and what they need)
+    Run(run::RunArgs),
+    /// Show every stage as fresh or stale, with the reasons (old → new)
+    Status(status::StatusArgs),
+    /// Print the stage graph
+    Dag(dag::DagArgs),
+    /// Print where a stage's committed output (or a path inside it) is
+    Path(path::PathArgs),
+    /// Inspect and maintain the cache
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
+    /// Measure the engine against peers (sha256sum, DVC) on generated data
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Errors at the CLI edge, by class.
+#[derive(Debug)]
+pub enum CliError {
+    /// The pipeline file or the command line is wrong (exit 2).
+    Invalid(Box<Diagnostic>),
+    Usage(String),
+    /// Something else went wrong (exit 1).
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError::Other(e)
+    }
+}
+
+impl From<Diagnostic> for CliError {
+    fn from(d: Diagnostic) -> Self {
+        CliError::Invalid(Box::new(d))
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(e: crate::store::StoreError) -> Self {
+        CliError::Other(e.into())
+    }
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_INVALID } else { 0 };
+        }
+    };
+    let result = match cli.command {
+        Command::Run(a) => run::run(a, cli.cache_dir),
+        Command::Status(a) => status::status(a, cli.cache_dir),
+        Command::Dag(a) => dag::dag(a),
+        Command::Path(a) => path::path(a, cli.cache_dir),
+        Command::Cache(c) => cache::cache(c, cli.cache_dir),
+        Command::Bench(a) => crate::bench::bench(a).map_err(CliError::Other),
+    };
+    match result {
+        Ok(code) => code,
+        Err(CliError::Invalid(d)) => {
+            eprint!("error: {d}");
+            EXIT_INVALID
+        }
+        Err(CliError::Usage(m)) => {
+            eprintln!("error: {m}");
+            EXIT_INVALID
+        }
+        Err(CliError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            EXIT_STAGE_FAILED
+        }
+    }
+}
+
+/// Keeps `ExitCode` available for callers that prefer it.
+pub fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// Splits `[PIPELINE] [STAGE…]`: the first word is the pipeline file if it looks like one.
+pub(crate) fn split_pipeline_and_stages(words: &[String]) -> (PathBuf, Vec<String>) {
+    match words.split_first() {
+        Some((first, rest))
+            if first.ends_with(".yaml")
+                || first.ends_with(".yml")
+                || Path::new(first).is_file() =>
+        {
+            (PathBuf::from(first), rest.to_vec())
+        }
+        _ => (PathBuf::from("pipeline.yaml"), words.to_vec()),
+    }
+}
+
+/// Loads and validates the pipeline and its graph.
+pub(crate) fn load(file: &Path, overrides: &[Override]) -> Result<(Pipeline, Dag), CliError> {
+    let kinds = cusa_stages::registry();
+    let pipeline = spec::load(file, overrides, &kinds)?;
+    let dag = Dag::build(&pipeline)?;
+    Ok((pipeline, dag))
+}
+
+/// The cache directory: `--cache-dir`/`CUSA_PIPE_CACHE`, else `cache/` beside the pipeline.
+pub(crate) fn cache_root(flag: Option<PathBuf>, pipeline_dir: &Path) -> PathBuf {
+    flag.unwrap_or_else(|| pipeline_dir.join("cache"))
+}
+
+/// Loads the pipeline and opens its store.
+pub(crate) fn engine(
+    file: &Path,
+    overrides: &[Override],
+    cache_dir: Option<PathBuf>,
+) -> Result<Engine, CliError> {
+    let (pipeline, dag) = load(file, overrides)?;
+    let store = Store::open(&cache_root(cache_dir, &pipeline.dir))?;
+    Ok(Engine::new(pipeline, dag, store))
+}
+
+/// Stage names → indices, or a usage error with a suggestion.
+pub(crate) fn stage_indices(p: &Pipeline, names: &[String]) -> Result<Vec<usize>, CliError> {
+    let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    names
+        .iter()
+        .flat_map(|n| {
+            n.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .map(|n| {
+            all.iter().position(|s| *s == n).ok_or_else(|| {
+                let hint = match cusa_stages::api::closest(&n, &all) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => format!("stages: {}", all.join(", ")),
+                };
+                CliError::Usage(format!("no stage `{n}` in {}; {hint}", p.file.display()))
+            })
+        })
+        .collect()
+}
+
+pub(crate) use crate::graph::Format as DagFormat;

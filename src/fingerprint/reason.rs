@@ -1,0 +1,278 @@
+//! Why a stage must run: typed reasons with old → new values, turned into words in one place
+//! ([`MissReason`]'s `Display`). `status`, `run --dry-run`, the run log and `--json` all print
+//! these same words.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde_json::Value;
+
+use super::{Ingredients, Origin};
+
+/// One reason a stage's cached result cannot be used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MissReason {
+    /// No result was ever committed for this stage of this pipeline.
+    NoRecord,
+    /// The last result for these exact ingredients was removed (`cache gc`, `cache verify --repair`).
+    RecordRemoved,
+    /// `--force` / `--force-all`.
+    Forced,
+    /// The committed output failed verification.
+    OutputDamaged {
+        detail: String,
+    },
+    SchemaChanged {
+        old: u32,
+        new: u32,
+    },
+    KindChanged {
+        old: String,
+        new: String,
+    },
+    KindVersionChanged {
+        kind: String,
+        old: u32,
+        new: u32,
+    },
+    ParamChanged {
+        name: String,
+        old: Option<Value>,
+        new: Option<Value>,
+    },
+    ConfigChanged {
+        key: String,
+        old: Option<Value>,
+        new: Option<Value>,
+    },
+    InputChanged {
+        name: String,
+        path: String,
+    },
+    InputAdded {
+        name: String,
+    },
+    InputRemoved {
+        name: String,
+    },
+    UpstreamChanged {
+        input: String,
+        stage: String,
+    },
+    /// Status only: an upstream stage must run first, so this one's key is not known yet.
+    UpstreamPending {
+        stage: String,
+    },
+}
+
+impl fmt::Display for MissReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use MissReason::*;
+        match self {
+            NoRecord => write!(f, "no record (never ran)"),
+            RecordRemoved => write!(f, "cached result was removed"),
+            Forced => write!(f, "forced"),
+            OutputDamaged { detail } => write!(f, "cached output is damaged ({detail})"),
+            SchemaChanged { old, new } => write!(f, "fingerprint schema {old} → {new}"),
+            KindChanged { old, new } => write!(f, "kind `{old}` → `{new}`"),
+            KindVersionChanged { kind, old, new } => {
+                write!(f, "kind `{kind}` version {old} → {new}")
+            }
+            ParamChanged { name, old, new } => {
+                write!(f, "param `{name}` {} → {}", show(old), show(new))
+            }
+            ConfigChanged { key, old, new } => write!(f, "{key} {} → {}", show(old), show(new)),
+            InputChanged { name, path } => write!(f, "input `{name}` changed ({path})"),
+            InputAdded { name } => write!(f, "input `{name}` added"),
+            InputRemoved { name } => write!(f, "input `{name}` removed"),
+            UpstreamChanged { input, stage } if input == stage => {
+                write!(f, "upstream `{stage}` output changed")
+            }
+            UpstreamChanged { input, stage } => {
+                write!(f, "upstream `{stage}` output changed (input `{input}`)")
+            }
+            UpstreamPending { stage } => write!(f, "upstream `{stage}` must run first"),
+        }
+    }
+}
+
+/// A value in a reason: JSON, shortened to keep a reason on one line.
+fn show(v: &Option<Value>) -> String {
+    const MAX: usize = 48;
+    match v {
+        None => "(unset)".into(),
+        Some(v) => {
+            let s = serde_json::to_string(v).unwrap_or_default();
+            if s.chars().count() > MAX {
+                let cut: String = s.chars().take(MAX - 1).collect();
+                format!("{cut}…")
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// The differences between the ingredients of the last committed result (`old`) and now.
+pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
+    let mut out = Vec::new();
+    if old.schema != new.schema {
+        out.push(MissReason::SchemaChanged {
+            old: old.schema,
+            new: new.schema,
+        });
+    }
+    if old.kind != new.kind {
+        out.push(MissReason::KindChanged {
+            old: old.kind.clone(),
+            new: new.kind.clone(),
+        });
+    } else if old.kind_version != new.kind_version {
+        out.push(MissReason::KindVersionChanged {
+            kind: new.kind.clone(),
+            old: old.kind_version,
+            new: new.kind_version,
+        });
+    }
+    let names: BTreeSet<&String> = old.params.keys().chain(new.params.keys()).collect();
+    for name in names {
+        let (a, b) = (old.params.get(name), new.params.get(name));
+        if a != b {
+            out.push(MissReason::ParamChanged {
+                name: name.clone(),
+                old: a.cloned(),
+                new: b.cloned(),
+            });
+        }
+    }
+    diff_config("with", Some(&old.config), Some(&new.config), &mut out);
+    let inputs: BTreeSet<&String> = old.inputs.keys().chain(new.inputs.keys()).collect();
+    for name in inputs {
+        match (old.inputs.get(name), new.inputs.get(name)) {
+            (None, Some(_)) => out.push(MissReason::InputAdded { name: name.clone() }),
+            (Some(_), None) => out.push(MissReason::InputRemoved { name: name.clone() }),
+            (Some(a), Some(b)) if a.digest != b.digest => out.push(match &b.origin {
+                Origin::Stage { stage, .. } => MissReason::UpstreamChanged {
+                    input: name.clone(),
+                    stage: stage.clone(),
+                },
+                Origin::Project { path } => MissReason::InputChanged {
+                    name: name.clone(),
+                    path: path.clone(),
+                },
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Leaf-level differences of two config trees, as `with.a.b` keys.
+fn diff_config(key: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec<MissReason>) {
+    match (old, new) {
+        (Some(Value::Object(a)), Some(Value::Object(b))) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                diff_config(&format!("{key}.{k}"), a.get(k), b.get(k), out);
+            }
+        }
+        (a, b) if a != b => out.push(MissReason::ConfigChanged {
+            key: key.to_string(),
+            old: a.cloned(),
+            new: b.cloned(),
+        }),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::{InputIngredient, SCHEMA_VERSION};
+    use super::*;
+
+    fn ing(n: i64, run: &str, script: &str, up: &str) -> Ingredients {
+        Ingredients {
+            schema: SCHEMA_VERSION,
+            kind: "command".into(),
+            kind_version: 1,
+            config: serde_json::json!({"run": run, "env": {"A": "1"}}),
+            params: BTreeMap::from([("n".into(), Value::from(n))]),
+            inputs: BTreeMap::from([
+                (
+                    "script".into(),
+                    InputIngredient {
+                        digest: script.into(),
+                        origin: Origin::Project {
+                            path: "gen.py".into(),
+                        },
+                    },
+                ),
+                (
+                    "numbers".into(),
+                    InputIngredient {
+                        digest: up.into(),
+                        origin: Origin::Stage {
+                            stage: "numbers".into(),
+                            sub: None,
+                        },
+                    },
+                ),
+            ]),
+        }
+    }
+
+    fn words(old: &Ingredients, new: &Ingredients) -> Vec<String> {
+        explain(old, new).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn each_change_is_named_with_old_and_new_values() {
+        let a = ing(1000, "python3 x", "s1", "u1");
+        assert!(words(&a, &a).is_empty());
+        assert_eq!(
+            words(&a, &ing(2000, "python3 x", "s1", "u1")),
+            vec!["param `n` 1000 → 2000"]
+        );
+        assert_eq!(
+            words(&a, &ing(1000, "python3 y", "s1", "u1")),
+            vec![r#"with.run "python3 x" → "python3 y""#]
+        );
+        assert_eq!(
+            words(&a, &ing(1000, "python3 x", "s2", "u1")),
+            vec!["input `script` changed (gen.py)"]
+        );
+        assert_eq!(
+            words(&a, &ing(1000, "python3 x", "s1", "u2")),
+            vec!["upstream `numbers` output changed"]
+        );
+        let mut v2 = a.clone();
+        v2.kind_version = 2;
+        assert_eq!(words(&a, &v2), vec!["kind `command` version 1 → 2"]);
+    }
+
+    #[test]
+    fn added_and_removed_keys_read_as_unset() {
+        let a = ing(1, "r", "s", "u");
+        let mut b = a.clone();
+        b.config["shell"] = Value::Bool(false);
+        b.inputs.remove("script");
+        assert_eq!(
+            words(&a, &b),
+            vec!["with.shell (unset) → false", "input `script` removed"]
+        );
+    }
+
+    #[test]
+    fn long_values_are_shortened() {
+        let long = "x".repeat(200);
+        let r = MissReason::ConfigChanged {
+            key: "with.run".into(),
+            old: None,
+            new: Some(Value::String(long)),
+        };
+        assert!(r.to_string().chars().count() < 80, "{r}");
+        assert!(r.to_string().ends_with('…'));
+    }
+}

@@ -1,0 +1,779 @@
+//! Deciding and executing: which stages are fresh, which must run and why, and running them.
+//!
+//! [`Engine::assess`] is the single decision procedure, used by `status`, `run --dry-run` and
+//! `run`: hash the stage's inputs (project files through the stat cache, upstream stages by
+//! their committed output digest), compute the fingerprint, and look for a committed run record
+//! whose output tree is intact. Anything else yields typed [`MissReason`]s, explained against the
+//! last result this pipeline committed for the stage (its *head*).
+//!
+//! [`Engine::run`] executes the graph with `dagrs`: one node per stage, the upstream result
+//! passed along the graph's channels, the work itself on blocking threads. Invariants:
+//! * at most `-j` stages execute at once and GPUs are never over-committed ([`slots`]);
+//! * a stage whose upstream failed is `skipped`; other branches go on; exit code 1;
+//! * a fingerprint is executed by one process at a time (a lock per key); a run that waited
+//!   re-checks the store and reports `cached` if the other run committed it;
+//! * a stage's output is committed only if the stage returned `Ok` and the run was not
+//!   interrupted; the run record is the commit point (see [`crate::store`]);
+//! * Ctrl-C/SIGTERM cancels: running programs' process groups get SIGTERM, then SIGKILL after
+//!   a grace period; nothing partial is committed; the exit code is 130.
+
+pub mod report;
+pub mod slots;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use cusa_stages::api::{Cancel, StageContext, StageError, StageLog};
+use dagrs::{
+    Action, Content, DefaultNode, EnvVar, Graph, InChannels, Node, NodeId, NodeTable, OutChannels,
+    Output,
+};
+use serde::Serialize;
+
+use crate::fingerprint::content::{Manifest, Walk};
+use crate::fingerprint::{
+    Fingerprint, Ingredients, InputIngredient, MissReason, Origin, SCHEMA_VERSION, explain,
+};
+use crate::graph::Dag;
+use crate::spec::{Input, Pipeline};
+use crate::store::{RunRecord, Store, StoreError, TreeState};
+use report::{Outcome, Reporter, StageReport};
+use slots::Slots;
+
+/// A pipeline bound to a store.
+pub struct Engine {
+    pub pipeline: Pipeline,
+    pub dag: Dag,
+    pub store: Store,
+    pub pipeline_id: String,
+}
+
+/// A committed output, as downstream stages see it.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub fingerprint: Fingerprint,
+    pub digest: String,
+    pub dir: PathBuf,
+    pub manifest: Arc<Manifest>,
+}
+
+/// What an upstream stage left for its dependents.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    Done(Committed),
+    /// Not executed yet (status / dry run): downstream keys are unknown.
+    Pending,
+    /// Failed or skipped: dependents are skipped.
+    Broken,
+}
+
+/// The decision for one stage.
+pub struct Assessment {
+    pub ingredients: Ingredients,
+    /// `None` while an upstream stage is pending.
+    pub fingerprint: Option<Fingerprint>,
+    /// Resolved input paths (upstream ones only when done).
+    pub inputs: BTreeMap<String, PathBuf>,
+    pub fresh: Option<Committed>,
+    pub reasons: Vec<MissReason>,
+}
+
+/// A stage that cannot even be assessed (missing input file, bad sub-path).
+#[derive(Debug)]
+pub struct Blocked {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl From<StoreError> for Blocked {
+    fn from(e: StoreError) -> Self {
+        Blocked {
+            message: format!("cache error: {e}"),
+            hint: Some("run `cusa-pipe cache verify`".into()),
+        }
+    }
+}
+
+/// One row of `cusa-pipe status`.
+#[derive(Debug, Serialize)]
+pub struct StatusRow {
+    pub name: String,
+    /// `fresh`, `stale` or `error`.
+    pub state: &'static str,
+    #[serde(serialize_with = "report_reasons")]
+    pub reasons: Vec<MissReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn report_reasons<S: serde::Serializer>(r: &[MissReason], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(r.iter().map(ToString::to_string))
+}
+
+/// `run` settings, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct RunSettings {
+    /// Indices of the stages asked for (empty: all).
+    pub targets: Vec<usize>,
+    pub force: BTreeSet<usize>,
+    pub jobs: usize,
+    pub gpus: usize,
+    pub dry_run: bool,
+}
+
+/// How a run ended.
+pub struct RunResult {
+    pub reports: Vec<StageReport>,
+    pub interrupted: bool,
+}
+
+impl Engine {
+    pub fn new(pipeline: Pipeline, dag: Dag, store: Store) -> Engine {
+        let pipeline_id = crate::store::pipeline_id(&pipeline.file);
+        Engine {
+            pipeline,
+            dag,
+            store,
+            pipeline_id,
+        }
+    }
+
+    /// Decides whether stage `idx` is fresh, given what its upstream stages left.
+    pub fn assess(
+        &self,
+        idx: usize,
+        ups: &HashMap<String, Upstream>,
+        forced: bool,
+    ) -> Result<Assessment, Blocked> {
+        let p = &self.pipeline;
+        let stage = &p.stages[idx];
+        let mut inputs = BTreeMap::new();
+        let mut paths = BTreeMap::new();
+        let mut pending: Vec<(String, String)> = Vec::new();
+        for (name, input) in &stage.inputs {
+            match input {
+                Input::Project { path, key } => {
+                    let abs = if Path::new(path).is_absolute() {
+                        PathBuf::from(path)
+                    } else {
+                        p.dir.join(path)
+                    };
+                    let digest = self.store.hasher().digest_path(&abs, Walk { follow_links: true }).map_err(|e| {
+                        let d = p.source.diagnostic_at_value(key, "");
+                        let what = match &e {
+                            crate::fingerprint::content::HashError::Io { source, .. }
+                                if source.kind() == std::io::ErrorKind::NotFound =>
+                            {
+                                format!("{path} does not exist")
+                            }
+                            other => other.to_string(),
+                        };
+                        Blocked {
+                            message: format!("input `{name}`: {what} ({})", d.location()),
+                            hint: Some("create it, or fix the path in the pipeline file (paths are relative to it)".into()),
+                        }
+                    })?;
+                    inputs.insert(
+                        name.clone(),
+                        InputIngredient {
+                            digest: digest.digest,
+                            origin: Origin::Project { path: path.clone() },
+                        },
+                    );
+                    paths.insert(name.clone(), abs);
+                }
+                Input::Stage { stage: up, sub } => {
+                    let origin = Origin::Stage {
+                        stage: up.clone(),
+                        sub: sub.clone(),
+                    };
+                    match ups.get(up) {
+                        Some(Upstream::Done(c)) => {
+                            let digest = match sub {
+                                None => c.digest.clone(),
+                                Some(s) => c.manifest.sub_digest(s).ok_or_else(|| {
+                                    let top: BTreeSet<&str> = c
+                                        .manifest
+                                        .entries
+                                        .iter()
+                                        .map(|e| e.path.split('/').next().unwrap_or(""))
+                                        .collect();
+                                    Blocked {
+                                        message: format!(
+                                            "input `{name}`: `{s}` is not in the output of `{up}`"
+                                        ),
+                                        hint: Some(format!(
+                                            "`{up}` wrote: {}",
+                                            if top.is_empty() {
+                                                "nothing".to_string()
+                                            } else {
+                                                top.into_iter().collect::<Vec<_>>().join(", ")
+                                            }
+                                        )),
+                                    }
+                                })?,
+                            };
+                            inputs.insert(name.clone(), InputIngredient { digest, origin });
+                            paths.insert(
+                                name.clone(),
+                                sub.as_ref()
+                                    .map(|s| c.dir.join(s))
+                                    .unwrap_or_else(|| c.dir.clone()),
+                            );
+                        }
+                        _ => {
+                            pending.push((name.clone(), up.clone()));
+                            inputs.insert(
+                                name.clone(),
+                                InputIngredient {
+                                    digest: String::new(),
+                                    origin,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let mut ingredients = Ingredients {
+            schema: SCHEMA_VERSION,
+            kind: stage.kind.name().to_string(),
+            kind_version: stage.kind.version(),
+            config: stage.with_symbolic.clone(),
+            params: stage.params_used.clone(),
+            inputs,
+        };
+        let head = self
+            .store
+            .heads(&self.pipeline_id)
+            .get(&stage.name)
+            .cloned();
+        let previous = head.as_ref().and_then(|h| self.store.read_record(h));
+
+        if !pending.is_empty() {
+            // The key is unknown until upstream runs; still show this stage's own changes.
+            let mut reasons: Vec<MissReason> = Vec::new();
+            for (_, up) in &pending {
+                let r = MissReason::UpstreamPending { stage: up.clone() };
+                if !reasons.contains(&r) {
+                    reasons.push(r);
+                }
+            }
+            if let Some(prev) = &previous {
+                for (name, _) in &pending {
+                    if let (Some(old), Some(new)) = (
+                        prev.ingredients.inputs.get(name),
+                        ingredients.inputs.get_mut(name),
+                    ) {
+                        new.digest = old.digest.clone();
+                    }
+                }
+                reasons.extend(
+                    explain(&prev.ingredients, &ingredients)
+                        .into_iter()
+                        .filter(|r| !matches!(r, MissReason::InputAdded { .. })),
+                );
+            }
+            return Ok(Assessment {
+                ingredients,
+                fingerprint: None,
+                inputs: paths,
+                fresh: None,
+                reasons,
+            });
+        }
+
+        let fp = ingredients.fingerprint();
+        if forced {
+            return Ok(Assessment {
+                ingredients,
+                fingerprint: Some(fp),
+                inputs: paths,
+                fresh: None,
+                reasons: vec![MissReason::Forced],
+            });
+        }
+        if let Some(fresh) = self.committed(&fp)? {
+            return match fresh {
+                Ok(c) => Ok(Assessment {
+                    ingredients,
+                    fingerprint: Some(fp),
+                    inputs: paths,
+                    fresh: Some(c),
+                    reasons: vec![],
+                }),
+                Err(damage) => Ok(Assessment {
+                    ingredients,
+                    fingerprint: Some(fp),
+                    inputs: paths,
+                    fresh: None,
+                    reasons: vec![damage],
+                }),
+            };
+        }
+        let reasons = match (&head, &previous) {
+            (None, _) => vec![MissReason::NoRecord],
+            (Some(h), _) if *h == fp => vec![MissReason::RecordRemoved],
+            (Some(_), Some(prev)) => {
+                let r = explain(&prev.ingredients, &ingredients);
+                if r.is_empty() {
+                    vec![MissReason::RecordRemoved]
+                } else {
+                    r
+                }
+            }
+            (Some(_), None) => vec![MissReason::RecordRemoved],
+        };
+        Ok(Assessment {
+            ingredients,
+            fingerprint: Some(fp),
+            inputs: paths,
+            fresh: None,
+            reasons,
+        })
+    }
+
+    /// The committed, intact result of `fp`: `None` if there is no record, `Some(Err(reason))`
+    /// if its output is damaged (the record is then dropped so the stage reruns).
+    fn committed(
+        &self,
+        fp: &Fingerprint,
+    ) -> Result<Option<Result<Committed, MissReason>>, StoreError> {
+        let Some(record) = self.store.read_record(fp) else {
+            return Ok(None);
+        };
+        match self.store.check_tree(&record.output)? {
+            TreeState::Intact(dir) => {
+                let manifest = Arc::new(self.store.manifest(&record.output)?);
+                Ok(Some(Ok(Committed {
+                    fingerprint: fp.clone(),
+                    digest: record.output,
+                    dir,
+                    manifest,
+                })))
+            }
+            TreeState::Damaged(detail) | TreeState::Missing(detail) => {
+                self.store.remove_record(fp);
+                Ok(Some(Err(MissReason::OutputDamaged { detail })))
+            }
+        }
+    }
+
+    /// Every stage's state without executing anything (`status`, `run --dry-run`).
+    pub fn status(&self, forced: &BTreeSet<usize>) -> Vec<StatusRow> {
+        let mut ups: HashMap<String, Upstream> = HashMap::new();
+        let mut rows = Vec::new();
+        for &i in &self.dag.order {
+            let name = self.pipeline.stages[i].name.clone();
+            let broken_up = self.dag.deps[i]
+                .iter()
+                .map(|&j| &self.pipeline.stages[j].name)
+                .find(|n| matches!(ups.get(*n), Some(Upstream::Broken)));
+            if let Some(up) = broken_up {
+                rows.push(StatusRow {
+                    name: name.clone(),
+                    state: "error",
+                    reasons: vec![],
+                    fingerprint: None,
+                    error: Some(format!("upstream `{up}` cannot be assessed")),
+                });
+                ups.insert(name, Upstream::Broken);
+                continue;
+            }
+            match self.assess(i, &ups, forced.contains(&i)) {
+                Ok(a) => {
+                    let state = if a.fresh.is_some() { "fresh" } else { "stale" };
+                    ups.insert(
+                        name.clone(),
+                        a.fresh
+                            .clone()
+                            .map(Upstream::Done)
+                            .unwrap_or(Upstream::Pending),
+                    );
+                    rows.push(StatusRow {
+                        name,
+                        state,
+                        reasons: a.reasons,
+                        fingerprint: a.fingerprint,
+                        error: None,
+                    });
+                }
+                Err(b) => {
+                    ups.insert(name.clone(), Upstream::Broken);
+                    rows.push(StatusRow {
+                        name,
+                        state: "error",
+                        reasons: vec![],
+                        fingerprint: None,
+                        error: Some(b.message),
+                    });
+                }
+            }
+        }
+        rows
+    }
+
+    /// Executes the selected stages (and what they need); see the module doc.
+    pub fn run(
+        self: &Arc<Self>,
+        settings: &RunSettings,
+        reporter: Arc<Reporter>,
+        cancel: Cancel,
+    ) -> RunResult {
+        let selected = if settings.targets.is_empty() {
+            self.dag.order.clone()
+        } else {
+            self.dag.closure(&settings.targets)
+        };
+        let shared = Arc::new(Shared {
+            engine: self.clone(),
+            settings: settings.clone(),
+            reporter: reporter.clone(),
+            cancel: cancel.clone(),
+            slots: Slots::new(settings.jobs, settings.gpus),
+            reports: Mutex::new(HashMap::new()),
+            position: selected
+                .iter()
+                .enumerate()
+                .map(|(pos, &i)| (i, pos))
+                .collect(),
+        });
+
+        let mut table = NodeTable::new();
+        let mut graph = Graph::new();
+        let mut ids: HashMap<usize, NodeId> = HashMap::new();
+        let mut nodes = Vec::new();
+        for &i in &selected {
+            let node = DefaultNode::new(self.pipeline.stages[i].name.clone(), &mut table);
+            ids.insert(i, node.id());
+            nodes.push((i, node));
+        }
+        for (i, mut node) in nodes {
+            let upstream: Vec<(String, NodeId)> = self.dag.deps[i]
+                .iter()
+                .map(|&j| (self.pipeline.stages[j].name.clone(), ids[&j]))
+                .collect();
+            node.set_action(StageAction {
+                idx: i,
+                upstream,
+                shared: shared.clone(),
+            });
+            graph.add_node(node).expect("node ids are unique");
+        }
+        for &i in &selected {
+            let downstream: Vec<NodeId> = self.dag.dependents[i]
+                .iter()
+                .filter_map(|j| ids.get(j).copied())
+                .collect();
+            if !downstream.is_empty() {
+                graph
+                    .add_edge(ids[&i], downstream)
+                    .expect("edges join known nodes");
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(settings.jobs.max(1) + selected.len() + 4)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built");
+        let outcome = runtime.block_on(graph.async_start());
+        if let Err(e) = outcome {
+            reporter.line(&format!("internal error: the scheduler stopped: {e}"));
+        }
+
+        let mut reports_by_idx = shared
+            .reports
+            .lock()
+            .expect("reports")
+            .drain()
+            .collect::<HashMap<_, _>>();
+        let reports: Vec<StageReport> = selected
+            .iter()
+            .map(|i| {
+                reports_by_idx.remove(i).unwrap_or_else(|| {
+                    let mut r = StageReport::new(&self.pipeline.stages[*i].name, Outcome::Skipped);
+                    r.error = Some("not scheduled".into());
+                    r
+                })
+            })
+            .collect();
+        RunResult {
+            reports,
+            interrupted: cancel.is_cancelled(),
+        }
+    }
+}
+
+/// State shared by every stage of one run.
+struct Shared {
+    engine: Arc<Engine>,
+    settings: RunSettings,
+    reporter: Arc<Reporter>,
+    cancel: Cancel,
+    slots: Slots,
+    reports: Mutex<HashMap<usize, StageReport>>,
+    /// Stage index → position in the run's topological order (scheduling priority).
+    position: HashMap<usize, usize>,
+}
+
+struct StageAction {
+    idx: usize,
+    upstream: Vec<(String, NodeId)>,
+    shared: Arc<Shared>,
+}
+
+#[dagrs::async_trait::async_trait]
+impl Action for StageAction {
+    async fn run(
+        &self,
+        input: &mut InChannels,
+        output: &mut OutChannels,
+        _env: Arc<EnvVar>,
+    ) -> Output {
+        let mut ups = HashMap::new();
+        for (name, id) in &self.upstream {
+            let got = input
+                .recv_from(id)
+                .await
+                .ok()
+                .and_then(|c| c.into_inner::<Upstream>())
+                .map(|u| (*u).clone());
+            ups.insert(name.clone(), got.unwrap_or(Upstream::Broken));
+        }
+        let shared = self.shared.clone();
+        let idx = self.idx;
+        let result = tokio::task::spawn_blocking(move || execute(&shared, idx, ups))
+            .await
+            .unwrap_or_else(|panic| {
+                let mut r = StageReport::new(
+                    &self.shared.engine.pipeline.stages[idx].name,
+                    Outcome::Failed,
+                );
+                r.error = Some(format!("internal error: {panic}"));
+                self.shared.reporter.finished(&r);
+                self.shared.reports.lock().expect("reports").insert(idx, r);
+                Upstream::Broken
+            });
+        output.broadcast(Content::new(result)).await;
+        Output::empty()
+    }
+}
+
+/// Assesses, and if needed executes and commits, one stage. Records its report.
+fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstream {
+    let engine = &shared.engine;
+    let stage = &engine.pipeline.stages[idx];
+    let mut report = StageReport::new(&stage.name, Outcome::Skipped);
+    let started = Instant::now();
+    let (result, report) = (|| {
+        if let Some(up) = engine.dag.deps[idx]
+            .iter()
+            .map(|&j| &engine.pipeline.stages[j].name)
+            .find(|n| matches!(ups.get(*n), Some(Upstream::Broken)))
+        {
+            report.error = Some(format!("upstream `{up}` did not finish"));
+            return (Upstream::Broken, report);
+        }
+        if shared.cancel.is_cancelled() {
+            report.error = Some("interrupted before it started".into());
+            return (Upstream::Broken, report);
+        }
+        let forced = shared.settings.force.contains(&idx);
+        let a = match engine.assess(idx, &ups, forced) {
+            Ok(a) => a,
+            Err(b) => {
+                report.outcome = Outcome::Failed;
+                report.error = Some(b.message);
+                report.hint = b.hint;
+                return (Upstream::Broken, report);
+            }
+        };
+        report.fingerprint = a.fingerprint.clone();
+        if let Some(c) = a.fresh {
+            report.outcome = Outcome::Cached;
+            let _ = engine
+                .store
+                .set_head(&engine.pipeline_id, &stage.name, &c.fingerprint);
+            return (Upstream::Done(c), report);
+        }
+        report.reasons = a.reasons.clone();
+        if shared.settings.dry_run || a.fingerprint.is_none() {
+            report.outcome = Outcome::WouldRun;
+            return (Upstream::Pending, report);
+        }
+        let fp = a.fingerprint.clone().expect("checked above");
+        if stage.gpus as usize > shared.settings.gpus {
+            report.outcome = Outcome::Failed;
+            report.error = Some(format!(
+                "needs {} GPU(s); {} available",
+                stage.gpus, shared.settings.gpus
+            ));
+            report.hint = Some(
+                "run on a machine with GPUs, or pass `--gpus N` if detection missed them".into(),
+            );
+            return (Upstream::Broken, report);
+        }
+        let grant = shared
+            .slots
+            .acquire(shared.position[&idx], stage.gpus as usize);
+        let lock = engine.store.lock_fingerprint(&fp, || {
+            shared.reporter.waiting(&format!(
+                "`{}`: another cusa-pipe process is executing it",
+                stage.name
+            ))
+        });
+        let _lock = match lock {
+            Ok(l) => l,
+            Err(e) => {
+                report.outcome = Outcome::Failed;
+                report.error = Some(e.to_string());
+                return (Upstream::Broken, report);
+            }
+        };
+        if !forced && let Ok(Some(Ok(c))) = engine.committed(&fp) {
+            report.outcome = Outcome::Cached;
+            report.notes.push("committed by a concurrent run".into());
+            let _ = engine.store.set_head(&engine.pipeline_id, &stage.name, &fp);
+            return (Upstream::Done(c), report);
+        }
+        match run_and_commit(shared, idx, &a, &fp, &grant.gpus, &mut report) {
+            Ok(c) => {
+                report.outcome = Outcome::Ran;
+                (Upstream::Done(c), report)
+            }
+            Err(()) => {
+                report.outcome = Outcome::Failed;
+                (Upstream::Broken, report)
+            }
+        }
+    })();
+    let mut report = report;
+    if report.outcome == Outcome::Ran || report.outcome == Outcome::Failed {
+        report.seconds = started.elapsed().as_secs_f64();
+    }
+    shared.reporter.finished(&report);
+    shared.reports.lock().expect("reports").insert(idx, report);
+    result
+}
+
+/// Runs the stage in a staging directory and commits its output.
+fn run_and_commit(
+    shared: &Shared,
+    idx: usize,
+    a: &Assessment,
+    fp: &Fingerprint,
+    gpus: &[usize],
+    report: &mut StageReport,
+) -> Result<Committed, ()> {
+    let engine = &shared.engine;
+    let store = &engine.store;
+    let stage = &engine.pipeline.stages[idx];
+    let fail = |report: &mut StageReport, msg: String| {
+        report.error = Some(msg);
+    };
+    let staging = store.staging().map_err(|e| fail(report, e.to_string()))?;
+    let (log_rel, log_abs) = store.new_log_path(&stage.name, fp);
+    let log = StageLog::create(&log_abs)
+        .map_err(|e| fail(report, format!("cannot create the stage log: {e}")))?;
+    report.log = Some(log_abs.clone());
+    log.line(format!(
+        "# stage `{}` ({}), fingerprint {fp}",
+        stage.name,
+        stage.kind.name()
+    ));
+    log.line(format!(
+        "# runs because: {}",
+        report::reasons_text(&a.reasons)
+    ));
+    let out_dir = staging.out_dir();
+    let with = crate::spec::interpolate::resolve_paths(&stage.with, &a.inputs, &out_dir);
+    let scratch = store.scratch_dir(stage.kind.name());
+    let progress = shared.reporter.started(&stage.name, &a.reasons);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let ctx = StageContext {
+        stage: &stage.name,
+        project_dir: &engine.pipeline.dir,
+        out_dir: &out_dir,
+        scratch_dir: &scratch,
+        inputs: &a.inputs,
+        gpus,
+        threads: (cores / shared.settings.jobs.max(1)).max(1),
+        log: &log,
+        progress: &progress,
+        cancel: &shared.cancel,
+    };
+    let started_at = SystemTime::now();
+    let clock = Instant::now();
+    let summary = stage.kind.run(&with, &ctx);
+    let summary = match summary {
+        Ok(s) if !shared.cancel.is_cancelled() => s,
+        Ok(_) | Err(StageError::Cancelled) => {
+            log.line("# interrupted: nothing committed");
+            fail(report, "interrupted: nothing committed".into());
+            return Err(());
+        }
+        Err(e) => {
+            log.line(format!("# failed: {e}"));
+            report.hint = e.hint().map(str::to_string);
+            report.log_tail = log.tail(20);
+            fail(report, e.to_string());
+            return Err(());
+        }
+    };
+    let seconds = clock.elapsed().as_secs_f64();
+    let (manifest, digest) = store.commit_tree(&staging).map_err(|e| {
+        log.line(format!("# commit failed: {e}"));
+        fail(report, format!("could not commit the output: {e}"));
+    })?;
+    let record = RunRecord {
+        fingerprint: fp.clone(),
+        stage: stage.name.clone(),
+        ingredients: a.ingredients.clone(),
+        output: digest.clone(),
+        files: manifest.entries.len(),
+        bytes: manifest.size(),
+        started_at: humantime::format_rfc3339_seconds(started_at).to_string(),
+        seconds,
+        notes: summary.notes.clone(),
+        metrics: summary.metrics,
+        log: Some(log_rel),
+        tool: concat!("cusa-pipe ", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    if shared.cancel.is_cancelled() {
+        fail(report, "interrupted: nothing committed".into());
+        return Err(());
+    }
+    store
+        .write_record(&record, &staging)
+        .map_err(|e| fail(report, format!("could not write the run record: {e}")))?;
+    log.line(format!("# committed output {digest} in {seconds:.2}s"));
+    let _ = store.set_head(&engine.pipeline_id, &stage.name, fp);
+    report.notes = summary.notes;
+    let dir = match store.check_tree(&digest) {
+        Ok(TreeState::Intact(dir)) => dir,
+        _ => {
+            fail(report, "the committed output could not be read back".into());
+            return Err(());
+        }
+    };
+    Ok(Committed {
+        fingerprint: fp.clone(),
+        digest,
+        dir,
+        manifest: Arc::new(manifest),
+    })
+}
+
+/// GPUs visible on this machine (NVIDIA driver's device list), 0 without a driver.
+pub fn detect_gpus() -> usize {
+    std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .map(|d| d.flatten().count())
+        .unwrap_or(0)
+}

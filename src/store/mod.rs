@@ -1,0 +1,642 @@
+//! The local content-addressed store: committed stage results, and nothing half-written.
+//!
+//! Layout (every bucket carries a version in its name, so a format change starts a new one):
+//!
+//! | path                         | what                                                     |
+//! |------------------------------|----------------------------------------------------------|
+//! | `CACHEDIR.TAG`               | tells backup tools to skip the cache                     |
+//! | `.lock`                      | shared by `run`/`status`, exclusive for `cache gc`       |
+//! | `objects-v1/ab/cdef…`        | file contents by sha256, read-only; tree manifests too   |
+//! | `trees-v1/<digest>/`         | an output tree as ordinary files: hard links to objects  |
+//! | `runs-v1/ab/<fingerprint>.json` | run records: ingredients, output digest, timings      |
+//! | `heads-v1/<pipeline>.json`   | per pipeline file: the last committed key of each stage  |
+//! | `history-v1/*.json`          | one per `run`: which keys it used (gc keeps the last N)  |
+//! | `logs-v1/<stage>/*.log`      | one log per stage execution                              |
+//! | `stat-v1/`                   | stat caches of hashed folders (safe to delete)           |
+//! | `staging-v1/<pid>-<rand>/`   | work directories of live runs, flock-ed by their owner   |
+//! | `locks-v1/<fingerprint>.lock`| held while a key is executed, so two runs never both do  |
+//! | `scratch-v1/<kind>/`         | resumable state of stage kinds (partial downloads)       |
+//! | `quarantine-v1/`             | damaged objects moved aside                              |
+//!
+//! Commit protocol for a stage result (see [`Store::commit_tree`] and [`Store::write_record`]):
+//! 1. the stage writes into `staging-v1/<id>/out`;
+//! 2. every file is hashed, made read-only, fsync-ed and renamed into `objects-v1/`
+//!    (same filesystem, so rename is atomic); existing objects are reused;
+//! 3. the tree manifest is written as an object, the tree materialised as hard links in a
+//!    staging folder and renamed into `trees-v1/<digest>`;
+//! 4. the run record is written last (temp file, fsync, rename): **that is the commit point**.
+//!
+//! A crash before step 4 leaves only unreferenced objects (removed by `cache gc`) and staging
+//! folders whose lock is free (removed by the next run). Reads verify: a tree is checked against
+//! its manifest before a cached result is used (cheaply, through the stat cache), and
+//! `cache verify` re-hashes every object.
+
+pub mod atomic;
+pub mod maintenance;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::fingerprint::content::{ContentHasher, HashError, Manifest, Node, Walk};
+use crate::fingerprint::{Fingerprint, Ingredients};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    #[error("{0}")]
+    Damaged(String),
+}
+
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// A committed result: the commit point of a stage execution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub fingerprint: Fingerprint,
+    /// The stage's name when it was committed (informational; not part of the key).
+    pub stage: String,
+    pub ingredients: Ingredients,
+    /// Digest of the output tree's manifest.
+    pub output: String,
+    pub files: usize,
+    pub bytes: u64,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+    pub seconds: f64,
+    #[serde(default)]
+    pub notes: Vec<String>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Value>,
+    /// The execution's log, relative to the cache root.
+    pub log: Option<String>,
+    /// The cusa-pipe version that committed it.
+    pub tool: String,
+}
+
+/// What a tree check found.
+#[derive(Debug)]
+pub enum TreeState {
+    Intact(PathBuf),
+    /// Objects are gone (gc, manual deletion).
+    Missing(String),
+    /// Content differs from the manifest (a flipped byte, a consumer writing into it).
+    Damaged(String),
+}
+
+/// A held cache lock (shared or exclusive); released on drop.
+pub struct CacheLock {
+    _file: File,
+}
+
+/// A staging work directory; its lock tells sweepers it is alive. Removed on drop.
+pub struct Staging {
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+impl Staging {
+    /// Where the stage writes its output.
+    pub fn out_dir(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        remove_tree(&self.dir);
+    }
+}
+
+/// The store rooted at a cache directory.
+#[derive(Clone)]
+pub struct Store {
+    root: PathBuf,
+    hasher: ContentHasher,
+}
+
+const BUCKETS: &[&str] = &[
+    "objects-v1",
+    "trees-v1",
+    "runs-v1",
+    "heads-v1",
+    "history-v1",
+    "logs-v1",
+    "stat-v1",
+    "staging-v1",
+    "locks-v1",
+    "scratch-v1",
+];
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(root)
+            .map_err(io(format!("creating the cache at {}", root.display())))?;
+        let root = fs::canonicalize(root)
+            .map_err(io(format!("opening the cache at {}", root.display())))?;
+        for b in BUCKETS {
+            fs::create_dir_all(root.join(b))
+                .map_err(io(format!("creating {}", root.join(b).display())))?;
+        }
+        let tag = root.join("CACHEDIR.TAG");
+        if !tag.exists() {
+            let text = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by cusa-pipe.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
+            atomic::write_file(&tag, text.as_bytes(), false).map_err(io("writing CACHEDIR.TAG"))?;
+        }
+        let hasher = ContentHasher::new(Some(root.join("stat-v1")));
+        Ok(Store { root, hasher })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn hasher(&self) -> &ContentHasher {
+        &self.hasher
+    }
+
+    /// Takes the cache lock, shared (runs) or exclusive (gc); `waiting` is called once if
+    /// another process holds it.
+    pub fn lock(&self, exclusive: bool, waiting: impl FnOnce()) -> Result<CacheLock, StoreError> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".lock"))
+            .map_err(io("opening the cache lock"))?;
+        let got = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        if got.is_err() {
+            waiting();
+            if exclusive {
+                file.lock()
+            } else {
+                file.lock_shared()
+            }
+            .map_err(io("locking the cache"))?;
+        }
+        Ok(CacheLock { _file: file })
+    }
+
+    /// Holds the execution lock of one fingerprint; `waiting` is called once if another
+    /// process is executing it.
+    pub fn lock_fingerprint(
+        &self,
+        fp: &Fingerprint,
+        waiting: impl FnOnce(),
+    ) -> Result<File, StoreError> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks-v1").join(format!("{fp}.lock")))
+            .map_err(io("opening a stage lock"))?;
+        if file.try_lock().is_err() {
+            waiting();
+            file.lock().map_err(io("locking a stage"))?;
+        }
+        Ok(file)
+    }
+
+    /// A fresh staging directory with an empty `out/`.
+    pub fn staging(&self) -> Result<Staging, StoreError> {
+        let base = self.root.join("staging-v1");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", std::process::id()))
+            .tempdir_in(&base)
+            .map_err(io("creating a staging directory"))?
+            .keep();
+        let lock = File::create(dir.join(".lock")).map_err(io("creating a staging lock"))?;
+        lock.lock().map_err(io("locking a staging directory"))?;
+        fs::create_dir(dir.join("out")).map_err(io("creating a staging directory"))?;
+        Ok(Staging { dir, _lock: lock })
+    }
+
+    /// Removes staging directories whose owner is gone. Returns how many were removed.
+    pub fn sweep_staging(&self) -> usize {
+        let mut swept = 0;
+        for dir in self.staging_leftovers() {
+            remove_tree(&dir);
+            swept += 1;
+        }
+        swept
+    }
+
+    /// Staging directories not locked by a live process.
+    pub fn staging_leftovers(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(self.root.join("staging-v1")) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let alive = match File::open(dir.join(".lock")) {
+                Ok(f) => f.try_lock().is_err(),
+                // Created but not yet locked: only a very young folder can be alive.
+                Err(_) => entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() < 60)),
+            };
+            if !alive {
+                out.push(dir);
+            }
+        }
+        out
+    }
+
+    pub fn scratch_dir(&self, kind: &str) -> PathBuf {
+        self.root.join("scratch-v1").join(kind)
+    }
+
+    fn object_path(&self, digest: &str) -> PathBuf {
+        self.root
+            .join("objects-v1")
+            .join(&digest[..2])
+            .join(&digest[2..])
+    }
+
+    fn tree_dir(&self, digest: &str) -> PathBuf {
+        self.root.join("trees-v1").join(digest)
+    }
+
+    fn record_path(&self, fp: &Fingerprint) -> PathBuf {
+        self.root
+            .join("runs-v1")
+            .join(&fp.0[..2])
+            .join(format!("{fp}.json"))
+    }
+
+    /// Moves a staged output tree into the store; returns its manifest and digest.
+    pub fn commit_tree(&self, staging: &Staging) -> Result<(Manifest, String), StoreError> {
+        let out = staging.out_dir();
+        let manifest = ContentHasher::new(None).manifest(
+            &out,
+            Walk {
+                follow_links: false,
+            },
+        )?;
+        let mut touched_dirs = std::collections::BTreeSet::new();
+        for e in &manifest.entries {
+            let Node::File { sha256, exec, .. } = &e.node else {
+                continue;
+            };
+            let obj = self.object_path(sha256);
+            if obj.exists() {
+                continue;
+            }
+            let src = out.join(&e.path);
+            let dir = obj.parent().expect("objects have a parent");
+            fs::create_dir_all(dir).map_err(io("creating an object directory"))?;
+            let f = File::open(&src).map_err(io(format!("opening {}", src.display())))?;
+            f.sync_all().map_err(io("syncing an output file"))?;
+            fs::set_permissions(
+                &src,
+                fs::Permissions::from_mode(if *exec { 0o555 } else { 0o444 }),
+            )
+            .map_err(io("making an object read-only"))?;
+            fs::rename(&src, &obj).map_err(io(format!("moving {} into the store", e.path)))?;
+            touched_dirs.insert(dir.to_path_buf());
+        }
+        let digest = manifest.digest();
+        self.put_object_bytes(&digest, &manifest.to_bytes(), staging)?;
+        touched_dirs.insert(
+            self.object_path(&digest)
+                .parent()
+                .expect("parent")
+                .to_path_buf(),
+        );
+        for dir in touched_dirs {
+            atomic::sync_dir(&dir).map_err(io("syncing the object store"))?;
+        }
+        self.materialize(&digest, &manifest, staging)?;
+        Ok((manifest, digest))
+    }
+
+    fn put_object_bytes(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        staging: &Staging,
+    ) -> Result<(), StoreError> {
+        let obj = self.object_path(digest);
+        if obj.exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(obj.parent().expect("parent"))
+            .map_err(io("creating an object directory"))?;
+        atomic::write_file_in(&obj, bytes, Some(&staging.dir), true)
+            .map_err(io("writing a manifest"))?;
+        fs::set_permissions(&obj, fs::Permissions::from_mode(0o444))
+            .map_err(io("making an object read-only"))?;
+        Ok(())
+    }
+
+    /// Builds `trees-v1/<digest>` from objects (hard links), atomically.
+    fn materialize(
+        &self,
+        digest: &str,
+        manifest: &Manifest,
+        staging: &Staging,
+    ) -> Result<(), StoreError> {
+        let target = self.tree_dir(digest);
+        if target.exists() {
+            return Ok(());
+        }
+        let tmp = staging.dir.join(format!("tree-{}", &digest[..12]));
+        fs::create_dir_all(&tmp).map_err(io("creating a tree"))?;
+        for e in &manifest.entries {
+            let path = tmp.join(&e.path);
+            match &e.node {
+                Node::Dir => fs::create_dir_all(&path).map_err(io("creating a tree folder"))?,
+                Node::File { sha256, .. } => {
+                    fs::create_dir_all(path.parent().expect("parent"))
+                        .map_err(io("creating a tree folder"))?;
+                    let obj = self.object_path(sha256);
+                    fs::hard_link(&obj, &path).map_err(|e| match e.kind() {
+                        ErrorKind::NotFound => {
+                            StoreError::Damaged(format!("object {sha256} is missing"))
+                        }
+                        _ => StoreError::Io {
+                            context: format!("linking {}", path.display()),
+                            source: e,
+                        },
+                    })?;
+                }
+            }
+        }
+        set_tree_read_only(&tmp, true);
+        match fs::rename(&tmp, &target) {
+            Ok(()) => {}
+            // Another run materialised the same tree first.
+            Err(_) if target.exists() => remove_tree(&tmp),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    context: "moving a tree into the store".into(),
+                    source: e,
+                });
+            }
+        }
+        atomic::sync_dir(&self.root.join("trees-v1")).map_err(io("syncing trees"))?;
+        self.hasher.prime(&target, manifest);
+        Ok(())
+    }
+
+    /// The manifest of a committed tree, verified against its digest.
+    pub fn manifest(&self, digest: &str) -> Result<Manifest, StoreError> {
+        let path = self.object_path(digest);
+        let bytes = fs::read(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => {
+                StoreError::Damaged(format!("tree manifest {} is missing", &digest[..12]))
+            }
+            _ => StoreError::Io {
+                context: format!("reading {}", path.display()),
+                source: e,
+            },
+        })?;
+        if hex::encode(Sha256::digest(&bytes)) != digest {
+            return Err(StoreError::Damaged(format!(
+                "tree manifest {} does not match its digest",
+                &digest[..12]
+            )));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))
+    }
+
+    /// Checks a committed tree before it is used, re-materialising it from objects if its
+    /// folder is gone. Damaged objects are moved to quarantine so the next commit replaces them.
+    pub fn check_tree(&self, digest: &str) -> Result<TreeState, StoreError> {
+        let manifest = match self.manifest(digest) {
+            Ok(m) => m,
+            Err(StoreError::Damaged(d)) => return Ok(TreeState::Missing(d)),
+            Err(e) => return Err(e),
+        };
+        let dir = self.tree_dir(digest);
+        if !dir.exists() {
+            for e in &manifest.entries {
+                if let Node::File { sha256, .. } = &e.node
+                    && !self.object_path(sha256).exists()
+                {
+                    return Ok(TreeState::Missing(format!(
+                        "object of `{}` is missing",
+                        e.path
+                    )));
+                }
+            }
+            let staging = self.staging()?;
+            match self.materialize(digest, &manifest, &staging) {
+                Ok(()) => {}
+                Err(StoreError::Damaged(d)) => return Ok(TreeState::Missing(d)),
+                Err(e) => return Err(e),
+            }
+        }
+        let actual = match self.hasher.manifest(
+            &dir,
+            Walk {
+                follow_links: false,
+            },
+        ) {
+            Ok(m) => m,
+            Err(e) => return Ok(TreeState::Damaged(e.to_string())),
+        };
+        if actual == manifest {
+            return Ok(TreeState::Intact(dir));
+        }
+        let detail = first_difference(&manifest, &actual);
+        // Quarantine objects whose content no longer matches their name, then drop the tree.
+        let want: BTreeMap<&str, &Node> = manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), &e.node))
+            .collect();
+        for e in &actual.entries {
+            if let (
+                Node::File { sha256: got, .. },
+                Some(Node::File {
+                    sha256: expected, ..
+                }),
+            ) = (&e.node, want.get(e.path.as_str()))
+                && got != expected
+            {
+                self.quarantine(expected);
+            }
+        }
+        remove_tree(&dir);
+        Ok(TreeState::Damaged(detail))
+    }
+
+    /// Moves a damaged object aside (kept for inspection, never served again).
+    pub fn quarantine(&self, digest: &str) {
+        let obj = self.object_path(digest);
+        let q = self.root.join("quarantine-v1");
+        if fs::create_dir_all(&q).is_ok() {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let _ = fs::rename(&obj, q.join(format!("{digest}.{stamp}")));
+        }
+    }
+
+    /// The run record of a fingerprint, if committed and readable.
+    pub fn read_record(&self, fp: &Fingerprint) -> Option<RunRecord> {
+        let bytes = fs::read(self.record_path(fp)).ok()?;
+        serde_json::from_slice::<RunRecord>(&bytes)
+            .ok()
+            .filter(|r| &r.fingerprint == fp)
+    }
+
+    /// Writes a run record: the commit point.
+    pub fn write_record(&self, record: &RunRecord, staging: &Staging) -> Result<(), StoreError> {
+        let path = self.record_path(&record.fingerprint);
+        fs::create_dir_all(path.parent().expect("parent"))
+            .map_err(io("creating the records folder"))?;
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+        atomic::write_file_in(&path, &bytes, Some(&staging.dir), true)
+            .map_err(io("writing the run record"))
+    }
+
+    /// Removes a run record (its result will be recomputed).
+    pub fn remove_record(&self, fp: &Fingerprint) {
+        let _ = fs::remove_file(self.record_path(fp));
+    }
+
+    /// A path for a new stage log, relative to the root and absolute.
+    pub fn new_log_path(&self, stage: &str, fp: &Fingerprint) -> (String, PathBuf) {
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .replace(':', "");
+        let rel = format!(
+            "logs-v1/{stage}/{stamp}-{}-{}.log",
+            fp.short(),
+            std::process::id()
+        );
+        let abs = self.root.join(&rel);
+        let _ = fs::create_dir_all(abs.parent().expect("parent"));
+        (rel, abs)
+    }
+
+    /// Last committed fingerprint per stage for one pipeline file.
+    pub fn heads(&self, pipeline_id: &str) -> BTreeMap<String, Fingerprint> {
+        fs::read(
+            self.root
+                .join("heads-v1")
+                .join(format!("{pipeline_id}.json")),
+        )
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+    }
+
+    /// Records `stage → fp` in the pipeline's heads (read-modify-write under a lock).
+    pub fn set_head(
+        &self,
+        pipeline_id: &str,
+        stage: &str,
+        fp: &Fingerprint,
+    ) -> Result<(), StoreError> {
+        let dir = self.root.join("heads-v1");
+        let lock = File::create(dir.join(format!("{pipeline_id}.lock")))
+            .map_err(io("opening the heads lock"))?;
+        lock.lock().map_err(io("locking the heads"))?;
+        let mut heads = self.heads(pipeline_id);
+        if heads.get(stage) == Some(fp) {
+            return Ok(());
+        }
+        heads.insert(stage.to_string(), fp.clone());
+        let bytes = serde_json::to_vec_pretty(&heads).expect("heads serialise");
+        atomic::write_file(&dir.join(format!("{pipeline_id}.json")), &bytes, true)
+            .map_err(io("writing the heads"))
+    }
+
+    /// Appends one run's history entry.
+    pub fn write_history(&self, entry: &Value) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let name = format!("{:020}-{}.json", now.as_nanos(), std::process::id());
+        let bytes = serde_json::to_vec_pretty(entry).expect("history serialises");
+        atomic::write_file(&self.root.join("history-v1").join(name), &bytes, false)
+            .map_err(io("writing the run history"))
+    }
+}
+
+/// The identity of a pipeline file in the store (its absolute path, hashed).
+pub fn pipeline_id(file: &Path) -> String {
+    let abs = fs::canonicalize(file)
+        .or_else(|_| std::path::absolute(file))
+        .unwrap_or_else(|_| file.to_path_buf());
+    hex::encode(&Sha256::digest(abs.as_os_str().as_encoded_bytes())[..12])
+}
+
+fn first_difference(want: &Manifest, got: &Manifest) -> String {
+    let w: BTreeMap<&str, &Node> = want
+        .entries
+        .iter()
+        .map(|e| (e.path.as_str(), &e.node))
+        .collect();
+    let g: BTreeMap<&str, &Node> = got
+        .entries
+        .iter()
+        .map(|e| (e.path.as_str(), &e.node))
+        .collect();
+    for (path, node) in &w {
+        match g.get(path) {
+            None => return format!("`{path}` is missing"),
+            Some(n) if n != node => return format!("`{path}` does not match its digest"),
+            _ => {}
+        }
+    }
+    match g.keys().find(|p| !w.contains_key(*p)) {
+        Some(p) => format!("unexpected `{p}`"),
+        None => "contents differ".into(),
+    }
+}
+
+/// Sets (or clears) the write bits of every folder in a tree (files are objects: read-only).
+fn set_tree_read_only(root: &Path, read_only: bool) {
+    for entry in walkdir::WalkDir::new(root)
+        .contents_first(read_only)
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_dir() {
+            let mode = if read_only { 0o555 } else { 0o755 };
+            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
+/// Removes a folder even if parts of it are read-only.
+pub fn remove_tree(dir: &Path) {
+    if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    set_tree_read_only(dir, false);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Inode of a path, if it exists.
+pub(crate) fn inode(path: &Path) -> Option<(u64, u64)> {
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}

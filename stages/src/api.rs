@@ -1,0 +1,420 @@
+//! The one contract between the engine and every stage kind.
+//!
+//! The engine knows nothing about ML; a stage kind knows nothing about scheduling, caching or
+//! printing. They meet here:
+//!
+//! * [`StageKind`] is implemented once per kind (`command`, `download`, later `dataset`,
+//!   `teacher`, …). It has a name, an implementation [`StageKind::version`] that enters every
+//!   fingerprint (bump it whenever the same config would now produce different bytes), a
+//!   load-time [`StageKind::check`] of its typed config, and [`StageKind::run`].
+//! * [`StageContext`] is everything a running stage may touch: its declared inputs (read-only
+//!   paths), its output directory `out_dir` (the only place it may write), a private scratch
+//!   directory that survives interruptions (for resumable downloads), its log, its progress
+//!   handle, the GPUs it was granted and the cancellation flag.
+//!
+//! Invariants a kind must keep:
+//! * write only under `ctx.out_dir` (and `ctx.scratch_dir`); never print — log or report;
+//! * be deterministic for a given config and inputs, or say in its docs why not;
+//! * poll [`Cancel::is_cancelled`] in long loops and register child process groups with
+//!   [`Cancel::track_process_group`] so Ctrl-C stops them;
+//! * turn every bad user input into a [`ConfigError`] (at load time) or a [`StageError`] with a
+//!   hint (at run time), never a panic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// A stage kind: typed config, implementation version, execution.
+pub trait StageKind: Send + Sync + 'static {
+    /// The `kind:` name in the pipeline file.
+    fn name(&self) -> &'static str;
+
+    /// Implementation version; part of every fingerprint of this kind.
+    fn version(&self) -> u32;
+
+    /// Load-time check of the `with:` config (parameters already substituted; `${inputs.X}` and
+    /// `${out}` still symbolic). Returns project paths the kind reads on its own (for example
+    /// `download`'s `file:` source) so the engine hashes them like declared inputs.
+    fn check(&self, with: &Value, declared_inputs: &[String]) -> Result<Checked, ConfigError>;
+
+    /// Executes the stage. `with` has every `${…}` reference resolved to a real path.
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError>;
+}
+
+/// What [`StageKind::check`] learnt about a config.
+#[derive(Debug, Default, Clone)]
+pub struct Checked {
+    /// Extra project paths the stage reads, by the config key that names them (`with.file`).
+    pub implicit_inputs: Vec<ImplicitInput>,
+}
+
+/// A project path named inside `with:` rather than under `inputs:`.
+#[derive(Debug, Clone)]
+pub struct ImplicitInput {
+    /// The name under which the engine passes the resolved path back in
+    /// [`StageContext::inputs`]; also used in miss reasons.
+    pub name: String,
+    /// The config key path inside `with` that names it, for error locations (`file`).
+    pub key: String,
+    /// The path as written, relative to the pipeline file's folder or absolute.
+    pub path: String,
+}
+
+/// A config problem, located by its key path inside `with:` (`sources[0].url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Key path relative to `with`, in `a.b[0].c` form; empty for the whole block.
+    pub path: String,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Deserialises a kind's typed config, reporting the key path of any error.
+///
+/// Kinds put `#[serde(deny_unknown_fields)]` on their config structs; an unknown key then
+/// becomes an error whose help suggests the closest known key.
+pub fn parse_config<T: DeserializeOwned>(with: &Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize::<_, T>(with).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = err.into_inner().to_string();
+        config_error_from_serde(path, &inner)
+    })
+}
+
+/// Turns serde's message into ours: unknown keys get a did-you-mean help.
+fn config_error_from_serde(path: String, message: &str) -> ConfigError {
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once('`')
+    {
+        let candidates: Vec<&str> = expected
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, s)| s)
+            .collect();
+        let mut err = ConfigError::new(path, format!("unknown key `{field}`"));
+        err.help = Some(match closest(field, &candidates) {
+            Some(best) => format!(
+                "did you mean `{best}`? known keys: {}",
+                candidates.join(", ")
+            ),
+            None => format!("known keys: {}", candidates.join(", ")),
+        });
+        return err;
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        return ConfigError::new(path, format!("missing required key `{field}`"));
+    }
+    ConfigError::new(path, message.to_string())
+}
+
+/// The candidate closest to `word`, if one is plausibly meant: an edit distance (with
+/// transpositions) of at most a third of the word's length, at least 1, as cargo does.
+pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .iter()
+        .map(|c| (strsim::osa_distance(word, c), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, c)| (*d, *c))
+        .map(|(_, c)| c)
+}
+
+/// What a finished stage tells the user beyond "ran" (e.g. a digest to pin).
+#[derive(Debug, Default, Clone)]
+pub struct StageSummary {
+    /// One line each, shown after the stage's outcome and kept in its run record.
+    pub notes: Vec<String>,
+    /// Small numbers worth keeping in the run record (bytes downloaded, rows, metrics).
+    pub metrics: BTreeMap<String, Value>,
+}
+
+/// Why a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The stage's own logic failed; `hint` tells the user what to do.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        hint: Option<String>,
+    },
+    /// A child program exited non-zero.
+    #[error("`{program}` exited with code {code}")]
+    ExitCode { program: String, code: i32 },
+    /// A child program was killed by a signal.
+    #[error("`{program}` was killed by signal {signal}")]
+    Signal { program: String, signal: i32 },
+    /// Ctrl-C / SIGTERM: nothing of this stage is committed.
+    #[error("interrupted")]
+    Cancelled,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl StageError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        StageError::Failed {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn failed_with_hint(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        StageError::Failed {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            StageError::Failed { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a running stage may touch.
+pub struct StageContext<'a> {
+    /// The stage's name in the pipeline.
+    pub stage: &'a str,
+    /// The pipeline file's folder: the working directory of user programs.
+    pub project_dir: &'a Path,
+    /// The output tree being built; committed to the store only if `run` returns `Ok`.
+    pub out_dir: &'a Path,
+    /// A directory private to this stage kind that survives interruptions (resume state).
+    pub scratch_dir: &'a Path,
+    /// Declared and implicit inputs by name, as absolute read-only paths.
+    pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// GPU indices granted to this stage (`resources: {gpu: N}`); empty on CPU.
+    pub gpus: &'a [usize],
+    /// Threads the stage may use for its own parallel work.
+    pub threads: usize,
+    pub log: &'a StageLog,
+    pub progress: &'a dyn Progress,
+    pub cancel: &'a Cancel,
+}
+
+/// The stage's log file. Everything a stage or its child programs say goes here.
+pub struct StageLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl StageLog {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = File::create(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one line.
+    pub fn line(&self, text: impl AsRef<str>) {
+        if let Ok(mut f) = self.file.lock() {
+            let _ = writeln!(f, "{}", text.as_ref());
+        }
+    }
+
+    /// A second handle on the file, for a child process's stdout/stderr.
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        let f = self
+            .file
+            .lock()
+            .map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        f.try_clone()
+    }
+
+    /// The last `n` lines of the log (shown when the stage fails).
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let text = std::fs::read(&self.path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+/// Progress of a long step (bytes downloaded, items processed). The engine shows it as a
+/// progress bar when stderr is a terminal and ignores it otherwise.
+pub trait Progress: Send + Sync {
+    fn set_length(&self, len: Option<u64>);
+    fn set_position(&self, pos: u64);
+    fn set_message(&self, msg: &str);
+}
+
+/// A progress sink that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn set_length(&self, _: Option<u64>) {}
+    fn set_position(&self, _: u64) {}
+    fn set_message(&self, _: &str) {}
+}
+
+/// Cooperative cancellation shared by the engine's signal handler and every running stage.
+///
+/// Child programs run in their own process group; the stage registers that group here so that
+/// an interrupt can stop the whole tree of processes, not only the direct child.
+#[derive(Clone, Default)]
+pub struct Cancel {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    groups: Mutex<Vec<i32>>,
+}
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Marks everything cancelled and sends `signal` to every tracked process group.
+    pub fn cancel(&self, signal: i32) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        self.signal_groups(signal);
+    }
+
+    /// Sends `signal` to every tracked process group.
+    pub fn signal_groups(&self, signal: i32) {
+        if let Ok(groups) = self.inner.groups.lock() {
+            for &pgid in groups.iter() {
+                // SAFETY: killpg has no memory-safety preconditions; a stale group id only
+                // yields ESRCH.
+                unsafe {
+                    libc::killpg(pgid, signal);
+                }
+            }
+        }
+    }
+
+    /// Registers a child's process group; returns a guard that unregisters it.
+    pub fn track_process_group(&self, pgid: i32) -> GroupGuard {
+        if let Ok(mut groups) = self.inner.groups.lock() {
+            groups.push(pgid);
+        }
+        GroupGuard {
+            cancel: self.clone(),
+            pgid,
+        }
+    }
+}
+
+/// Unregisters a process group when dropped.
+pub struct GroupGuard {
+    cancel: Cancel,
+    pgid: i32,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Ok(mut groups) = self.cancel.inner.groups.lock() {
+            groups.retain(|&g| g != self.pgid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Demo {
+        run: String,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_closest_known_one() {
+        let err = parse_config::<Demo>(&serde_json::json!({"rn": "x"})).unwrap_err();
+        assert_eq!(err.message, "unknown key `rn`");
+        assert_eq!(
+            err.help.as_deref(),
+            Some("did you mean `run`? known keys: run, env")
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key_path() {
+        let err =
+            parse_config::<Demo>(&serde_json::json!({"run": "x", "env": {"A": [1]}})).unwrap_err();
+        assert_eq!(err.path, "env.A");
+        assert!(err.message.contains("expected a string"), "{}", err.message);
+    }
+
+    #[test]
+    fn suggestions_need_a_plausible_typo() {
+        assert_eq!(
+            closest("inptus", &["inputs", "kind", "with"]),
+            Some("inputs")
+        );
+        assert_eq!(closest("comand", &["command", "download"]), Some("command"));
+        assert_eq!(closest("trian", &["train", "eval"]), Some("train"));
+        assert_eq!(closest("banana", &["inputs", "kind", "with"]), None);
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse_config::<Demo>(&serde_json::json!({})).unwrap_err();
+        assert_eq!(err.message, "missing required key `run`");
+    }
+}

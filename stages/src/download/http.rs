@@ -1,0 +1,376 @@
+//! Resumable, retried HTTP(S) transfers.
+//!
+//! The partial file lives in the kind's scratch directory under a name derived from the URL, so
+//! a transfer cut by a dropped connection, a dying server, Ctrl-C or kill -9 continues from the
+//! byte it reached. A `.meta` file beside it keeps the validator (ETag / Last-Modified) and the
+//! announced length; a resume sends `Range` with `If-Range`, and a server that answers 200
+//! instead of 206 (the file changed, or no range support) restarts the transfer from zero.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::DownloadConfig;
+use crate::api::{StageContext, StageError};
+
+/// What a successful transfer did.
+pub struct Fetched {
+    pub bytes: u64,
+    /// Non-zero when the transfer continued a partial file.
+    pub resumed_from: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct PartMeta {
+    url: String,
+    validator: Option<String>,
+    total: Option<u64>,
+}
+
+/// One attempt's failure: retry it, or give up at once.
+enum AttemptError {
+    Retry(String),
+    Fatal(StageError),
+}
+
+/// The last path segment of a URL, without query or fragment.
+pub fn file_name_from_url(url: &str) -> Result<String, StageError> {
+    let no_query = url.split(['?', '#']).next().unwrap_or(url);
+    let after_scheme = no_query
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(no_query);
+    match after_scheme.split_once('/') {
+        Some((_, path)) if !path.is_empty() && !path.ends_with('/') => {
+            Ok(path.rsplit('/').next().unwrap_or(path).to_string())
+        }
+        _ => Err(StageError::failed_with_hint(
+            format!("cannot tell a file name from `{url}`"),
+            "add `filename: NAME` to the download stage",
+        )),
+    }
+}
+
+pub fn fetch(
+    url: &str,
+    config: &DownloadConfig,
+    ctx: &StageContext<'_>,
+    dest: &Path,
+) -> Result<Fetched, StageError> {
+    std::fs::create_dir_all(ctx.scratch_dir)
+        .map_err(|e| StageError::io("creating the download scratch directory", e))?;
+    let key = hex::encode(&Sha256::digest(url.as_bytes())[..16]);
+    let part = ctx.scratch_dir.join(format!("{key}.part"));
+    let meta_path = ctx.scratch_dir.join(format!("{key}.meta"));
+    // Two stages fetching the same URL at once must not write the same partial file.
+    let lock = File::create(ctx.scratch_dir.join(format!("{key}.lock")))
+        .map_err(|e| StageError::io("creating the download lock", e))?;
+    if lock.try_lock().is_err() {
+        ctx.log
+            .line(format!("waiting for another process downloading {url}"));
+        lock.lock()
+            .map_err(|e| StageError::io("locking the partial download", e))?;
+    }
+
+    let mut meta = read_meta(&meta_path, url);
+    if meta.url != url {
+        let _ = std::fs::remove_file(&part);
+        meta = PartMeta {
+            url: url.to_string(),
+            ..PartMeta::default()
+        };
+    }
+
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(config.timeout_s.min(30))))
+        .timeout_recv_response(Some(Duration::from_secs(config.timeout_s)))
+        .timeout_per_read(Some(Duration::from_secs(config.timeout_s)))
+        .user_agent(concat!("cusa-pipe/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+
+    let mut resumed_from = 0u64;
+    let mut failures: u32 = 0;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        match attempt(
+            &agent,
+            url,
+            &part,
+            &meta_path,
+            &mut meta,
+            ctx,
+            &mut resumed_from,
+        ) {
+            Ok(bytes) => {
+                std::fs::rename(&part, dest)
+                    .map_err(|e| StageError::io("moving the finished download", e))?;
+                let _ = std::fs::remove_file(&meta_path);
+                return Ok(Fetched {
+                    bytes,
+                    resumed_from,
+                });
+            }
+            Err(AttemptError::Fatal(err)) => return Err(err),
+            Err(AttemptError::Retry(why)) => {
+                failures += 1;
+                let kept = part.metadata().map(|m| m.len()).unwrap_or(0);
+                if failures > config.retries {
+                    let tries = failures;
+                    return Err(StageError::failed_with_hint(
+                        format!("could not download {url} after {tries} attempts: {why}"),
+                        if kept > 0 {
+                            format!("{kept} bytes are kept; run again to resume from there")
+                        } else {
+                            "check that the server is up and reachable, then run again".to_string()
+                        },
+                    ));
+                }
+                let wait = config
+                    .backoff_ms
+                    .saturating_mul(1 << (failures - 1).min(16));
+                ctx.log.line(format!(
+                    "{why}; {kept} bytes kept; retry {failures}/{} in {wait} ms",
+                    config.retries
+                ));
+                sleep_unless_cancelled(Duration::from_millis(wait), ctx)?;
+            }
+        }
+    }
+}
+
+fn attempt(
+    agent: &ureq::Agent,
+    url: &str,
+    part: &PathBuf,
+    meta_path: &Path,
+    meta: &mut PartMeta,
+    ctx: &StageContext<'_>,
+    resumed_from: &mut u64,
+) -> Result<u64, AttemptError> {
+    let have = part.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut request = agent.get(url);
+    if have > 0 {
+        request = request.header("Range", format!("bytes={have}-"));
+        if let Some(validator) = &meta.validator {
+            request = request.header("If-Range", validator.as_str());
+        }
+    }
+    ctx.log.line(format!(
+        "GET {url}{}",
+        if have > 0 {
+            format!(" (from byte {have})")
+        } else {
+            String::new()
+        }
+    ));
+    let response = request.call().map_err(classify)?;
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let validator = header("etag").or_else(|| header("last-modified"));
+    let content_range = header("content-range");
+    let length = response.body().content_length();
+
+    let (mut file, start, total) = match status {
+        200 => {
+            let file = File::create(part)
+                .map_err(|e| AttemptError::Fatal(StageError::io("creating the partial file", e)))?;
+            (file, 0u64, length)
+        }
+        206 => {
+            let (start, total) =
+                parse_content_range(content_range.as_deref()).ok_or_else(|| {
+                    AttemptError::Retry(format!("bad Content-Range {content_range:?}"))
+                })?;
+            if start != have {
+                let _ = std::fs::remove_file(part);
+                return Err(AttemptError::Retry(format!(
+                    "server resumed at byte {start}, not {have}"
+                )));
+            }
+            let file = OpenOptions::new()
+                .append(true)
+                .open(part)
+                .map_err(|e| AttemptError::Fatal(StageError::io("opening the partial file", e)))?;
+            *resumed_from = (*resumed_from).max(have);
+            ctx.log.line(format!("HTTP 206: resuming at byte {have}"));
+            (file, have, total.or(length.map(|l| l + have)))
+        }
+        416 if have > 0 && meta.total == Some(have) => return Ok(have),
+        416 => {
+            let _ = std::fs::remove_file(part);
+            return Err(AttemptError::Retry(
+                "server refused the resume range; restarting".into(),
+            ));
+        }
+        404 | 410 => {
+            return Err(AttemptError::Fatal(StageError::failed_with_hint(
+                format!("{url} was not found (HTTP {status})"),
+                "check the URL in the pipeline file",
+            )));
+        }
+        401 | 403 => {
+            return Err(AttemptError::Fatal(StageError::failed_with_hint(
+                format!("access to {url} was denied (HTTP {status})"),
+                "the file may need credentials or may no longer be public",
+            )));
+        }
+        408 | 429 | 500..=599 => {
+            return Err(AttemptError::Retry(format!(
+                "HTTP {status} from the server"
+            )));
+        }
+        _ => {
+            return Err(AttemptError::Fatal(StageError::failed(format!(
+                "unexpected HTTP {status} for {url}"
+            ))));
+        }
+    };
+    meta.total = total;
+    if status == 200 || meta.validator.is_none() {
+        meta.validator = validator;
+    }
+    write_meta(meta_path, meta);
+    ctx.progress.set_length(total);
+
+    let mut body = response.into_body().into_reader();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = start;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            let _ = file.sync_all();
+            return Err(AttemptError::Fatal(StageError::Cancelled));
+        }
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                let _ = file.sync_all();
+                return Err(AttemptError::Retry(format!(
+                    "transfer broke off after {pos} bytes: {e}"
+                )));
+            }
+        };
+        file.write_all(&buf[..n])
+            .map_err(|e| AttemptError::Fatal(StageError::io("writing the partial file", e)))?;
+        pos += n as u64;
+        ctx.progress.set_position(pos);
+    }
+    file.sync_all()
+        .map_err(|e| AttemptError::Fatal(StageError::io("syncing the download", e)))?;
+    if let Some(total) = total {
+        if pos < total {
+            return Err(AttemptError::Retry(format!(
+                "transfer ended at byte {pos} of {total}"
+            )));
+        }
+        if pos > total {
+            let _ = std::fs::remove_file(part);
+            return Err(AttemptError::Retry(format!(
+                "server sent {pos} bytes but announced {total}"
+            )));
+        }
+    }
+    Ok(pos)
+}
+
+fn classify(err: ureq::Error) -> AttemptError {
+    match err {
+        ureq::Error::Io(e) => AttemptError::Retry(format!("connection failed: {e}")),
+        ureq::Error::Timeout(t) => AttemptError::Retry(format!("timed out ({t})")),
+        ureq::Error::ConnectionFailed => AttemptError::Retry("connection failed".into()),
+        ureq::Error::Protocol(e) => AttemptError::Retry(format!("HTTP protocol error: {e}")),
+        ureq::Error::HostNotFound => AttemptError::Fatal(StageError::failed_with_hint(
+            "host not found",
+            "check the host name in the URL and this machine's network access",
+        )),
+        e @ (ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_)) => {
+            AttemptError::Fatal(StageError::failed_with_hint(
+                format!("TLS error: {e}"),
+                "the server's certificate could not be verified; check the URL (http vs https) and the system clock",
+            ))
+        }
+        e => AttemptError::Fatal(StageError::failed(format!("request failed: {e}"))),
+    }
+}
+
+/// `bytes START-END/TOTAL` → (START, TOTAL if known).
+fn parse_content_range(value: Option<&str>) -> Option<(u64, Option<u64>)> {
+    let rest = value?.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((start.parse().ok()?, total))
+}
+
+fn read_meta(path: &Path, url: &str) -> PartMeta {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| PartMeta {
+            url: url.to_string(),
+            ..PartMeta::default()
+        })
+}
+
+fn write_meta(path: &Path, meta: &PartMeta) {
+    if let Ok(bytes) = serde_json::to_vec(meta) {
+        let _ = std::fs::write(path, bytes);
+    }
+}
+
+fn sleep_unless_cancelled(total: Duration, ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let step = Duration::from_millis(50);
+    let mut slept = Duration::ZERO;
+    while slept < total {
+        if ctx.cancel.is_cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        std::thread::sleep(step.min(total - slept));
+        slept += step;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_is_parsed() {
+        assert_eq!(
+            parse_content_range(Some("bytes 100-199/200")),
+            Some((100, Some(200)))
+        );
+        assert_eq!(parse_content_range(Some("bytes 5-9/*")), Some((5, None)));
+        assert_eq!(parse_content_range(Some("items 1-2/3")), None);
+        assert_eq!(parse_content_range(None), None);
+    }
+
+    #[test]
+    fn file_names_come_from_the_last_path_segment() {
+        assert_eq!(
+            file_name_from_url("https://h.org/a/b/model.onnx?x=1").unwrap(),
+            "model.onnx"
+        );
+        assert!(file_name_from_url("https://h.org/").is_err());
+        assert!(file_name_from_url("https://h.org").is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! The stage kinds of cusa-pipe, and the single trait through which the engine drives them.
+//!
+//! Each kind is one module with a typed config, an implementation version and a `run` that
+//! writes only under its output directory; see [`api`] for the contract. The engine receives
+//! the kinds from [`registry`] and never reaches into a kind's module.
+
+pub mod api;
+pub mod command;
+pub mod download;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use api::StageKind;
+
+/// Every stage kind this build knows, by its `kind:` name.
+pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
+    let kinds: Vec<Arc<dyn StageKind>> = vec![
+        Arc::new(command::CommandKind),
+        Arc::new(download::DownloadKind),
+    ];
+    kinds.into_iter().map(|k| (k.name(), k)).collect()
+}

@@ -81,7 +81,10 @@ impl fmt::Display for MissReason {
             ParamChanged { name, old, new } => {
                 write!(f, "param `{name}` {} → {}", show(old), show(new))
             }
-            ConfigChanged { key, old, new } => write!(f, "{key} {} → {}", show(old), show(new)),
+            ConfigChanged { key, old, new } => {
+                let (a, b) = show_pair(old, new);
+                write!(f, "{key} {a} → {b}")
+            }
             InputChanged { name, path } => write!(f, "input `{name}` changed ({path})"),
             InputAdded { name } => write!(f, "input `{name}` added"),
             InputRemoved { name } => write!(f, "input `{name}` removed"),
@@ -111,6 +114,38 @@ fn show(v: &Option<Value>) -> String {
             }
         }
     }
+}
+
+/// Two long strings that differ somewhere in the middle: show the part around the change.
+fn show_pair(old: &Option<Value>, new: &Option<Value>) -> (String, String) {
+    const MAX: usize = 48;
+    const CONTEXT: usize = 12;
+    let (Some(Value::String(a)), Some(Value::String(b))) = (old, new) else {
+        return (show(old), show(new));
+    };
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().max(b.len()) + 2 <= MAX {
+        return (show(old), show(new));
+    }
+    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let window = |s: &[char]| {
+        let start = prefix.saturating_sub(CONTEXT);
+        let end = (s.len() - suffix + CONTEXT).min(s.len()).max(start);
+        let mut text: String = s[start..end].iter().collect();
+        if text.chars().count() > MAX - 4 {
+            text = text.chars().take(MAX - 5).collect::<String>() + "…";
+        }
+        let head = if start > 0 { "…" } else { "" };
+        let tail = if end < s.len() { "…" } else { "" };
+        format!("\"{head}{text}{tail}\"")
+    };
+    (window(&a), window(&b))
 }
 
 /// The differences between the ingredients of the last committed result (`old`) and now.
@@ -261,6 +296,23 @@ mod tests {
         assert_eq!(
             words(&a, &b),
             vec!["with.shell (unset) → false", "input `script` removed"]
+        );
+    }
+
+    #[test]
+    fn long_strings_show_where_they_differ() {
+        let r = MissReason::ConfigChanged {
+            key: "with.run".into(),
+            old: Some(Value::String(
+                "python3 ${inputs.script} ${inputs.numbers}/numbers.txt ${out}/total.txt".into(),
+            )),
+            new: Some(Value::String(
+                "python3 ${inputs.script} ${inputs.numbers}/numbers.txt ${out}/sum.txt".into(),
+            )),
+        };
+        assert_eq!(
+            r.to_string(),
+            r#"with.run "….txt ${out}/total.txt" → "….txt ${out}/sum.txt""#
         );
     }
 

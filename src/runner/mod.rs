@@ -569,6 +569,7 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
     let engine = &shared.engine;
     let stage = &engine.pipeline.stages[idx];
     let mut report = StageReport::new(&stage.name, Outcome::Skipped);
+    let _turn = shared.slots.turn(shared.position[&idx]);
     let started = Instant::now();
     let (result, report) = (|| {
         if let Some(up) = engine.dag.deps[idx]
@@ -622,10 +623,7 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
             .slots
             .acquire(shared.position[&idx], stage.gpus as usize);
         let lock = engine.store.lock_fingerprint(&fp, || {
-            shared.reporter.waiting(&format!(
-                "`{}`: another cusa-pipe process is executing it",
-                stage.name
-            ))
+            shared.reporter.waiting(&format!("`{}`: the same computation is already running (another stage or cusa-pipe process)", stage.name))
         });
         let _lock = match lock {
             Ok(l) => l,
@@ -720,9 +718,9 @@ fn run_and_commit(
             return Err(());
         }
         Err(e) => {
+            report.log_tail = log.tail(20);
             log.line(format!("# failed: {e}"));
             report.hint = e.hint().map(str::to_string);
-            report.log_tail = log.tail(20);
             fail(report, e.to_string());
             return Err(());
         }

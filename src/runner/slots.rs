@@ -1,7 +1,9 @@
 //! Job and GPU slots: the runner never runs more than `-j N` stages, nor hands out more GPUs
 //! than `--gpus`. Waiters are served in pipeline order (lowest topological position first)
 //! whenever their request fits, so scheduling is predictable; a stage that needs more GPUs than
-//! exist is rejected before it waits (see `runner`).
+//! exist is rejected before it waits (see `runner`). With `-j 1` the run is strictly
+//! sequential in pipeline order: each stage, cached ones included, takes its [`Slots::turn`]
+//! after every earlier stage is done, so output is deterministic.
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex};
@@ -12,6 +14,9 @@ pub struct Slots {
 }
 
 struct State {
+    sequential: bool,
+    /// Positions of stages that are done (for sequential turns).
+    done: std::collections::BTreeSet<usize>,
     jobs: usize,
     gpus: Vec<usize>,
     /// priority → GPUs wanted, for every waiting stage.
@@ -26,13 +31,29 @@ pub struct Grant<'a> {
 
 impl Slots {
     pub fn new(jobs: usize, gpus: usize) -> Self {
+        let state = State {
+            sequential: jobs <= 1,
+            done: Default::default(),
+            jobs: jobs.max(1),
+            gpus: (0..gpus).collect(),
+            waiting: BTreeMap::new(),
+        };
         Slots {
-            state: Mutex::new(State {
-                jobs: jobs.max(1),
-                gpus: (0..gpus).collect(),
-                waiting: BTreeMap::new(),
-            }),
+            state: Mutex::new(state),
             freed: Condvar::new(),
+        }
+    }
+
+    /// In sequential mode, blocks until every stage before `position` is done; the returned
+    /// guard marks this one done. In parallel mode returns at once.
+    pub fn turn(&self, position: usize) -> Turn<'_> {
+        let mut st = self.state.lock().expect("slots lock");
+        while st.sequential && st.done.range(..position).count() < position {
+            st = self.freed.wait(st).expect("slots lock");
+        }
+        Turn {
+            slots: self,
+            position,
         }
     }
 
@@ -58,6 +79,24 @@ impl Slots {
             }
             st = self.freed.wait(st).expect("slots lock");
         }
+    }
+}
+
+/// A stage's turn; marks it done when dropped.
+pub struct Turn<'a> {
+    slots: &'a Slots,
+    position: usize,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.slots
+            .state
+            .lock()
+            .expect("slots lock")
+            .done
+            .insert(self.position);
+        self.slots.freed.notify_all();
     }
 }
 
@@ -100,6 +139,26 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn one_job_means_pipeline_order() {
+        let slots = Arc::new(Slots::new(1, 0));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handles: Vec<_> = (0..5)
+            .rev()
+            .map(|i| {
+                let (slots, order) = (slots.clone(), order.clone());
+                std::thread::spawn(move || {
+                    let _t = slots.turn(i);
+                    order.lock().unwrap().push(i);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

@@ -121,6 +121,19 @@ impl Stage {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn yaml_messages_lose_their_inline_positions() {
+        assert_eq!(
+            super::strip_location(
+                "did not find expected key at line 5 column 4, while parsing a block mapping at line 3 column 5"
+            ),
+            "did not find expected key, while parsing a block mapping"
+        );
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
@@ -545,12 +558,23 @@ fn config_diagnostic(source: &Source, base: &str, e: ConfigError) -> Diagnostic 
     d
 }
 
-/// serde_yaml_ng appends "at line L column C" to messages; we show the position separately.
+/// serde_yaml_ng puts "at line L column C" into messages; the position is shown separately.
 fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + " at line ".len()..];
+        // Skip "L column C".
+        let skip = after
+            .char_indices()
+            .find(|&(_, c)| !(c.is_ascii_digit() || c == ' ' || "column".contains(c)))
+            .map(|(j, _)| j)
+            .unwrap_or(after.len());
+        rest = &after[skip..];
     }
+    out.push_str(rest);
+    out
 }
 
 fn yaml_to_json(v: &serde_yaml_ng::Value, path: &str) -> Result<Value, (String, String)> {

@@ -101,7 +101,7 @@ impl StageKind for CommandKind {
             (first.clone(), c)
         };
         let label = if config.shell {
-            config.run.clone()
+            short_command(&config.run)
         } else {
             program.clone()
         };
@@ -173,5 +173,26 @@ impl StageKind for CommandKind {
             }),
             (None, None) => Err(StageError::failed(format!("`{label}` ended abnormally"))),
         }
+    }
+}
+
+/// The first line of a command, at most 60 characters, for messages.
+fn short_command(run: &str) -> String {
+    let trimmed = run.trim();
+    let first = trimmed.lines().next().unwrap_or("");
+    let mut short: String = first.chars().take(60).collect();
+    if short.len() < trimmed.len() {
+        short.push_str(" …");
+    }
+    short
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_commands_are_shortened_for_messages() {
+        assert_eq!(super::short_command("python3 x.py"), "python3 x.py");
+        assert_eq!(super::short_command("echo a\nexit 3\n"), "echo a …");
+        assert_eq!(super::short_command(&"y".repeat(80)).chars().count(), 62);
     }
 }

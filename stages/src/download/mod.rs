@@ -50,8 +50,7 @@ use crate::api::{
 };
 
 /// One value or a list of values.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -66,12 +65,56 @@ impl OneOrMany {
     }
 }
 
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(OneOrMany::One(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(D::Error::custom(format!(
+                        "expected a string, found `{other}`"
+                    ))),
+                })
+                .collect::<Result<_, _>>()
+                .map(OneOrMany::Many),
+            other => Err(D::Error::custom(format!(
+                "expected a string or a list of strings, found `{other}`"
+            ))),
+        }
+    }
+}
+
 /// Expected digests: one for a single file, or one per wheel member.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Sha256Spec {
     One(String),
     PerMember(BTreeMap<String, String>),
+}
+
+impl<'de> Deserialize<'de> for Sha256Spec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let digest = |v: Value| match v {
+            Value::String(s) => Ok(s),
+            Value::Number(_) => Err(D::Error::custom(
+                "this digest was read as a number: put it in quotes",
+            )),
+            other => Err(D::Error::custom(format!(
+                "expected a sha256 digest, found `{other}`"
+            ))),
+        };
+        match Value::deserialize(d)? {
+            Value::Object(map) => map
+                .into_iter()
+                .map(|(k, v)| digest(v).map(|h| (k, h)))
+                .collect::<Result<_, _>>()
+                .map(Sha256Spec::PerMember),
+            v => digest(v).map(Sha256Spec::One),
+        }
+    }
 }
 
 /// The typed `with:` block of a download stage.

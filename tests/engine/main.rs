@@ -1,0 +1,15 @@
+//! End-to-end tests of the engine through the real `cusa-pipe` binary.
+//!
+//! One test binary (faster to build than many). Transcripts are insta snapshots with hashes,
+//! durations, paths and ports filtered; behaviour that depends on scheduling order is asserted
+//! from `--json` output or from files the stages write.
+
+mod cache_cmds;
+mod crash;
+mod download;
+mod failures;
+mod incremental;
+mod parallel;
+mod quickstart;
+mod spec_errors;
+mod support;

@@ -1,0 +1,37 @@
+//! The README's quickstart: the root `pipeline.yaml`, for real (it fetches from PyPI).
+
+use std::process::Command;
+
+use crate::support::BIN;
+
+#[test]
+fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .current_dir(root)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&["run", "pipeline.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, path, _) = run(&["path", "summary/summary.md"]);
+    assert_eq!(code, 0);
+    let summary = std::fs::read_to_string(path.trim()).unwrap();
+    // Counts published with the ECCV Caption data (MODELS.md): 1,261 image queries with 22,550
+    // positives, 1,332 caption queries with 11,279.
+    assert!(summary.contains("| image | 1261 | 22550 |"), "{summary}");
+    assert!(summary.contains("| caption | 1332 | 11279 |"), "{summary}");
+    let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("\"cached\"").count(), 4, "{out}");
+}

@@ -191,7 +191,7 @@ impl HttpServer {
         let listener = TcpListener::bind(addr).expect("bind loopback");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let routes: Arc<Mutex<Vec<(String, VecDeque<Reply>)>>> = Arc::new(Mutex::new(
+        let routes: Arc<Routes> = Arc::new(Mutex::new(
             routes
                 .into_iter()
                 .map(|(p, r)| (p.to_string(), r.into()))
@@ -249,11 +249,7 @@ impl Drop for HttpServer {
 }
 
 /// Serves one connection (one request); returns true if the server must die.
-fn handle(
-    stream: TcpStream,
-    routes: &Mutex<Vec<(String, VecDeque<Reply>)>>,
-    log: &Mutex<Vec<String>>,
-) -> bool {
+fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))

@@ -137,10 +137,7 @@ impl Reporter {
         self.line(&self.stage_line("run", name, &reasons_text(reasons)));
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new_spinner());
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
+            bar.set_style(spinner_style());
             bar.set_prefix(name.to_string());
             bar.enable_steady_tick(Duration::from_millis(120));
             self.bars.lock().expect("bars").push((name.to_string(), bar.clone()));
@@ -220,6 +217,15 @@ impl Reporter {
     }
 }
 
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
 pub fn seconds(s: f64) -> String {
     if s < 60.0 {
         format!("{s:.1}s")
@@ -237,8 +243,14 @@ impl cusa_stages::api::Progress for StageProgress {
     fn set_length(&self, len: Option<u64>) {
         if let Some(b) = &self.bar {
             match len {
-                Some(l) => b.set_length(l),
-                None => b.unset_length(),
+                Some(l) => {
+                    b.set_style(bar_style());
+                    b.set_length(l);
+                }
+                None => {
+                    b.set_style(spinner_style());
+                    b.unset_length();
+                }
             }
         }
     }

@@ -134,3 +134,38 @@ fn two_concurrent_runs_both_succeed_and_execute_each_stage_once() {
     );
     assert_eq!(p.run(&["cache", "verify"]).code, 0);
 }
+
+#[test]
+fn gc_waits_for_a_running_run_and_says_so() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  slow:\n    kind: command\n    with:\n      run: touch started; sleep 1; echo x > ${out}/x\n",
+    );
+    let run = p.spawn(&["run"]);
+    crate::support::wait_for(&p.path().join("started"), Duration::from_secs(30));
+    let gc = p.run(&["cache", "gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.stderr);
+    assert!(gc.stderr.contains("waiting  for running cusa-pipe processes to finish"), "{}", gc.stderr);
+    let r = wait_child(run);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // gc ran after the run committed: the result survived.
+    assert!(gc.stdout.contains("kept 1 result(s)"), "{}", gc.stdout);
+    assert_eq!(p.run(&["status"]).stdout.trim_start().split_whitespace().next(), Some("fresh"));
+}
+
+#[test]
+fn commands_get_their_env_and_can_run_without_a_shell() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  direct:\n    kind: command\n    with:\n      shell: false\n      env: {GREETING: \"hello world\"}\n      run: python3 -c \"import os, sys; open(sys.argv[1] + '/g.txt', 'w').write(os.environ['GREETING'] + ' ' + os.environ['CUSA_PIPE_STAGE'])\" ${out}\n",
+    );
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(p.output("direct").join("g.txt")).unwrap(), "hello world direct");
+    // The environment is part of the key: changing it reruns and says so.
+    let yaml = p.read("pipeline.yaml").replace("hello world", "bonjour");
+    p.write("pipeline.yaml", &yaml);
+    assert_eq!(p.run(&["status"]).stdout.trim(), r#"stale  direct  with.env.GREETING "hello world" → "bonjour""#);
+}

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
+
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,8 +25,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::canonical;
-
 /// Modifications this close to the cache write are re-checked next time.
 pub const RACY_WINDOW_NS: i128 = 1_000_000_000;
 
@@ -33,7 +32,25 @@ pub const RACY_WINDOW_NS: i128 = 1_000_000_000;
 pub type Hex = String;
 
 /// Files found by a walk: relative path and metadata.
-type FileList = Vec<(String, Metadata)>;
+type FileList = Vec<(String, FileStat)>;
+
+/// What the hasher needs to know of a file: its stat key, size and executable bit.
+#[derive(Clone, Copy)]
+pub struct FileStat {
+    stat: Stat,
+    size: u64,
+    exec: bool,
+}
+
+impl FileStat {
+    fn of(m: &Metadata) -> Self {
+        FileStat {
+            stat: Stat::of(m),
+            size: m.len(),
+            exec: m.permissions().mode() & 0o111 != 0,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
@@ -85,9 +102,40 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Canonical bytes; their sha256 is the folder's digest.
+    /// Canonical bytes ([`crate::canonical`]); their sha256 is the folder's digest. Written
+    /// directly (keys in sorted order) because a manifest can list millions of files; a test
+    /// pins these bytes to the generic encoder.
     pub fn to_bytes(&self) -> Vec<u8> {
-        canonical::to_vec(self)
+        let mut out = Vec::with_capacity(32 + self.entries.len() * 128);
+        out.extend_from_slice(b"{\"entries\":[");
+        for (i, e) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let path = serde_json::to_string(&e.path).expect("strings serialise");
+            match &e.node {
+                Node::File { sha256, size, exec } => {
+                    out.push(b'{');
+                    if *exec {
+                        out.extend_from_slice(b"\"exec\":true,");
+                    }
+                    out.extend_from_slice(b"\"path\":");
+                    out.extend_from_slice(path.as_bytes());
+                    out.extend_from_slice(b",\"sha256\":\"");
+                    out.extend_from_slice(sha256.as_bytes());
+                    out.extend_from_slice(
+                        format!("\",\"size\":{size},\"type\":\"file\"}}").as_bytes(),
+                    );
+                }
+                Node::Dir => {
+                    out.extend_from_slice(b"{\"path\":");
+                    out.extend_from_slice(path.as_bytes());
+                    out.extend_from_slice(b",\"type\":\"dir\"}");
+                }
+            }
+        }
+        out.extend_from_slice(b"]}");
+        out
     }
 
     pub fn digest(&self) -> Hex {
@@ -203,7 +251,9 @@ impl ContentHasher {
                 is_dir: true,
             })
         } else if meta.is_file() {
-            let (digest, _) = self.manifest_of_files(path, vec![(String::new(), meta)])?;
+            let old = self.load(path);
+            let (digest, _) =
+                self.manifest_of_files(path, vec![(String::new(), FileStat::of(&meta))], old)?;
             Ok(PathDigest {
                 digest: digest[0].clone(),
                 is_dir: false,
@@ -221,64 +271,28 @@ impl ContentHasher {
 
     /// The manifest of a folder.
     pub fn manifest(&self, root: &Path, walk: Walk) -> Result<Manifest, HashError> {
-        let mut files: Vec<(String, Metadata)> = Vec::new();
+        // Reading the stat cache overlaps with the walk.
+        let (found, old) = rayon::join(|| walk_tree(root, walk.follow_links), || self.load(root));
+        let found = found?;
         let mut entries: Vec<Entry> = Vec::new();
-        let walker = walkdir::WalkDir::new(root)
-            .follow_links(walk.follow_links)
-            .sort_by_file_name()
-            .min_depth(1);
-        for item in walker {
-            let item = item.map_err(|e| {
-                let path = e
-                    .path()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| root.to_path_buf());
-                HashError::Io {
-                    path,
-                    source: e.into(),
-                }
-            })?;
-            let rel = item
-                .path()
-                .strip_prefix(root)
-                .expect("walkdir yields paths under the root");
-            let rel = rel
-                .to_str()
-                .ok_or_else(|| HashError::NonUtf8 {
-                    path: item.path().to_path_buf(),
-                })?
-                .to_string();
-            let ft = item.file_type();
-            if ft.is_dir() {
-                entries.push(Entry {
+        let mut files: FileList = Vec::with_capacity(found.len());
+        for (rel, item) in found {
+            match item {
+                Found::Dir => entries.push(Entry {
                     path: rel,
                     node: Node::Dir,
-                });
-            } else if ft.is_file() {
-                let meta = item.metadata().map_err(|e| HashError::Io {
-                    path: item.path().to_path_buf(),
-                    source: e.into(),
-                })?;
-                files.push((rel, meta));
-            } else if ft.is_symlink() {
-                return Err(HashError::Symlink {
-                    path: item.path().to_path_buf(),
-                });
-            } else {
-                return Err(HashError::Special {
-                    path: item.path().to_path_buf(),
-                });
+                }),
+                Found::File(st) => files.push((rel, st)),
             }
         }
-        let (digests, metas) = self.manifest_of_files(root, files)?;
-        for ((rel, meta), sha256) in metas.into_iter().zip(digests) {
-            let exec = meta.permissions().mode() & 0o111 != 0;
+        let (digests, files) = self.manifest_of_files(root, files, old)?;
+        for ((rel, st), sha256) in files.into_iter().zip(digests) {
             entries.push(Entry {
                 path: rel,
                 node: Node::File {
                     sha256,
-                    size: meta.len(),
-                    exec,
+                    size: st.size,
+                    exec: st.exec,
                 },
             });
         }
@@ -303,13 +317,10 @@ impl ContentHasher {
     fn manifest_of_files(
         &self,
         root: &Path,
-        files: Vec<(String, Metadata)>,
+        files: FileList,
+        old: StatCacheFile,
     ) -> Result<(Vec<Hex>, FileList), HashError> {
         let cache_path = self.cache_path(root);
-        let old = cache_path
-            .as_deref()
-            .map(load_stat_cache)
-            .unwrap_or_default();
         let trusted_before = old.written_at_ns - RACY_WINDOW_NS;
         let known: HashMap<&str, (&Stat, &[u8; 32])> = old
             .entries
@@ -318,7 +329,7 @@ impl ContentHasher {
             .map(|(p, s, d)| (p.as_str(), (s, d)))
             .collect();
 
-        let stats: Vec<Stat> = files.iter().map(|(_, m)| Stat::of(m)).collect();
+        let stats: Vec<Stat> = files.iter().map(|(_, f)| f.stat).collect();
         let digests: Vec<Result<[u8; 32], HashError>> = files
             .par_iter()
             .zip(stats.par_iter())
@@ -355,6 +366,14 @@ impl ContentHasher {
         Ok((digests.iter().map(hex::encode).collect(), files))
     }
 
+    /// The stat cache of `root` (empty when there is none or it is unreadable).
+    fn load(&self, root: &Path) -> StatCacheFile {
+        self.cache_path(root)
+            .as_deref()
+            .map(load_stat_cache)
+            .unwrap_or_default()
+    }
+
     /// Records that `root`'s files have the digests in `manifest` (just hashed by the caller),
     /// so the next read needs only stats.
     pub fn prime(&self, root: &Path, manifest: &Manifest) {
@@ -385,6 +404,98 @@ impl ContentHasher {
         let key = hex::encode(&Sha256::digest(abs.as_os_str().as_encoded_bytes())[..16]);
         Some(dir.join(format!("{key}.bin")))
     }
+}
+
+/// What the walk found at a relative path.
+enum Found {
+    Dir,
+    File(FileStat),
+}
+
+/// Lists a folder recursively: sub-folders are read in parallel, each entry costs one stat
+/// (none for folders, whose type comes from the directory entry). Symbolic links are followed
+/// (with loop detection) or refused.
+fn walk_tree(root: &Path, follow_links: bool) -> Result<Vec<(String, Found)>, HashError> {
+    let meta = std::fs::metadata(root).map_err(io_err(root))?;
+    let mut out = walk_dir(
+        root,
+        String::new(),
+        follow_links,
+        &[(meta.dev(), meta.ino())],
+    )?;
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn walk_dir(
+    dir: &Path,
+    rel: String,
+    follow: bool,
+    ancestors: &[(u64, u64)],
+) -> Result<Vec<(String, Found)>, HashError> {
+    let mut out = Vec::new();
+    let mut subdirs: Vec<(PathBuf, String, (u64, u64))> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name
+            .to_str()
+            .ok_or_else(|| HashError::NonUtf8 { path: path.clone() })?;
+        let child_rel = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let mut ft = entry.file_type().map_err(io_err(&path))?;
+        let mut meta = None;
+        if ft.is_symlink() {
+            if !follow {
+                return Err(HashError::Symlink { path });
+            }
+            let m = std::fs::metadata(&path).map_err(io_err(&path))?;
+            ft = m.file_type();
+            meta = Some(m);
+        }
+        if ft.is_dir() {
+            let id = match &meta {
+                Some(m) => (m.dev(), m.ino()),
+                None => {
+                    let m = entry.metadata().map_err(io_err(&path))?;
+                    (m.dev(), m.ino())
+                }
+            };
+            if ancestors.contains(&id) {
+                return Err(HashError::Io {
+                    path,
+                    source: std::io::Error::other("symbolic link loop"),
+                });
+            }
+            subdirs.push((path, child_rel, id));
+        } else if ft.is_file() {
+            let m = match meta {
+                Some(m) => m,
+                None => entry.metadata().map_err(io_err(&path))?,
+            };
+            out.push((child_rel, Found::File(FileStat::of(&m))));
+        } else {
+            return Err(HashError::Special { path });
+        }
+    }
+    let nested: Vec<Result<Vec<(String, Found)>, HashError>> = subdirs
+        .into_par_iter()
+        .map(|(path, child_rel, id)| {
+            let mut chain = ancestors.to_vec();
+            chain.push(id);
+            let mut v = walk_dir(&path, child_rel.clone(), follow, &chain)?;
+            v.push((child_rel, Found::Dir));
+            Ok(v)
+        })
+        .collect();
+    for n in nested {
+        out.extend(n?);
+    }
+    Ok(out)
 }
 
 fn load_stat_cache(path: &Path) -> StatCacheFile {
@@ -452,6 +563,60 @@ mod tests {
         assert_eq!(paths, vec!["2.txt", "empty/inner", "x/1.txt"]);
         write(&b.path().join("x/1.txt"), b"ONE");
         assert_ne!(ma.digest(), h.manifest(b.path(), walk).unwrap().digest());
+    }
+
+    #[test]
+    fn manifest_bytes_are_the_canonical_encoding() {
+        let m = Manifest {
+            entries: vec![
+                Entry {
+                    path: "a \"quoted\" é.txt".into(),
+                    node: Node::File {
+                        sha256: "ab".repeat(32),
+                        size: 3,
+                        exec: false,
+                    },
+                },
+                Entry {
+                    path: "bin/run.sh".into(),
+                    node: Node::File {
+                        sha256: "cd".repeat(32),
+                        size: 0,
+                        exec: true,
+                    },
+                },
+                Entry {
+                    path: "empty".into(),
+                    node: Node::Dir,
+                },
+            ],
+        };
+        assert_eq!(m.to_bytes(), crate::canonical::to_vec(&m));
+    }
+
+    #[test]
+    fn symlinks_are_followed_for_inputs_and_refused_in_outputs() {
+        let d = tempfile::tempdir().unwrap();
+        write(&d.path().join("real/f.txt"), b"f");
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+        let h = ContentHasher::new(None);
+        let m = h.manifest(d.path(), Walk { follow_links: true }).unwrap();
+        let paths: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, vec!["link/f.txt", "real/f.txt"]);
+        assert!(matches!(
+            h.manifest(
+                d.path(),
+                Walk {
+                    follow_links: false
+                }
+            ),
+            Err(HashError::Symlink { .. })
+        ));
+        std::os::unix::fs::symlink(d.path(), d.path().join("real/loop")).unwrap();
+        let err = h
+            .manifest(d.path(), Walk { follow_links: true })
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link loop"), "{err}");
     }
 
     #[test]

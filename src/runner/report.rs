@@ -140,7 +140,10 @@ impl Reporter {
             bar.set_style(spinner_style());
             bar.set_prefix(name.to_string());
             bar.enable_steady_tick(Duration::from_millis(120));
-            self.bars.lock().expect("bars").push((name.to_string(), bar.clone()));
+            self.bars
+                .lock()
+                .expect("bars")
+                .push((name.to_string(), bar.clone()));
             bar
         });
         StageProgress { bar }
@@ -218,7 +221,8 @@ impl Reporter {
 }
 
 fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+    ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 fn bar_style() -> ProgressStyle {

@@ -146,12 +146,20 @@ fn gc_waits_for_a_running_run_and_says_so() {
     crate::support::wait_for(&p.path().join("started"), Duration::from_secs(30));
     let gc = p.run(&["cache", "gc"]);
     assert_eq!(gc.code, 0, "{}", gc.stderr);
-    assert!(gc.stderr.contains("waiting  for running cusa-pipe processes to finish"), "{}", gc.stderr);
+    assert!(
+        gc.stderr
+            .contains("waiting  for running cusa-pipe processes to finish"),
+        "{}",
+        gc.stderr
+    );
     let r = wait_child(run);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // gc ran after the run committed: the result survived.
     assert!(gc.stdout.contains("kept 1 result(s)"), "{}", gc.stdout);
-    assert_eq!(p.run(&["status"]).stdout.trim_start().split_whitespace().next(), Some("fresh"));
+    assert_eq!(
+        p.run(&["status"]).stdout.split_whitespace().next(),
+        Some("fresh")
+    );
 }
 
 #[test]
@@ -163,9 +171,15 @@ fn commands_get_their_env_and_can_run_without_a_shell() {
     );
     let r = p.run(&["run"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(std::fs::read_to_string(p.output("direct").join("g.txt")).unwrap(), "hello world direct");
+    assert_eq!(
+        std::fs::read_to_string(p.output("direct").join("g.txt")).unwrap(),
+        "hello world direct"
+    );
     // The environment is part of the key: changing it reruns and says so.
     let yaml = p.read("pipeline.yaml").replace("hello world", "bonjour");
     p.write("pipeline.yaml", &yaml);
-    assert_eq!(p.run(&["status"]).stdout.trim(), r#"stale  direct  with.env.GREETING "hello world" → "bonjour""#);
+    assert_eq!(
+        p.run(&["status"]).stdout.trim(),
+        r#"stale  direct  with.env.GREETING "hello world" → "bonjour""#
+    );
 }

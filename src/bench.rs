@@ -110,67 +110,69 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         "version: 1\nstages:\n  consume:\n    kind: command\n    inputs:\n      data: ../data/many\n    with:\n      run: ls ${inputs.data} | wc -l > ${out}/count.txt\n",
     )?;
     let exe = std::env::current_exe().context("locating the cusa-pipe binary")?;
-    run_quiet(
-        Command::new(&exe)
-            .current_dir(&project)
-            .args(["run", "pipeline.yaml"]),
-    )?;
-    run_quiet(
-        Command::new(&exe)
-            .current_dir(&project)
-            .args(["status", "pipeline.yaml"]),
-    )?;
-    let status = best(args.repeat, || {
+    let cusa = |verb: &str| {
         run_quiet(
             Command::new(&exe)
                 .current_dir(&project)
-                .args(["status", "pipeline.yaml"]),
+                .args([verb, "pipeline.yaml"]),
         )
-    })?;
+    };
+    // Start from nothing, like DVC below.
+    let _ = std::fs::remove_dir_all(project.join("cache"));
+    let t = Instant::now();
+    cusa("run")?;
+    let cusa_first = t.elapsed();
+    cusa("status")?;
+    let status = best(args.repeat, || cusa("status"))?;
+    let verdict = if status.as_secs_f64() < 0.5 {
+        "met"
+    } else {
+        "NOT met"
+    };
     println!(
-        "  cusa-pipe status          {:>9}   goal < 0.5 s: {}",
-        secs(status),
-        if status.as_secs_f64() < 0.5 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        "  cusa-pipe status          {:>9}   goal < 0.5 s: {verdict}",
+        secs(status)
     );
 
-    println!("\n(c) the same no-op under DVC");
+    println!("\n(c) the same pipeline under DVC");
     let dvc = args.dvc.clone().unwrap_or_else(|| PathBuf::from("dvc"));
-    if Command::new(&dvc)
+    let found = Command::new(&dvc)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
+        .status();
+    if found.is_err() {
         println!("  dvc not found: `pip install dvc` (or pass --dvc PATH) to measure it");
         return Ok(0);
     }
+    // DVC starts from nothing too: its state database and lock file are removed.
     let repo = root.clone();
-    if !repo.join(".dvc").exists() {
-        run_quiet(
-            Command::new(&dvc)
-                .current_dir(&repo)
-                .args(["init", "--no-scm", "-q"]),
-        )?;
+    for stale in [".dvc", "dvc.lock", "count.txt"] {
+        let p = repo.join(stale);
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
     }
+    let dvc_in = |args: &[&str]| run_quiet(Command::new(&dvc).current_dir(&repo).args(args));
+    dvc_in(&["init", "--no-scm", "-q"])?;
     std::fs::write(
         repo.join("dvc.yaml"),
         "stages:\n  consume:\n    cmd: ls data/many | wc -l > count.txt\n    deps:\n    - data/many\n    outs:\n    - count.txt\n",
     )?;
     let t = Instant::now();
-    run_quiet(Command::new(&dvc).current_dir(&repo).args(["repro", "-q"]))?;
-    println!(
-        "  dvc repro (first, hashes everything)  {}",
-        secs(t.elapsed())
+    dvc_in(&["repro", "-q"])?;
+    let dvc_first = t.elapsed();
+    dvc_in(&["status", "-q"])?;
+    let dvc_status = best(args.repeat, || dvc_in(&["status", "-q"]))?;
+    report(
+        "first run (cold)",
+        cusa_first,
+        "dvc repro",
+        dvc_first,
+        "both hash every file",
     );
-    run_quiet(Command::new(&dvc).current_dir(&repo).args(["status", "-q"]))?;
-    let dvc_status = best(args.repeat, || {
-        run_quiet(Command::new(&dvc).current_dir(&repo).args(["status", "-q"]))
-    })?;
     report(
         "no-op status",
         status,

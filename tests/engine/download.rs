@@ -289,3 +289,25 @@ fn a_pip_source_extracts_a_member_from_a_wheel_of_a_local_index() {
         r.stderr
     );
 }
+
+#[test]
+fn a_tls_failure_is_not_retried_and_says_what_to_check() {
+    // An https URL on a plain-HTTP server: the TLS handshake cannot succeed.
+    let server = HttpServer::start(vec![]);
+    let url = format!("https://{}/a.bin", server.addr);
+    let p = download_project(&url, "");
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("TLS error"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("help: the secure connection failed (certificate, or not a TLS server)"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        server.requests().len() <= 1,
+        "a TLS failure is not retried: {:?}",
+        server.requests()
+    );
+}

@@ -255,8 +255,19 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
+    // Read bytes, not UTF-8: a TLS ClientHello must get a plain-text answer, as a real
+    // plain-HTTP server would give.
+    let mut raw = Vec::new();
+    if reader.read_until(b'\n', &mut raw).is_err() {
+        return false;
+    }
+    let line = String::from_utf8_lossy(&raw).into_owned();
+    if !line.starts_with("GET ") {
+        let mut stream = stream;
+        let _ = stream.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        log.lock().unwrap().push("(not HTTP)".into());
         return false;
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();

@@ -289,6 +289,10 @@ fn attempt(
 
 fn classify(err: ureq::Error) -> AttemptError {
     match err {
+        // rustls reports handshake and certificate failures inside I/O errors.
+        ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            AttemptError::Fatal(tls_failure(&e))
+        }
         ureq::Error::Io(e) => AttemptError::Retry(format!("connection failed: {e}")),
         ureq::Error::Timeout(t) => AttemptError::Retry(format!("timed out ({t})")),
         ureq::Error::ConnectionFailed => AttemptError::Retry("connection failed".into()),
@@ -298,13 +302,18 @@ fn classify(err: ureq::Error) -> AttemptError {
             "check the host name in the URL and this machine's network access",
         )),
         e @ (ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_)) => {
-            AttemptError::Fatal(StageError::failed_with_hint(
-                format!("TLS error: {e}"),
-                "the server's certificate could not be verified; check the URL (http vs https) and the system clock",
-            ))
+            AttemptError::Fatal(tls_failure(&e))
         }
+
         e => AttemptError::Fatal(StageError::failed(format!("request failed: {e}"))),
     }
+}
+
+fn tls_failure(e: &dyn std::fmt::Display) -> StageError {
+    StageError::failed_with_hint(
+        format!("TLS error: {e}"),
+        "the secure connection failed (certificate, or not a TLS server); check the URL (http vs https) and the system clock",
+    )
 }
 
 /// `bytes START-END/TOTAL` → (START, TOTAL if known).

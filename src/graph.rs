@@ -128,6 +128,19 @@ pub enum Format {
     Mermaid,
 }
 
+/// (producer, input name, consumer) for every stage input, in pipeline order.
+fn edges<'a>(p: &'a Pipeline, dag: &Dag) -> Vec<(&'a str, &'a str, &'a str)> {
+    let mut out = Vec::new();
+    for &i in &dag.order {
+        for (input, src) in &p.stages[i].inputs {
+            if let Input::Stage { stage, .. } = src {
+                out.push((stage.as_str(), input.as_str(), p.stages[i].name.as_str()));
+            }
+        }
+    }
+    out
+}
+
 pub fn render(p: &Pipeline, dag: &Dag, format: Format) -> String {
     let mut out = String::new();
     let name = |i: usize| p.stages[i].name.as_str();
@@ -166,15 +179,8 @@ pub fn render(p: &Pipeline, dag: &Dag, format: Format) -> String {
                     p.stages[i].kind.name()
                 ));
             }
-            for &i in &dag.order {
-                for (input, src) in &p.stages[i].inputs {
-                    if let Input::Stage { stage, .. } = src {
-                        out.push_str(&format!(
-                            "  \"{stage}\" -> \"{}\" [label=\"{input}\"];\n",
-                            name(i)
-                        ));
-                    }
-                }
+            for (from, input, to) in edges(p, dag) {
+                out.push_str(&format!("  \"{from}\" -> \"{to}\" [label=\"{input}\"];\n"));
             }
             out.push_str("}\n");
         }
@@ -188,12 +194,8 @@ pub fn render(p: &Pipeline, dag: &Dag, format: Format) -> String {
                     p.stages[i].kind.name()
                 ));
             }
-            for &i in &dag.order {
-                for (input, src) in &p.stages[i].inputs {
-                    if let Input::Stage { stage, .. } = src {
-                        out.push_str(&format!("  {stage} -->|{input}| {}\n", name(i)));
-                    }
-                }
+            for (from, input, to) in edges(p, dag) {
+                out.push_str(&format!("  {from} -->|{input}| {to}\n"));
             }
         }
     }

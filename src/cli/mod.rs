@@ -8,7 +8,6 @@ mod run;
 mod status;
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -113,11 +112,6 @@ pub fn main() -> i32 {
             EXIT_STAGE_FAILED
         }
     }
-}
-
-/// Keeps `ExitCode` available for callers that prefer it.
-pub fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(code.clamp(0, 255) as u8)
 }
 
 /// Splits `[PIPELINE] [STAGE…]`: the first word is the pipeline file if it looks like one.

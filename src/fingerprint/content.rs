@@ -651,6 +651,20 @@ mod tests {
         assert_eq!(m.sub_digest("nope"), None);
     }
 
+    /// Replaces the cached digest of the first entry of the only stat cache in `dir`.
+    fn poison_first_entry(dir: &Path) {
+        let cache_file = std::fs::read_dir(dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut c: StatCacheFile =
+            postcard::from_bytes(&std::fs::read(&cache_file).unwrap()).unwrap();
+        c.entries[0].2 = [7u8; 32];
+        std::fs::write(&cache_file, postcard::to_allocvec(&c).unwrap()).unwrap();
+    }
+
     #[test]
     fn stat_cache_skips_unchanged_files_and_sees_rewrites() {
         let d = tempfile::tempdir().unwrap();
@@ -669,16 +683,7 @@ mod tests {
         let walk = Walk { follow_links: true };
         let first = h.manifest(&data, walk).unwrap();
         // Poison the cached digest: a trusted stat match must return the cached value...
-        let cache_file = std::fs::read_dir(cache.path())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let mut c: StatCacheFile =
-            postcard::from_bytes(&std::fs::read(&cache_file).unwrap()).unwrap();
-        c.entries[0].2 = [7u8; 32];
-        std::fs::write(&cache_file, postcard::to_allocvec(&c).unwrap()).unwrap();
+        poison_first_entry(cache.path());
         let cached = h.manifest(&data, walk).unwrap();
         assert_ne!(cached, first, "an unchanged stat must not re-read the file");
         // ...and any write (same size) must be noticed.
@@ -698,16 +703,7 @@ mod tests {
         let h = ContentHasher::new(Some(cache.path().to_path_buf()));
         let walk = Walk { follow_links: true };
         h.manifest(d.path(), walk).unwrap();
-        let cache_file = std::fs::read_dir(cache.path())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let mut c: StatCacheFile =
-            postcard::from_bytes(&std::fs::read(&cache_file).unwrap()).unwrap();
-        c.entries[0].2 = [7u8; 32];
-        std::fs::write(&cache_file, postcard::to_allocvec(&c).unwrap()).unwrap();
+        poison_first_entry(cache.path());
         let m = h.manifest(d.path(), walk).unwrap();
         let Node::File { sha256, .. } = &m.entries[0].node else {
             panic!()

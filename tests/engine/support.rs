@@ -295,6 +295,7 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
         }
     };
     let mut stream = stream;
+    let dies = matches!(reply, Reply::CutAndDie(..));
     match reply {
         Reply::Status(code) => {
             let _ = write!(
@@ -327,7 +328,7 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
             let _ = stream.write_all(&body[start..]);
             false
         }
-        Reply::Cut(body, n) => {
+        Reply::Cut(body, n) | Reply::CutAndDie(body, n) => {
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -335,17 +336,7 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body[..n]);
             let _ = stream.flush();
-            false
-        }
-        Reply::CutAndDie(body, n) => {
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body[..n]);
-            let _ = stream.flush();
-            true
+            dies
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod command;
+pub mod dataset;
 pub mod download;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use api::StageKind;
 pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
     let kinds: Vec<Arc<dyn StageKind>> = vec![
         Arc::new(command::CommandKind),
+        Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
     ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()

@@ -6,6 +6,7 @@
 
 mod cache_cmds;
 mod crash;
+mod dataset;
 mod download;
 mod failures;
 mod incremental;

@@ -24,14 +24,21 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     };
     let (code, _, err) = run(&["run", "pipeline.yaml"]);
     assert_eq!(code, 0, "{err}");
-    let (code, path, _) = run(&["path", "summary/summary.md"]);
+    let (code, path, _) = run(&["path", "eccv_summary/summary.md"]);
     assert_eq!(code, 0);
     let summary = std::fs::read_to_string(path.trim()).unwrap();
     // Counts published with the ECCV Caption data (MODELS.md): 1,261 image queries with 22,550
     // positives, 1,332 caption queries with 11,279.
     assert!(summary.contains("| image | 1261 | 22550 |"), "{summary}");
     assert!(summary.contains("| caption | 1332 | 11279 |"), "{summary}");
+    // The generated scenes: 1,500 images with five captions each, most captions describing
+    // more images than their own.
+    let (code, path, _) = run(&["path", "scenes_summary/summary.md"]);
+    assert_eq!(code, 0);
+    let summary = std::fs::read_to_string(path.trim()).unwrap();
+    assert!(summary.contains("| train | 1000 | 5000 |"), "{summary}");
+    assert!(summary.contains("| test | 300 | 1500 |"), "{summary}");
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\"cached\"").count(), 4, "{out}");
+    assert_eq!(out.matches("\"cached\"").count(), 6, "{out}");
 }

@@ -1,0 +1,435 @@
+//! The `dataset` stage: every format into the normal form, validation policies, determinism.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, StringArray};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::support::Project;
+
+/// A Parquet column as strings (nulls as "∅").
+pub fn column(path: &Path, name: &str) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch: RecordBatch = batch.unwrap();
+        let col = batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"));
+        if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
+            out.extend((0..s.len()).map(|i| {
+                if s.is_null(i) {
+                    "∅".to_string()
+                } else {
+                    s.value(i).to_string()
+                }
+            }));
+        } else {
+            let u = col
+                .as_any()
+                .downcast_ref::<arrow_array::UInt32Array>()
+                .unwrap();
+            out.extend((0..u.len()).map(|i| {
+                if u.is_null(i) {
+                    "∅".to_string()
+                } else {
+                    u.value(i).to_string()
+                }
+            }));
+        }
+    }
+    out
+}
+
+fn report(p: &Project, stage: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p.output(stage).join("report.json")).unwrap())
+        .unwrap()
+}
+
+/// A tiny valid PNG.
+fn png() -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(4, 3, image::Rgb([1, 2, 3]))
+        .write_to(&mut buf, image::ImageFormat::Png)
+        .unwrap();
+    buf.into_inner()
+}
+
+fn images(p: &Project, names: &[&str]) {
+    for n in names {
+        let path = p.path().join("images").join(n);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png()).unwrap();
+    }
+}
+
+const KARPATHY: &str = r#"{"dataset": "coco", "images": [
+ {"filepath": "val2014", "filename": "a.jpg", "imgid": 0, "cocoid": 391895, "split": "test",
+  "sentids": [770337, 771687], "sentences": [
+   {"tokens": ["a"], "raw": "A man riding a motorcycle.", "imgid": 0, "sentid": 770337},
+   {"tokens": ["a"], "raw": "A <person> on a dirt-bike!", "imgid": 0, "sentid": 771687}]},
+ {"filepath": "train2014", "filename": "b.jpg", "imgid": 1, "cocoid": 9, "split": "train",
+  "sentences": [{"raw": "Two dogs play.", "sentid": 1}]},
+ {"filepath": "val2014", "filename": "c.jpg", "imgid": 2, "cocoid": 25, "split": "restval",
+  "sentences": [{"raw": "A red bus", "sentid": 2}]},
+ {"filepath": "val2014", "filename": "d.jpg", "imgid": 3, "cocoid": 30, "split": "val",
+  "sentences": [{"raw": "A cat.", "sentid": 3}]}]}"#;
+
+fn karpathy_project(extra: &str) -> Project {
+    let p = Project::new();
+    p.write("data/dataset_coco.json", KARPATHY);
+    images(
+        &p,
+        &[
+            "val2014/a.jpg",
+            "train2014/b.jpg",
+            "val2014/c.jpg",
+            "val2014/d.jpg",
+        ],
+    );
+    p.write(
+        "pipeline.yaml",
+        &format!(
+            "version: 1\nstages:\n  coco:\n    kind: dataset\n    inputs:\n      splits: data/dataset_coco.json\n      images: images\n    with:\n      format: karpathy\n      annotations: ${{inputs.splits}}\n      images: ${{inputs.images}}\n{extra}"
+        ),
+    );
+    p
+}
+
+#[test]
+fn karpathy_splits_become_the_normal_form_with_restval_in_train() {
+    let p = karpathy_project("");
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("coco");
+    assert_eq!(
+        column(&out.join("images.parquet"), "image_id"),
+        ["391895", "9", "25", "30"]
+    );
+    assert_eq!(
+        column(&out.join("images.parquet"), "path"),
+        [
+            "val2014/a.jpg",
+            "train2014/b.jpg",
+            "val2014/c.jpg",
+            "val2014/d.jpg"
+        ]
+    );
+    assert_eq!(
+        column(&out.join("images.parquet"), "split"),
+        ["test", "train", "train", "val"]
+    );
+    assert_eq!(
+        column(&out.join("images.parquet"), "width"),
+        ["∅"; 4],
+        "sizes are read only when verifying"
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "caption_id"),
+        ["770337", "771687", "1", "2", "3"]
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "text_clean"),
+        [
+            "a man riding a motorcycle",
+            "a person on a dirt bike",
+            "two dogs play",
+            "a red bus",
+            "a cat"
+        ]
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "text")[1],
+        "A <person> on a dirt-bike!"
+    );
+    let rep = report(&p, "coco");
+    assert_eq!(rep["splits"]["train"]["images"], 2);
+    assert_eq!(rep["image_root"], "input");
+    assert!(!out.join("positives.parquet").exists());
+}
+
+#[test]
+fn restval_can_be_kept_or_dropped_and_drops_are_reported() {
+    let p = karpathy_project("      restval: keep\n");
+    assert_eq!(p.run(&["run"]).code, 0);
+    assert_eq!(
+        column(&p.output("coco").join("images.parquet"), "split")[2],
+        "restval"
+    );
+    let p = karpathy_project("      restval: drop\n");
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("note: dropped 1 × restval image (restval: drop)"),
+        "{}",
+        r.stderr
+    );
+    let rep = report(&p, "coco");
+    assert_eq!(rep["dropped"][0]["first"][0], "25");
+    assert_eq!(
+        column(&p.output("coco").join("images.parquet"), "image_id"),
+        ["391895", "9", "30"]
+    );
+}
+
+#[test]
+fn bad_rows_fail_the_stage_naming_them_or_are_skipped_and_reported() {
+    let bad = KARPATHY
+        .replace(r#""raw": "A cat.""#, r#""raw": "...""#)
+        .replace(r#""filename": "b.jpg""#, r#""filename": "missing.jpg""#)
+        .replace(r#""sentid": 2}"#, r#""sentid": 1}"#);
+    let p = karpathy_project("");
+    p.write("data/dataset_coco.json", &bad);
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 1);
+    for want in [
+        "1 × caption empty after cleaning (first: 3)",
+        "1 × caption of an unknown or dropped image (first: 1)",
+        "1 × duplicate caption id (first: 1)",
+        "1 × image file missing (first: 9)",
+        "help: fix the data, or set `on_error: skip`",
+    ] {
+        assert!(r.stderr.contains(want), "missing {want:?} in {}", r.stderr);
+    }
+    let yaml = p.read("pipeline.yaml") + "      on_error: skip\n";
+    p.write("pipeline.yaml", &yaml);
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep = report(&p, "coco");
+    let reasons: BTreeMap<String, u64> = rep["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["reason"].as_str().unwrap().to_string(),
+                d["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // 25 lost its only caption (a duplicate id), 30 its only one (empty after cleaning).
+    assert_eq!(reasons["image without captions"], 2, "{rep}");
+    assert_eq!(rep["dropped"][4]["first"], serde_json::json!(["25", "30"]));
+    assert_eq!(
+        column(&p.output("coco").join("images.parquet"), "image_id"),
+        ["391895"]
+    );
+}
+
+#[test]
+fn verify_images_decodes_them_and_reports_undecodable_files() {
+    let p = karpathy_project("      verify_images: true\n");
+    std::fs::write(p.path().join("images/val2014/d.jpg"), b"not an image").unwrap();
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("1 × image file cannot be decoded (first: 30)"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(p.path().join("images/val2014/d.jpg"), png()).unwrap();
+    assert_eq!(p.run(&["run"]).code, 0);
+    assert_eq!(
+        column(&p.output("coco").join("images.parquet"), "width"),
+        ["4"; 4]
+    );
+}
+
+#[test]
+fn cusa_json_lists_are_read_per_split() {
+    let p = Project::new();
+    images(&p, &["x/1.jpg", "x/2.jpg"]);
+    p.write("ann/train.json", r#"[{"image_path": "x/1.jpg", "caption": "A dog.", "image_id": 1}, {"image_path": "x/1.jpg", "caption": "A brown dog", "image_id": 1}]"#);
+    p.write(
+        "ann/test.json",
+        r#"[{"image": "x/2.jpg", "caption": ["A cat", "A kitten"]}]"#,
+    );
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  d:\n    kind: dataset\n    inputs: {ann: ann, images: images}\n    with:\n      format: cusa-json\n      annotations: {train: \"${inputs.ann}/train.json\", test: \"${inputs.ann}/test.json\"}\n      images: ${inputs.images}\n",
+    );
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("d");
+    assert_eq!(
+        column(&out.join("images.parquet"), "image_id"),
+        ["x/2.jpg", "1"]
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "caption_id"),
+        ["x/2.jpg#0", "x/2.jpg#1", "1#0", "1#1"]
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "split"),
+        ["test", "test", "train", "train"]
+    );
+}
+
+const TABLE_ROWS: [[&str; 5]; 3] = [
+    ["x/1.jpg", "A dog", "train", "dog", "c1"],
+    ["x/1.jpg", "A puppy", "train", "dog", "c2"],
+    ["x/2.jpg", "A cat", "test", "cat", "c3"],
+];
+
+fn table_project(file: &str, contents: Option<&str>) -> Project {
+    let p = Project::new();
+    images(&p, &["x/1.jpg", "x/2.jpg"]);
+    if let Some(c) = contents {
+        p.write(file, c);
+    }
+    p.write(
+        "pipeline.yaml",
+        &format!(
+            "version: 1\nstages:\n  d:\n    kind: dataset\n    inputs: {{t: {file}, images: images}}\n    with:\n      format: table\n      annotations: ${{inputs.t}}\n      images: ${{inputs.images}}\n      columns: {{image: filepath, caption: sentence, split: split, label: label, caption_id: cid}}\n"
+        ),
+    );
+    p
+}
+
+fn assert_table_read(p: &Project) {
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("d");
+    assert_eq!(column(&out.join("images.parquet"), "label"), ["dog", "cat"]);
+    assert_eq!(
+        column(&out.join("captions.parquet"), "caption_id"),
+        ["c1", "c2", "c3"]
+    );
+    assert_eq!(
+        column(&out.join("captions.parquet"), "text_clean"),
+        ["a dog", "a puppy", "a cat"]
+    );
+}
+
+#[test]
+fn tables_are_read_from_csv_tsv_jsonl_and_parquet() {
+    let header = "filepath,sentence,split,label,cid";
+    let csv: Vec<String> = std::iter::once(header.to_string())
+        .chain(TABLE_ROWS.iter().map(|r| r.join(",")))
+        .collect();
+    assert_table_read(&table_project("t.csv", Some(&(csv.join("\n") + "\n"))));
+    let tsv: Vec<String> = csv.iter().map(|l| l.replace(',', "\t")).collect();
+    assert_table_read(&table_project("t.tsv", Some(&(tsv.join("\n") + "\n"))));
+    let jsonl: Vec<String> = TABLE_ROWS
+        .iter()
+        .map(|r| serde_json::json!({"filepath": r[0], "sentence": r[1], "split": r[2], "label": r[3], "cid": r[4]}).to_string())
+        .collect();
+    assert_table_read(&table_project("t.jsonl", Some(&jsonl.join("\n"))));
+
+    let p = table_project("t.parquet", None);
+    let cols: Vec<(&str, Arc<dyn Array>)> = ["filepath", "sentence", "split", "label", "cid"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            (
+                *name,
+                Arc::new(StringArray::from_iter_values(
+                    TABLE_ROWS.iter().map(|r| r[i]),
+                )) as Arc<dyn Array>,
+            )
+        })
+        .collect();
+    let batch = RecordBatch::try_from_iter(cols).unwrap();
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(p.path().join("t.parquet")).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    assert_table_read(&p);
+}
+
+#[test]
+fn a_wrong_table_column_is_named_with_a_suggestion() {
+    let p = table_project(
+        "t.csv",
+        Some("filepath,sentences,split,label,cid\nx/1.jpg,a,train,dog,c1\n"),
+    );
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("has no column `sentence` (the caption column)"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("help: did you mean `sentences`?"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn format_specific_keys_are_checked_when_loading() {
+    let p = karpathy_project("      columns: {image: a, caption: b}\n");
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("`columns` does not apply to format `karpathy`"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("pipeline.yaml:12:16"), "{}", r.stderr);
+}
+
+fn scenes_project() -> Project {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  scenes:\n    kind: dataset\n    with:\n      format: scenes\n      verify_images: true\n      scenes: {seed: 3, train: 40, val: 10, test: 20, size: 48}\n",
+    );
+    p
+}
+
+#[test]
+fn scenes_are_deterministic_to_the_byte() {
+    let (a, b) = (scenes_project(), scenes_project());
+    assert_eq!(a.run(&["run"]).code, 0);
+    assert_eq!(b.run(&["run"]).code, 0);
+    let key = |p: &Project| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.run(&["status", "--json"]).stdout).unwrap();
+        v["stages"][0]["fingerprint"].as_str().unwrap().to_string()
+    };
+    assert_eq!(key(&a), key(&b));
+    // Same output tree digest: the materialised folders have the same name.
+    let (oa, ob) = (a.output("scenes"), b.output("scenes"));
+    assert_eq!(oa.file_name(), ob.file_name());
+    for f in [
+        "images.parquet",
+        "captions.parquet",
+        "positives.parquet",
+        "images/test/test-00007.png",
+    ] {
+        assert_eq!(
+            std::fs::read(oa.join(f)).unwrap(),
+            std::fs::read(ob.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let rep = report(&a, "scenes");
+    assert_eq!(rep["image_root"], "output");
+    assert_eq!(rep["splits"]["test"]["captions"], 100);
+    assert_eq!(column(&oa.join("images.parquet"), "width")[0], "48");
+    // Another seed, other pictures.
+    let c = scenes_project();
+    c.write(
+        "pipeline.yaml",
+        &c.read("pipeline.yaml").replace("seed: 3", "seed: 4"),
+    );
+    assert_eq!(c.run(&["run"]).code, 0);
+    assert_ne!(c.output("scenes").file_name(), oa.file_name());
+}

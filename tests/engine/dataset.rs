@@ -433,3 +433,63 @@ fn scenes_are_deterministic_to_the_byte() {
     assert_eq!(c.run(&["run"]).code, 0);
     assert_ne!(c.output("scenes").file_name(), oa.file_name());
 }
+
+#[test]
+fn eccv_caption_positives_are_mapped_onto_the_test_split() {
+    let p = Project::new();
+    p.write(
+        "data/dataset_coco.json",
+        r#"{"images": [
+ {"filepath": "val2014", "filename": "a.jpg", "imgid": 0, "cocoid": 100, "split": "test", "sentences": [{"raw": "A man on a bike.", "sentid": 1000}, {"raw": "Someone cycling", "sentid": 1001}]},
+ {"filepath": "val2014", "filename": "b.jpg", "imgid": 1, "cocoid": 200, "split": "test", "sentences": [{"raw": "A cyclist on a road.", "sentid": 2000}]},
+ {"filepath": "train2014", "filename": "c.jpg", "imgid": 2, "cocoid": 300, "split": "train", "sentences": [{"raw": "A bus.", "sentid": 3000}]}]}"#,
+    );
+    // The package's layout: eccv_caption/data/eccv_*.json, flattened by a download stage.
+    p.write(
+        "eccv/eccv_image_to_caption.json",
+        r#"{"100": [1000, 1001, 2000], "200": [2000, 1001], "999": [1]}"#,
+    );
+    p.write(
+        "eccv/eccv_caption_to_image.json",
+        r#"{"2000": [200, 100], "1001": [100, 200, 300]}"#,
+    );
+    images(&p, &["val2014/a.jpg", "val2014/b.jpg", "train2014/c.jpg"]);
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  coco:\n    kind: dataset\n    inputs: {splits: data/dataset_coco.json, images: images, eccv: eccv}\n    with:\n      format: karpathy\n      annotations: ${inputs.splits}\n      images: ${inputs.images}\n      positives: {eccv: \"${inputs.eccv}\"}\n",
+    );
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("coco");
+    let pos = out.join("positives.parquet");
+    let rows: Vec<String> = column(&pos, "query_kind")
+        .into_iter()
+        .zip(column(&pos, "query_id"))
+        .zip(column(&pos, "positive_id"))
+        .map(|((k, q), v)| format!("{k} {q} {v}"))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "image 100 1000",
+            "image 100 1001",
+            "image 100 2000",
+            "image 200 2000",
+            "image 200 1001",
+            "caption 1001 100",
+            "caption 1001 200",
+            "caption 2000 200",
+            "caption 2000 100",
+        ]
+    );
+    let rep = report(&p, "coco");
+    assert_eq!(
+        rep["dropped"][0]["reason"],
+        "ECCV positive not in the test split"
+    );
+    assert_eq!(
+        rep["dropped"][0]["first"],
+        serde_json::json!(["image 999", "caption 1001 → 300"])
+    );
+    assert_eq!(rep["positives_per_caption"]["test"]["max"], 2);
+}

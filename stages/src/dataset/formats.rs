@@ -417,3 +417,101 @@ pub fn table(
     }
     Ok(out)
 }
+
+/// `positives: {eccv: DIR, split: test}`: the ECCV Caption extended positives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PositivesConfig {
+    /// A folder holding the `eccv-caption` package's `eccv_image_to_caption.json` and
+    /// `eccv_caption_to_image.json` (e.g. a `download` stage with a pip source).
+    pub eccv: String,
+    /// The split the maps describe (the COCO 5K test split).
+    #[serde(default = "default_positive_split")]
+    pub split: String,
+}
+
+fn default_positive_split() -> String {
+    "test".into()
+}
+
+/// Reads the ECCV Caption maps (COCO image ids → COCO caption annotation ids and back; the
+/// Karpathy import uses the same ids: `cocoid`, `sentid`) and keeps the pairs whose both ids are
+/// in `split` of `raw`. Returns the positives and, if some ids are not in the split, what was left out.
+pub fn eccv_positives(
+    dir: &Path,
+    split: &str,
+    raw: &RawDataset,
+) -> Result<(Vec<super::normal::Positive>, Option<Dropped>), StageError> {
+    use std::collections::{BTreeMap, HashSet};
+    let images: HashSet<&str> = raw
+        .images
+        .iter()
+        .filter(|i| i.split == split)
+        .map(|i| i.id.as_str())
+        .collect();
+    let split_of_image: HashMap<&str, &str> = raw
+        .images
+        .iter()
+        .map(|i| (i.id.as_str(), i.split.as_str()))
+        .collect();
+    let captions: HashSet<&str> = raw
+        .captions
+        .iter()
+        .filter(|c| split_of_image.get(c.image_id.as_str()) == Some(&split))
+        .map(|c| c.id.as_str())
+        .collect();
+    if images.is_empty() {
+        return Err(StageError::failed_with_hint(
+            format!("the dataset has no `{split}` split to put the ECCV positives on"),
+            "ECCV Caption describes the COCO 5K test split of the Karpathy splits",
+        ));
+    }
+    let mut out = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    for (file, kind, query_set, positive_set) in [
+        ("eccv_image_to_caption.json", "image", &images, &captions),
+        ("eccv_caption_to_image.json", "caption", &captions, &images),
+    ] {
+        let path = dir.join(file);
+        let map: BTreeMap<String, Vec<Value>> = serde_json::from_slice(&read_json(&path).map_err(|_| {
+            StageError::failed_with_hint(
+                format!("{} is missing", path.display()),
+                "`positives.eccv` is the folder with the eccv-caption package's JSON maps (members eccv_caption/data/eccv_*.json)",
+            )
+        })?)
+        .map_err(|e| bad_json(&path, e, "ECCV Caption map"))?;
+        for (query, positives) in map {
+            if !query_set.contains(query.as_str()) {
+                missing.push(format!("{kind} {query}"));
+                continue;
+            }
+            for p in positives {
+                let p = match p {
+                    Value::Number(n) => n.to_string(),
+                    Value::String(s) => s,
+                    other => {
+                        return Err(StageError::failed(format!(
+                            "{}: `{other}` is not an id",
+                            path.display()
+                        )));
+                    }
+                };
+                if positive_set.contains(p.as_str()) {
+                    out.push(super::normal::Positive {
+                        query_kind: kind,
+                        query_id: query.clone(),
+                        positive_id: p,
+                    });
+                } else {
+                    missing.push(format!("{kind} {query} → {p}"));
+                }
+            }
+        }
+    }
+    let dropped = (!missing.is_empty()).then(|| Dropped {
+        reason: format!("ECCV positive not in the {split} split"),
+        count: missing.len(),
+        first: missing.iter().take(5).cloned().collect(),
+    });
+    Ok((out, dropped))
+}

@@ -22,6 +22,8 @@
 //! (`split:` names the split of rows without a split column); `scenes` generates the embedded
 //! dataset (`scenes: {seed, train, val, test, size, captions_per_image}`; see [`scenes`]).
 //! Without `images:` the image files are not checked (`report.json` says so).
+//! `positives: {eccv: DIR, split: test}` adds the ECCV Caption extended positives (the
+//! `eccv-caption` package's maps, e.g. fetched by a `download` stage) to a COCO import.
 
 pub mod clean;
 pub mod formats;
@@ -38,7 +40,7 @@ use crate::api::{
     Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
 };
 use clean::Clean;
-use formats::{Columns, Restval};
+use formats::{Columns, PositivesConfig, Restval};
 use normal::{OnError, Rules};
 use scenes::ScenesConfig;
 
@@ -114,6 +116,8 @@ pub struct DatasetConfig {
     /// `table`: the CSV delimiter (default: `,`, or a tab for `.tsv`).
     pub delimiter: Option<String>,
     pub scenes: Option<ScenesConfig>,
+    /// Extended positives from ECCV Caption (`{eccv: DIR, split: test}`).
+    pub positives: Option<PositivesConfig>,
 }
 
 fn default_max_words() -> usize {
@@ -149,6 +153,13 @@ impl DatasetConfig {
         }
         if f != Format::Scenes && self.scenes.is_some() {
             return Err(not_for("scenes"));
+        }
+        if f == Format::Scenes && self.positives.is_some() {
+            return Err(ConfigError::new(
+                "positives",
+                "the scenes dataset writes its own exact positives",
+            )
+            .with_help("remove `positives:`"));
         }
         match (f, &self.annotations) {
             (Format::Scenes, Some(_)) => Err(not_for("annotations")),
@@ -264,6 +275,18 @@ impl StageKind for DatasetKind {
                 scenes::generate(&config.scenes.clone().unwrap_or_default(), ctx.out_dir)?
             }
         };
+        let mut raw = raw;
+        if let Some(pos) = &config.positives {
+            let (positives, dropped) =
+                formats::eccv_positives(&project(&pos.eccv), &pos.split, &raw)?;
+            ctx.log.line(format!(
+                "ECCV Caption: {} positive pairs on the {} split",
+                positives.len(),
+                pos.split
+            ));
+            raw.positives.extend(positives);
+            raw.dropped.extend(dropped);
+        }
         if ctx.cancel.is_cancelled() {
             return Err(StageError::Cancelled);
         }

@@ -493,3 +493,133 @@ fn eccv_caption_positives_are_mapped_onto_the_test_split() {
     );
     assert_eq!(rep["positives_per_caption"]["test"]["max"], 2);
 }
+
+/// A zip archive of (name, bytes) entries.
+fn zip_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        for (name, bytes) in entries {
+            z.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(bytes).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    buf.into_inner()
+}
+
+/// The example pipelines' import path, on small archives in the real formats served over HTTP.
+#[test]
+fn the_coco_and_flickr30k_examples_import_from_their_archives() {
+    use crate::support::{HttpServer, Reply};
+    let flickr_json = r#"{"dataset": "flickr30k", "images": [
+ {"filename": "1000092795.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "Two young guys.", "sentid": 0}]},
+ {"filename": "10002456.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "Several men in hard hats.", "sentid": 5}]}]}"#;
+    let splits = zip_of(&[
+        ("dataset_coco.json", KARPATHY.as_bytes().to_vec()),
+        ("dataset_flickr30k.json", flickr_json.as_bytes().to_vec()),
+    ]);
+    let train = zip_of(&[("train2014/b.jpg", png())]);
+    let val = zip_of(&[
+        ("val2014/a.jpg", png()),
+        ("val2014/c.jpg", png()),
+        ("val2014/d.jpg", png()),
+    ]);
+    let flickr = zip_of(&[
+        ("flickr30k-images/1000092795.jpg", png()),
+        ("flickr30k-images/10002456.jpg", png()),
+    ]);
+    let server = HttpServer::start(vec![
+        ("/caption_datasets.zip", vec![Reply::Body(splits)]),
+        ("/zips/train2014.zip", vec![Reply::Body(train)]),
+        ("/zips/val2014.zip", vec![Reply::Body(val)]),
+        ("/flickr30k-images.zip", vec![Reply::Body(flickr)]),
+    ]);
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let cache = tempfile::tempdir().unwrap();
+    let run = |file: &str, sets: &[String], stage: &str| {
+        let mut args: Vec<String> = vec![
+            "--cache-dir".into(),
+            cache.path().display().to_string(),
+            "run".into(),
+            file.into(),
+            stage.into(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
+        let out = std::process::Command::new(crate::support::BIN)
+            .args(&args)
+            .current_dir(&examples)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let splits_url = format!(
+        "karpathy_splits.with.url={}",
+        server.url("/caption_datasets.zip")
+    );
+    let log = run(
+        "flickr30k.yaml",
+        &[
+            splits_url.clone(),
+            format!(
+                "flickr_images.with.url={}",
+                server.url("/flickr30k-images.zip")
+            ),
+        ],
+        "flickr30k",
+    );
+    assert!(
+        log.contains("note: flickr30k-images.zip: extracted 2 files"),
+        "{log}"
+    );
+    assert!(
+        log.contains("note: test 1 images / 1 captions, train 1 images / 1 captions"),
+        "{log}"
+    );
+    // COCO: two image archives extracted into one tree; the ECCV mapping is switched off because
+    // the fixture does not use real COCO ids (the ECCV maps are still downloaded: an input).
+    let sets = [
+        splits_url,
+        format!(
+            "coco_images.with.url=[{}, {}]",
+            server.url("/zips/train2014.zip"),
+            server.url("/zips/val2014.zip")
+        ),
+        "coco.with.positives=null".into(),
+    ];
+    let log = run("coco.yaml", &sets, "coco");
+    assert!(
+        log.contains("note: train2014.zip: extracted 1 files")
+            && log.contains("note: val2014.zip: extracted 3 files"),
+        "{log}"
+    );
+    assert!(log.contains("note: test 1 images / 2 captions, train 2 images / 2 captions, val 1 images / 1 captions"), "{log}");
+}
+
+#[test]
+fn zip_entries_escaping_the_output_are_refused() {
+    use crate::support::{HttpServer, Reply};
+    let evil = zip_of(&[("../escape.txt", b"x".to_vec())]);
+    let server = HttpServer::start(vec![("/evil.zip", vec![Reply::Body(evil)])]);
+    let p = Project::new();
+    p.write("pipeline.yaml", &format!("version: 1\nstages:\n  d:\n    kind: download\n    with:\n      url: {}\n      extract: zip\n", server.url("/evil.zip")));
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("entry `../escape.txt` would be written outside the output folder"),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.path().join("cache/staging-v1/escape.txt").exists());
+}

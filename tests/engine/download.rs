@@ -136,7 +136,7 @@ fn a_truncated_transfer_resumes_with_a_range_request() {
         vec!["GET /big.bin", "GET /big.bin range=400000-"]
     );
     assert!(
-        r.stderr.contains("note: resumed at byte 400000"),
+        r.stderr.contains("note: big.bin: resumed at byte 400000"),
         "{}",
         r.stderr
     );

@@ -32,8 +32,11 @@
 //! * 5xx answers, time-outs and dropped connections are retried with exponential back-off;
 //!   4xx answers, TLS errors and checksum mismatches are not, and say what to do.
 
+mod extract;
 mod http;
 mod pip;
+
+pub use extract::Extract;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -122,7 +125,9 @@ impl<'de> Deserialize<'de> for Sha256Spec {
 #[serde(deny_unknown_fields)]
 pub struct DownloadConfig {
     /// An http(s) URL.
-    pub url: Option<String>,
+    pub url: Option<OneOrMany>,
+    /// Unpack the fetched archive into the output tree (the archive itself is not kept).
+    pub extract: Option<Extract>,
     /// A `package==version` requirement fetched with `pip download --no-deps`.
     pub pip: Option<String>,
     /// A local file, relative to the pipeline file's folder (or absolute).
@@ -172,7 +177,7 @@ fn default_timeout_s() -> u64 {
 
 /// Which source a config names (after validation exactly one).
 enum Source<'a> {
-    Url(&'a str),
+    Urls(Vec<String>),
     Pip(&'a str),
     File(&'a str),
 }
@@ -189,7 +194,7 @@ impl DownloadConfig {
         .map(|(k, _)| *k)
         .collect();
         match (given.as_slice(), &self.url, &self.pip, &self.file) {
-            (["url"], Some(u), _, _) => Ok(Source::Url(u)),
+            (["url"], Some(u), _, _) => Ok(Source::Urls(u.to_vec())),
             (["pip"], _, Some(p), _) => Ok(Source::Pip(p)),
             (["file"], _, _, Some(f)) => Ok(Source::File(f)),
             ([], ..) => Err(ConfigError::new("", "a download stage needs a source")
@@ -244,16 +249,56 @@ impl StageKind for DownloadKind {
         let source = config.source()?;
         let mut checked = Checked::default();
         match source {
-            Source::Url(url) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(
-                        ConfigError::new("url", format!("`{url}` is not an http(s) URL"))
-                            .with_help(
-                                "use `file:` for a local path and `pip:` for a Python package",
-                            ),
-                    );
+            Source::Urls(urls) => {
+                for url in &urls {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(ConfigError::new(
+                            "url",
+                            format!("`{url}` is not an http(s) URL"),
+                        )
+                        .with_help(
+                            "use `file:` for a local path and `pip:` for a Python package",
+                        ));
+                    }
                 }
-                config.expected_single()?;
+                if urls.len() > 1 {
+                    if config.filename.is_some() {
+                        return Err(ConfigError::new(
+                            "filename",
+                            "`filename` names one file; several URLs keep their own names",
+                        ));
+                    }
+                    let names: Vec<String> = urls
+                        .iter()
+                        .map(|u| {
+                            http::file_name_from_url(u)
+                                .map_err(|e| ConfigError::new("url", e.to_string()))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    match &config.sha256 {
+                        Some(Sha256Spec::One(_)) => {
+                            return Err(ConfigError::new(
+                                "sha256",
+                                "several URLs need one digest each",
+                            )
+                            .with_help("write `sha256: {file name: digest, …}`"));
+                        }
+                        Some(Sha256Spec::PerMember(map)) => {
+                            for (name, hex) in map {
+                                check_hex(&format!("sha256.{name}"), hex)?;
+                                if !names.contains(name) {
+                                    return Err(ConfigError::new(
+                                        format!("sha256.{name}"),
+                                        format!("no URL downloads a file named `{name}`"),
+                                    ));
+                                }
+                            }
+                        }
+                        None => {}
+                    }
+                } else {
+                    config.expected_single()?;
+                }
                 pip_only_keys(&config)?;
             }
             Source::File(path) => {
@@ -269,6 +314,13 @@ impl StageKind for DownloadKind {
             }
             Source::Pip(req) => {
                 pip::check_requirement(req)?;
+                if config.extract.is_some() {
+                    return Err(ConfigError::new(
+                        "extract",
+                        "`extract` is for url and file sources",
+                    )
+                    .with_help("a wheel's members are taken with `member:`"));
+                }
                 if config.filename.is_some() {
                     return Err(ConfigError::new(
                         "filename",
@@ -316,25 +368,55 @@ impl StageKind for DownloadKind {
         let source = config.source().map_err(|e| StageError::failed(e.message))?;
         let mut summary = StageSummary::default();
         match source {
-            Source::Url(url) => {
-                let name = match &config.filename {
-                    Some(n) => n.clone(),
-                    None => http::file_name_from_url(url)?,
-                };
-                let dest = ctx.out_dir.join(checked_file_name(&name)?);
-                let expected = config
-                    .expected_single()
-                    .map_err(|e| StageError::failed(e.message))?;
-                let fetched = http::fetch(url, &config, ctx, &dest)?;
-                summary
-                    .metrics
-                    .insert("bytes".into(), Value::from(fetched.bytes));
-                if fetched.resumed_from > 0 {
-                    summary
-                        .notes
-                        .push(format!("resumed at byte {}", fetched.resumed_from));
+            Source::Urls(urls) => {
+                let archives = ctx.out_dir.join(".archives");
+                for url in &urls {
+                    let name = match &config.filename {
+                        Some(n) => n.clone(),
+                        None => http::file_name_from_url(url)?,
+                    };
+                    let folder = if config.extract.is_some() {
+                        &archives
+                    } else {
+                        ctx.out_dir
+                    };
+                    std::fs::create_dir_all(folder)
+                        .map_err(|e| StageError::io("creating the download folder", e))?;
+                    let dest = folder.join(checked_file_name(&name)?);
+                    let expected = match &config.sha256 {
+                        Some(Sha256Spec::One(hex)) => Some(hex.to_ascii_lowercase()),
+                        Some(Sha256Spec::PerMember(map)) => {
+                            map.get(&name).map(|h| h.to_ascii_lowercase())
+                        }
+                        None => None,
+                    };
+                    let fetched = http::fetch(url, &config, ctx, &dest)?;
+                    *summary
+                        .metrics
+                        .entry("bytes".into())
+                        .or_insert(Value::from(0u64)) = Value::from(
+                        summary
+                            .metrics
+                            .get("bytes")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0)
+                            + fetched.bytes,
+                    );
+                    if fetched.resumed_from > 0 {
+                        summary
+                            .notes
+                            .push(format!("{name}: resumed at byte {}", fetched.resumed_from));
+                    }
+                    verify_or_record(&dest, &name, expected.as_deref(), &mut summary)?;
+                    if let Some(kind) = config.extract {
+                        let n = extract::unpack(kind, &dest, ctx.out_dir, ctx)?;
+                        summary.notes.push(format!("{name}: extracted {n} files"));
+                    }
                 }
-                verify_or_record(&dest, &name, expected.as_deref(), &mut summary)?;
+                if archives.exists() {
+                    std::fs::remove_dir_all(&archives)
+                        .map_err(|e| StageError::io("removing downloaded archives", e))?;
+                }
             }
             Source::File(_) => {
                 let src = ctx
@@ -363,6 +445,12 @@ impl StageKind for DownloadKind {
                     .expected_single()
                     .map_err(|e| StageError::failed(e.message))?;
                 verify_or_record(&dest, &name, expected.as_deref(), &mut summary)?;
+                if let Some(kind) = config.extract {
+                    let n = extract::unpack(kind, &dest, ctx.out_dir, ctx)?;
+                    std::fs::remove_file(&dest)
+                        .map_err(|e| StageError::io("removing the unpacked archive", e))?;
+                    summary.notes.push(format!("{name}: extracted {n} files"));
+                }
             }
             Source::Pip(req) => {
                 let files = pip::fetch(req, &config, ctx)?;

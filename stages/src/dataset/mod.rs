@@ -326,7 +326,7 @@ impl StageKind for DatasetKind {
             per_split.entry(i.raw.split.as_str()).or_default().0 += 1;
         }
         for c in &normal.captions {
-            per_split.entry(c.split.as_str()).or_default().1 += 1;
+            per_split.entry(c.split.as_ref()).or_default().1 += 1;
         }
         let counts: Vec<String> = per_split
             .iter()

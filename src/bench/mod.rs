@@ -10,6 +10,8 @@
 //! Every figure is printed with its ratio to the peer; nothing is asserted: speed targets are
 //! read from this output, never from timed tests.
 
+mod dataset;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,6 +26,8 @@ use crate::fingerprint::content::{ContentHasher, Walk, sha256_file};
 pub enum Suite {
     /// Hashing, no-op status, DVC comparison
     Engine,
+    /// Importing a COCO-sized Karpathy file (vs pandas + pyarrow); image verification speed
+    Dataset,
 }
 
 #[derive(Args)]
@@ -48,10 +52,19 @@ pub struct BenchArgs {
     /// The DVC executable [default: `dvc` on PATH]
     #[arg(long)]
     dvc: Option<PathBuf>,
+    /// A Python with pandas and pyarrow, for the dataset suite's peer
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
-    let Suite::Engine = args.suite;
+    match args.suite {
+        Suite::Engine => engine(args),
+        Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
+    }
+}
+
+fn engine(args: BenchArgs) -> anyhow::Result<i32> {
     let root = &args.dir;
     let many = root.join("data/many");
     let big = root.join("data/big.bin");
@@ -262,7 +275,7 @@ fn sha256sum_files(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -274,7 +287,10 @@ fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn best(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+pub(crate) fn best(
+    n: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..n.max(1) {
         let t = Instant::now();
@@ -284,11 +300,11 @@ fn best(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<D
     Ok(best)
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
 
-fn report(what: &str, ours: Duration, peer_name: &str, peer: Duration, goal: &str) {
+pub(crate) fn report(what: &str, ours: Duration, peer_name: &str, peer: Duration, goal: &str) {
     let ratio = peer.as_secs_f64() / ours.as_secs_f64().max(1e-9);
     println!(
         "  {what:<24} cusa-pipe {:>9}   {peer_name} {:>9}   {ratio:.2}× faster   ({goal})",
@@ -297,7 +313,7 @@ fn report(what: &str, ours: Duration, peer_name: &str, peer: Duration, goal: &st
     );
 }
 
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

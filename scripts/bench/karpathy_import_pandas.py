@@ -12,19 +12,9 @@ import sys
 
 import pandas as pd
 
-
-def pre_caption(caption, max_words):
-    caption_raw = caption
-    caption = re.sub(r"([,.'!?\"()*#:;~])", ' ', caption.lower()).replace('-', ' ').replace('/', ' ').replace('<person>', 'person')
-    caption = re.sub(r"\s{2,}", ' ', caption)
-    caption = caption.rstrip('\n')
-    caption = caption.strip(' ')
-    caption_words = caption.split(' ')
-    if len(caption_words) > max_words:
-        caption = ' '.join(caption_words[:max_words])
-    if not len(caption):
-        raise ValueError(f"pre_caption yields invalid text (raw: {caption_raw})")
-    return caption
+# The reference cleaning, shared with the fixture script so both sides clean identically.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from pre_caption import pre_caption  # noqa: E402
 
 
 def main() -> None:

@@ -139,6 +139,21 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(Duration, f64)> {
     Ok((Duration::from_secs_f64(wall), kib / 1024.0))
 }
 
+/// The fastest of `n` timed runs (wall, peak RSS of that run).
+fn best_timed(
+    n: usize,
+    mut f: impl FnMut() -> anyhow::Result<(Duration, f64)>,
+) -> anyhow::Result<(Duration, f64)> {
+    let mut best = (Duration::MAX, 0.0);
+    for _ in 0..n.max(1) {
+        let t = f()?;
+        if t.0 < best.0 {
+            best = t;
+        }
+    }
+    Ok(best)
+}
+
 pub fn dataset(root: &Path, python: &Path, repeat: usize) -> anyhow::Result<i32> {
     let dir = root.join("dataset");
     std::fs::create_dir_all(&dir)?;
@@ -160,17 +175,13 @@ pub fn dataset(root: &Path, python: &Path, repeat: usize) -> anyhow::Result<i32>
         .is_ok_and(|s| s.success());
 
     println!("\n(a) Karpathy import without image decoding, best of {repeat} (wall, peak RSS)");
-    let mut ours = (Duration::MAX, 0.0);
-    for _ in 0..repeat.max(1) {
-        let t = timed(Command::new(&exe).current_dir(&dir).args([
-            "run",
-            "--force-all",
-            "pipeline.yaml",
-        ]))?;
-        if t.0 < ours.0 {
-            ours = t;
-        }
-    }
+    let ours = best_timed(repeat, || {
+        timed(
+            Command::new(&exe)
+                .current_dir(&dir)
+                .args(["run", "--force-all", "pipeline.yaml"]),
+        )
+    })?;
     println!(
         "  cusa-pipe run (hashing, import, commit)  {}  {:.0} MiB",
         secs(ours.0),
@@ -185,18 +196,14 @@ pub fn dataset(root: &Path, python: &Path, repeat: usize) -> anyhow::Result<i32>
     }
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/karpathy_import_pandas.py");
-    let mut peer = (Duration::MAX, 0.0);
-    for _ in 0..repeat.max(1) {
-        let t = timed(
+    let peer = best_timed(repeat, || {
+        timed(
             Command::new(python)
                 .arg(&script)
                 .arg(&json)
                 .arg(dir.join("pandas-out")),
-        )?;
-        if t.0 < peer.0 {
-            peer = t;
-        }
-    }
+        )
+    })?;
     println!(
         "  pandas + pyarrow                          {}  {:.0} MiB",
         secs(peer.0),

@@ -16,6 +16,9 @@ pub struct PathArgs {
     /// The pipeline file
     #[arg(default_value = "pipeline.yaml")]
     pipeline: PathBuf,
+    /// Evaluate with these overrides (as `run --set` would)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<crate::spec::Override>,
 }
 
 pub fn path(args: PathArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
@@ -23,7 +26,7 @@ pub fn path(args: PathArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError>
         Some((n, s)) => (n.to_string(), Some(s.trim_matches('/').to_string())),
         None => (args.target.clone(), None),
     };
-    let engine = super::engine(&args.pipeline, &[], cache_dir)?;
+    let engine = super::engine(&args.pipeline, &args.set, cache_dir)?;
     let idx = super::stage_indices(&engine.pipeline, std::slice::from_ref(&name))?[0];
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")

@@ -10,7 +10,8 @@
 //! any write changes mtime/ctime, so a flipped byte is seen. Files modified less than
 //! [`RACY_WINDOW_NS`] before the cache was written are not trusted (git's "racily clean"
 //! problem: a later write within the same timestamp tick would go unnoticed) and are hashed
-//! again next time. Misses are hashed in parallel with rayon. The cache is only an
+//! again next time. Folders holding a `CACHEDIR.TAG` (caches, ours included) are skipped, so a
+//! project input that contains the cache does not change with every run. Misses are hashed in parallel with rayon. The cache is only an
 //! optimisation: deleting `stat-v1/` is always safe.
 
 use std::collections::HashMap;
@@ -465,6 +466,11 @@ fn walk_dir(
                     (m.dev(), m.ino())
                 }
             };
+            // A cache folder (marked by CACHEDIR.TAG, as ours is) is never content: a project
+            // input that contains the cache would otherwise change with every run.
+            if path.join("CACHEDIR.TAG").is_file() {
+                continue;
+            }
             if ancestors.contains(&id) {
                 return Err(HashError::Io {
                     path,
@@ -617,6 +623,21 @@ mod tests {
             .manifest(d.path(), Walk { follow_links: true })
             .unwrap_err();
         assert!(err.to_string().contains("symbolic link loop"), "{err}");
+    }
+
+    #[test]
+    fn cache_folders_are_not_content() {
+        let d = tempfile::tempdir().unwrap();
+        write(&d.path().join("data.txt"), b"d");
+        let h = ContentHasher::new(None);
+        let walk = Walk { follow_links: true };
+        let before = h.manifest(d.path(), walk).unwrap();
+        write(
+            &d.path().join("cache/CACHEDIR.TAG"),
+            b"Signature: 8a477f597d28d172789f06886806bc55",
+        );
+        write(&d.path().join("cache/objects/x"), b"changes every run");
+        assert_eq!(h.manifest(d.path(), walk).unwrap(), before);
     }
 
     #[test]

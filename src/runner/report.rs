@@ -230,6 +230,13 @@ fn bar_style() -> ProgressStyle {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
+fn items_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} {prefix} {elapsed:>4} {msg} {wide_bar} {pos}/{len} {per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
 pub fn seconds(s: f64) -> String {
     if s < 60.0 {
         format!("{s:.1}s")
@@ -255,6 +262,17 @@ impl cusa_stages::api::Progress for StageProgress {
                     b.set_style(spinner_style());
                     b.unset_length();
                 }
+            }
+        }
+    }
+    fn set_items(&self, total: Option<u64>) {
+        if let Some(b) = &self.bar {
+            match total {
+                Some(n) => {
+                    b.set_style(items_style());
+                    b.set_length(n);
+                }
+                None => b.set_style(spinner_style()),
             }
         }
     }

@@ -287,7 +287,12 @@ impl StageLog {
 /// Progress of a long step (bytes downloaded, items processed). The engine shows it as a
 /// progress bar when stderr is a terminal and ignores it otherwise.
 pub trait Progress: Send + Sync {
+    /// Total bytes (shown with bytes/s and ETA).
     fn set_length(&self, len: Option<u64>);
+    /// Total items (shown with items/s and ETA); positions then count items.
+    fn set_items(&self, total: Option<u64>) {
+        self.set_length(total);
+    }
     fn set_position(&self, pos: u64);
     fn set_message(&self, msg: &str);
 }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod command;
 pub mod dataset;
 pub mod download;
+pub mod teacher;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(command::CommandKind),
         Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
+        Arc::new(teacher::TeacherKind),
     ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }

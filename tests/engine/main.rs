@@ -14,3 +14,4 @@ mod parallel;
 mod quickstart;
 mod spec_errors;
 mod support;
+mod teacher;

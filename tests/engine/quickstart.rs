@@ -38,7 +38,14 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     let summary = std::fs::read_to_string(path.trim()).unwrap();
     assert!(summary.contains("| train | 1000 | 5000 |"), "{summary}");
     assert!(summary.contains("| test | 300 | 1500 |"), "{summary}");
+    // The text teacher embedded every caption.
+    let (code, path, _) = run(&["path", "text_teacher/features.arrow"]);
+    assert_eq!(code, 0);
+    assert!(
+        std::fs::metadata(path.trim()).unwrap().len() > 7500 * 384 * 4,
+        "7,500 × 384 float32 features"
+    );
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\"cached\"").count(), 6, "{out}");
+    assert_eq!(out.matches("\"cached\"").count(), 10, "{out}");
 }

@@ -1,0 +1,448 @@
+//! `kind: teacher` — frozen uni-modal embedders run once over a dataset, features stored as Arrow.
+//!
+//! CUSA's soft labels come from teacher features. Extracting them once, content-addressed and
+//! cached, replaces the reference code's online text teacher (+17.9 % time per epoch) and its
+//! missing image-extraction script.
+//!
+//! ```yaml
+//! text_teacher:
+//!   kind: teacher
+//!   inputs:
+//!     dataset: ${scenes}
+//!     model: ${minilm/model.onnx}
+//!     tokenizer: ${minilm_tokenizer/tokenizer.json}
+//!     onnxruntime: ${onnxruntime/libonnxruntime.so.1.32.0}
+//!   with:
+//!     modality: text
+//!     dataset: ${inputs.dataset}
+//!     model: ${inputs.model}
+//!     tokenizer: ${inputs.tokenizer}
+//!     onnxruntime: ${inputs.onnxruntime}
+//!     split: all              # or train / val / test
+//!     max_length: 128         # tokens, truncation explicit and recorded
+//!     output: last_hidden_state   # default: the model's first output
+//!     pooling: mean           # mean (over the attention mask) | cls | none
+//!     normalize: true         # L2
+//!     batch_size: 64
+//!     precision: f32          # or f16: half the size
+//! ```
+//!
+//! Output: `features.arrow`, an Arrow IPC file with an `id` column (caption ids for text) and an
+//! `embedding` FixedSizeList<Float32 | Float16, d> column, rows in id order, and schema metadata
+//! naming the model's sha256, the output, pooling, normalisation, max_length and dims — so a
+//! feature file always says what produced it. Image teachers are not part of this build yet.
+
+mod runtime;
+mod text;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{
+    Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, RecordBatch, StringArray,
+};
+use arrow_schema::{DataType, Field, Schema};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::{
+    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, closest, parse_config,
+};
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Modality {
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    #[default]
+    Mean,
+    Cls,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+}
+
+/// The typed `with:` block of a teacher stage.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    pub modality: Modality,
+    /// A `dataset` stage's output folder.
+    pub dataset: String,
+    /// The ONNX model file.
+    pub model: String,
+    /// libonnxruntime.so (≥ 1.22).
+    pub onnxruntime: String,
+    /// `tokenizer.json` (text).
+    pub tokenizer: Option<String>,
+    /// `all` or one split.
+    #[serde(default = "default_split")]
+    pub split: String,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    pub output: Option<String>,
+    #[serde(default)]
+    pub pooling: Pooling,
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Intra-op threads [default: the stage's share of the cores].
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+fn default_split() -> String {
+    "all".into()
+}
+fn default_max_length() -> usize {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+fn default_batch() -> usize {
+    64
+}
+
+pub struct TeacherKind;
+
+impl StageKind for TeacherKind {
+    fn name(&self) -> &'static str {
+        "teacher"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let c: TeacherConfig = parse_config(with)?;
+        if c.modality == Modality::Text && c.tokenizer.is_none() {
+            return Err(ConfigError::new(
+                "",
+                "a text teacher needs `tokenizer:` (a tokenizer.json)",
+            ));
+        }
+        if c.batch_size == 0 || c.max_length == 0 {
+            return Err(ConfigError::new(
+                if c.batch_size == 0 {
+                    "batch_size"
+                } else {
+                    "max_length"
+                },
+                "must be at least 1",
+            ));
+        }
+        Ok(Checked::default())
+    }
+
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        let c: TeacherConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        let path = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                ctx.project_dir.join(p)
+            }
+        };
+        let (model_path, lib, dataset) = (path(&c.model), path(&c.onnxruntime), path(&c.dataset));
+        let model_bytes = std::fs::read(&model_path)
+            .map_err(|e| StageError::io(format!("reading {}", model_path.display()), e))?;
+        let model_sha = crate::download::sha256_file(&model_path)?;
+        let (ids, texts) = read_captions(&dataset.join("captions.parquet"), &c.split)?;
+        if ids.is_empty() {
+            return Err(StageError::failed(format!(
+                "no captions in split `{}` of {}",
+                c.split,
+                dataset.display()
+            )));
+        }
+        let env = runtime::environment(&lib)?;
+        ctx.log.line("ONNX Runtime: CPU execution provider");
+        let threads = c.threads.unwrap_or(ctx.threads);
+        let mut session = runtime::session(&env, &model_bytes, threads, &model_path)?;
+        let output = choose_output(&session, c.output.as_deref())?;
+        let tok_path = path(c.tokenizer.as_deref().unwrap_or_default());
+        let tok = text::tokenizer(&tok_path, c.max_length)?;
+        let truncated = texts
+            .iter()
+            .filter(|t| {
+                tok.encode(t.as_str(), true)
+                    .map(|e| !e.get_overflowing().is_empty())
+                    .unwrap_or(false)
+            })
+            .count();
+        ctx.log.line(format!(
+            "{} captions, {threads} threads, output `{output}`, pooling {:?}",
+            ids.len(),
+            c.pooling
+        ));
+        let (mut data, dim) = text::embed(
+            &mut session,
+            &tok,
+            &texts,
+            &output,
+            c.pooling,
+            c.batch_size,
+            ctx,
+        )?;
+        if c.normalize {
+            for row in data.chunks_mut(dim) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    row.iter_mut().for_each(|v| *v /= norm);
+                }
+            }
+        }
+        let meta = HashMap::from([
+            ("modality".to_string(), "text".to_string()),
+            ("model_sha256".to_string(), model_sha),
+            (
+                "tokenizer_sha256".to_string(),
+                crate::download::sha256_file(&tok_path)?,
+            ),
+            ("output".to_string(), output.clone()),
+            (
+                "pooling".to_string(),
+                format!("{:?}", c.pooling).to_lowercase(),
+            ),
+            ("normalize".to_string(), c.normalize.to_string()),
+            ("max_length".to_string(), c.max_length.to_string()),
+            ("dims".to_string(), dim.to_string()),
+            ("split".to_string(), c.split.clone()),
+        ]);
+        write_features(
+            &ctx.out_dir.join("features.arrow"),
+            &ids,
+            &data,
+            dim,
+            c.precision,
+            meta,
+        )?;
+        let mut summary = StageSummary::default();
+        summary.notes.push(format!(
+            "{} captions → {dim}-d features ({truncated} truncated at {} tokens)",
+            ids.len(),
+            c.max_length
+        ));
+        summary
+            .metrics
+            .insert("rows".into(), Value::from(ids.len()));
+        summary.metrics.insert("dims".into(), Value::from(dim));
+        summary
+            .metrics
+            .insert("truncated".into(), Value::from(truncated));
+        Ok(summary)
+    }
+}
+
+/// The output to read: the named one (a graph output), or the model's first output.
+fn choose_output(
+    session: &ort::session::Session,
+    wanted: Option<&str>,
+) -> Result<String, StageError> {
+    let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    match wanted {
+        None => names
+            .first()
+            .map(|s| s.to_string())
+            .ok_or_else(|| StageError::failed("the model has no outputs")),
+        Some(w) if names.contains(&w) => Ok(w.to_string()),
+        Some(w) => {
+            let mut ranked = names.clone();
+            ranked.sort_by_key(|n| strsim::osa_distance(w, n));
+            Err(StageError::failed_with_hint(
+                format!("the model has no output `{w}`"),
+                match closest(w, &names) {
+                    Some(c) => format!(
+                        "did you mean `{c}`? outputs, nearest first: {}",
+                        ranked.join(", ")
+                    ),
+                    None => format!("outputs, nearest first: {}", ranked.join(", ")),
+                },
+            ))
+        }
+    }
+}
+
+/// Pools a batch output of shape `dims` ([B, T, D] or [B, D]) to [B, D].
+pub fn pool_batch(
+    data: &[f32],
+    dims: &[usize],
+    mask: Option<&[i64]>,
+    pooling: Pooling,
+) -> Result<Vec<f32>, StageError> {
+    match (dims, pooling) {
+        ([_, _], Pooling::None) => Ok(data.to_vec()),
+        ([_, _], p) => Err(StageError::failed_with_hint(
+            format!(
+                "the output is already one vector per item; pooling `{p:?}` needs per-token outputs"
+            ),
+            "set `pooling: none`",
+        )),
+        ([b, t, d], Pooling::Mean) => {
+            let mut out = vec![0f32; b * d];
+            for i in 0..*b {
+                let mut count = 0f64;
+                let mut acc = vec![0f64; *d];
+                for j in 0..*t {
+                    let m = mask.map(|m| m[i * t + j]).unwrap_or(1);
+                    if m != 0 {
+                        count += 1.0;
+                        let row = &data[(i * t + j) * d..(i * t + j + 1) * d];
+                        acc.iter_mut().zip(row).for_each(|(a, v)| *a += *v as f64);
+                    }
+                }
+                let count = count.max(1e-9);
+                out[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(&acc)
+                    .for_each(|(o, a)| *o = (a / count) as f32);
+            }
+            Ok(out)
+        }
+        ([b, t, d], Pooling::Cls) => Ok((0..*b)
+            .flat_map(|i| data[i * t * d..i * t * d + d].to_vec())
+            .collect()),
+        ([_, _, _], Pooling::None) => Err(StageError::failed_with_hint(
+            "the output has one vector per token; `pooling: none` needs one vector per item",
+            "choose `pooling: mean` or `pooling: cls`",
+        )),
+        (other, _) => Err(StageError::failed(format!(
+            "cannot pool an output of shape {other:?}"
+        ))),
+    }
+}
+
+/// Caption ids and cleaned texts of a dataset split, in id order.
+fn read_captions(path: &Path, split: &str) -> Result<(Vec<String>, Vec<String>), StageError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = File::open(path).map_err(|e| {
+        StageError::failed_with_hint(
+            format!("cannot open {}: {e}", path.display()),
+            "the `dataset` input must be a dataset stage's output",
+        )
+    })?;
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("reading {}: {e}", path.display()));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| err(&e))?
+        .build()
+        .map_err(|e| err(&e))?;
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(&e))?;
+        let col = |name: &str| -> Result<StringArray, StageError> {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+                .ok_or_else(|| {
+                    StageError::failed(format!("{} has no text column `{name}`", path.display()))
+                })
+        };
+        let (ids, splits, texts) = (col("caption_id")?, col("split")?, col("text_clean")?);
+        for i in 0..batch.num_rows() {
+            if split == "all" || splits.value(i) == split {
+                rows.push((ids.value(i).to_string(), texts.value(i).to_string()));
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(rows.into_iter().unzip())
+}
+
+/// Writes `features.arrow`.
+fn write_features(
+    path: &Path,
+    ids: &[String],
+    data: &[f32],
+    dim: usize,
+    precision: Precision,
+    meta: HashMap<String, String>,
+) -> Result<(), StageError> {
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
+    let (item, values): (DataType, ArrayRef) = match precision {
+        Precision::F32 => (
+            DataType::Float32,
+            Arc::new(Float32Array::from(data.to_vec())),
+        ),
+        Precision::F16 => (
+            DataType::Float16,
+            Arc::new(Float16Array::from(
+                data.iter()
+                    .map(|v| half::f16::from_f32(*v))
+                    .collect::<Vec<_>>(),
+            )),
+        ),
+    };
+    let item_field = Arc::new(Field::new("item", item, false));
+    let list = FixedSizeListArray::try_new(item_field.clone(), dim as i32, values, None)
+        .map_err(|e| err(&e))?;
+    let schema = Arc::new(
+        Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new(
+                "embedding",
+                DataType::FixedSizeList(item_field, dim as i32),
+                false,
+            ),
+        ])
+        .with_metadata(meta),
+    );
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
+    )
+    .map_err(|e| err(&e))?;
+    let file = File::create(path)
+        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
+    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))?;
+    debug_assert_eq!(batch.column(1).len(), ids.len());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pooling_ignores_masked_tokens_and_cls_takes_the_first() {
+        // Two items, three tokens, two dims.
+        let data = [
+            1.0, 2.0, 3.0, 4.0, 100.0, 100.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0,
+        ];
+        let mask = [1, 1, 0, 1, 1, 1];
+        assert_eq!(
+            pool_batch(&data, &[2, 3, 2], Some(&mask), Pooling::Mean).unwrap(),
+            vec![2.0, 3.0, 7.0, 8.0]
+        );
+        assert_eq!(
+            pool_batch(&data, &[2, 3, 2], Some(&mask), Pooling::Cls).unwrap(),
+            vec![1.0, 2.0, 5.0, 6.0]
+        );
+        assert!(pool_batch(&data, &[2, 3, 2], None, Pooling::None).is_err());
+        assert_eq!(
+            pool_batch(&data[..4], &[2, 2], None, Pooling::None).unwrap(),
+            data[..4].to_vec()
+        );
+        assert!(pool_batch(&data[..4], &[2, 2], None, Pooling::Mean).is_err());
+    }
+}

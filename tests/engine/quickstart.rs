@@ -47,5 +47,5 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     );
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\"cached\"").count(), 10, "{out}");
+    assert_eq!(out.matches("\"cached\"").count(), 12, "{out}");
 }

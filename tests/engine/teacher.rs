@@ -182,7 +182,7 @@ fn a_missing_output_lists_the_candidates_and_a_non_onnx_model_is_named() {
     assert_eq!(r.code, 1);
     assert!(
         r.stderr
-            .contains("the model has no output `last_hiden_state`"),
+            .contains("the model has no tensor `last_hiden_state`"),
         "{}",
         r.stderr
     );
@@ -200,13 +200,171 @@ fn a_missing_output_lists_the_candidates_and_a_non_onnx_model_is_named() {
     let r = p.run(&["run", "-j", "1"]);
     assert_eq!(r.code, 1);
     assert!(
-        r.stderr.contains("ONNX Runtime cannot load"),
+        r.stderr.contains("not-a-model.onnx is not an ONNX model"),
         "{}",
         r.stderr
     );
     assert!(
         r.stderr
             .contains("help: the `model` input must be an ONNX model file"),
+        "{}",
+        r.stderr
+    );
+}
+
+const PHOTOS: [&str; 6] = [
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "camera.png",
+    "logo.png",
+    "rocket.jpg",
+];
+
+/// scikit-image's sample photos and the quickstart's image teacher, all from PyPI.
+fn image_project(teacher_with: &str) -> (Project, serde_json::Value) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/image_teacher.json")).unwrap(),
+    )
+    .unwrap();
+    let p = Project::new();
+    let quickstart: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
+            .unwrap();
+    let mut stages = serde_yaml_ng::Mapping::new();
+    for name in ["onnxruntime", "image_model"] {
+        stages.insert(name.into(), quickstart["stages"][name].clone());
+    }
+    let members: Vec<String> = PHOTOS.iter().map(|f| format!("skimage/data/{f}")).collect();
+    let csv: String = std::iter::once("image,caption".to_string())
+        .chain(PHOTOS.iter().map(|f| format!("{f},a photo")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    p.write("photos.csv", &csv);
+    let ours = format!(
+        "photos_files:\n  kind: download\n  with:\n    pip: scikit-image==0.26.0\n    member: {members:?}\n    platform: manylinux_2_28_x86_64\n    python_version: \"3.11\"\n    implementation: cp\n    abi: cp311\nphotos:\n  kind: dataset\n  inputs: {{t: photos.csv, images: \"${{photos_files}}\"}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", columns: {{image: image, caption: caption}}}}\nvision:\n  kind: teacher\n  inputs: {{dataset: \"${{photos}}\", model: \"${{image_model/vit_s_focus.onnx}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\", images: \"${{photos_files}}\"}}\n  with:\n    modality: image\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    onnxruntime: ${{inputs.onnxruntime}}\n    images: ${{inputs.images}}\n    preprocess: dinov2\n    pooling: cls\n    batch_size: 4\n{teacher_with}"
+    );
+    let ours: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&ours).unwrap();
+    stages.extend(ours);
+    let mut doc = serde_yaml_ng::Mapping::new();
+    doc.insert("version".into(), 1.into());
+    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    (p, fixture)
+}
+
+#[test]
+fn image_features_from_an_internal_tensor_match_pil_numpy_onnxruntime() {
+    let (p, fixture) = image_project("    output: /backbone/layernorm/Add_1_output_0\n");
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("note: 6 images → 384-d features"),
+        "{}",
+        r.stderr
+    );
+    let (ids, rows, meta) = read_features(&p.output("vision").join("features.arrow"));
+    assert_eq!(meta["output"], "/backbone/layernorm/Add_1_output_0");
+    let by_name: std::collections::HashMap<&str, &serde_json::Value> = fixture["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["image"].as_str().unwrap(), i))
+        .collect();
+    let photos = p.output("photos_files");
+    let preset = cusa_stages::teacher::preprocess::Preprocess::preset("dinov2").unwrap();
+    for (id, row) in ids.iter().zip(&rows) {
+        let reference: Vec<f64> = by_name[id.as_str()]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let err = relative_l2(row, &reference);
+        if id.ends_with(".png") {
+            // Same pixels as Pillow, byte for byte, so the same features.
+            let img = image::open(photos.join(id)).unwrap().to_rgb8();
+            let crop = preset.pixels(&img);
+            let sha = crate::support::sha256_hex(crop.as_raw());
+            assert_eq!(
+                sha,
+                by_name[id.as_str()]["crop_sha256"].as_str().unwrap(),
+                "{id}: resized crop differs from Pillow's"
+            );
+            assert!(err < 1e-4, "{id}: relative L2 {err:e}");
+        } else {
+            // JPEG decoders differ slightly (zune-jpeg here, libjpeg-turbo in Pillow).
+            assert!(err < 2e-3, "{id}: relative L2 {err:e}");
+        }
+    }
+}
+
+#[test]
+fn image_teacher_bad_inputs_are_named() {
+    let (p, _) = image_project("    output: /backbone/layernorm/Add_2_output_0\n");
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("the model has no tensor `/backbone/layernorm/Add_2_output_0`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("help: did you mean `/backbone/layernorm/Add_1_output_0`?"),
+        "{}",
+        r.stderr
+    );
+    // An undecodable image: fails, or is skipped with `on_error: skip`.
+    let (p, _) = image_project("    output: /backbone/layernorm/Add_1_output_0\n");
+    p.write("broken/astronaut.png", "not a png");
+    for f in &PHOTOS[1..] {
+        p.write(&format!("broken/{f}"), "");
+    }
+    assert_eq!(p.run(&["run", "photos_files"]).code, 0);
+    let good = p.output("photos_files").join("chelsea.png");
+    std::fs::copy(good, p.path().join("broken/chelsea.png")).unwrap();
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "vision",
+        "--set",
+        "vision.inputs.images=broken",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot decode image `astronaut.png`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("help: fix or remove the file, or set `on_error: skip`"),
+        "{}",
+        r.stderr
+    );
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "vision",
+        "--set",
+        "vision.inputs.images=broken",
+        "--set",
+        "vision.with.on_error=skip",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("note: 1 images → 384-d features"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("note: skipped 5 undecodable image(s), first: astronaut.png"),
         "{}",
         r.stderr
     );

@@ -32,6 +32,9 @@
 //! naming the model's sha256, the output, pooling, normalisation, max_length and dims — so a
 //! feature file always says what produced it. Image teachers are not part of this build yet.
 
+mod image;
+pub mod onnx_edit;
+pub mod preprocess;
 mod runtime;
 mod text;
 
@@ -55,6 +58,7 @@ use crate::api::{
 #[serde(rename_all = "lowercase")]
 pub enum Modality {
     Text,
+    Image,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub enum Pooling {
     #[default]
     Mean,
     Cls,
+    /// All tokens concatenated (e.g. Unicom's 49×768 patch tokens → 37,632 values).
+    Flatten,
     None,
 }
 
@@ -99,10 +105,43 @@ pub struct TeacherConfig {
     pub normalize: bool,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    /// Intra-op threads [default: the stage's share of the cores].
+    /// Intra-op threads [default: every core; inference dominates a teacher's time, and a
+    /// share of the cores would leave them idle once parallel stages finish].
     pub threads: Option<usize>,
     #[serde(default)]
     pub precision: Precision,
+    /// Image preprocessing: a preset (`clip`, `imagenet`, `dinov2`) or the full settings.
+    pub preprocess: Option<PreprocessChoice>,
+    /// The image root, for datasets whose images live in another stage's output.
+    pub images: Option<String>,
+    /// Undecodable images: `fail` (default) or `skip` (left out and logged).
+    #[serde(default)]
+    pub on_error: crate::dataset::normal::OnError,
+}
+
+/// `preprocess:` — a preset name or explicit settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PreprocessChoice {
+    Preset(String),
+    Custom(preprocess::Preprocess),
+}
+
+impl PreprocessChoice {
+    fn resolve(&self) -> Result<preprocess::Preprocess, ConfigError> {
+        match self {
+            PreprocessChoice::Custom(p) => {
+                if !["rgb", "bgr"].contains(&p.channels.as_str()) || !["nchw", "nhwc"].contains(&p.layout.as_str()) {
+                    return Err(ConfigError::new("preprocess", "`channels` is rgb or bgr and `layout` is nchw or nhwc"));
+                }
+                Ok(p.clone())
+            }
+            PreprocessChoice::Preset(name) => preprocess::Preprocess::preset(name).ok_or_else(|| {
+                ConfigError::new("preprocess", format!("unknown preprocessing preset `{name}`"))
+                    .with_help("presets: clip, imagenet, dinov2 — or give resize, crop, interpolation, mean and std")
+            }),
+        }
+    }
 }
 
 fn default_split() -> String {
@@ -164,68 +203,149 @@ impl StageKind for TeacherKind {
         let model_bytes = std::fs::read(&model_path)
             .map_err(|e| StageError::io(format!("reading {}", model_path.display()), e))?;
         let model_sha = crate::download::sha256_file(&model_path)?;
-        let (ids, texts) = read_captions(&dataset.join("captions.parquet"), &c.split)?;
-        if ids.is_empty() {
-            return Err(StageError::failed(format!(
-                "no captions in split `{}` of {}",
-                c.split,
-                dataset.display()
-            )));
-        }
         let env = runtime::environment(&lib)?;
         ctx.log.line("ONNX Runtime: CPU execution provider");
-        let threads = c.threads.unwrap_or(ctx.threads);
+        let threads = c.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        let (model_bytes, output) = select_output(model_bytes, c.output.as_deref(), &model_path)?;
         let mut session = runtime::session(&env, &model_bytes, threads, &model_path)?;
-        let output = choose_output(&session, c.output.as_deref())?;
-        let tok_path = path(c.tokenizer.as_deref().unwrap_or_default());
-        let tok = text::tokenizer(&tok_path, c.max_length)?;
-        let truncated = texts
-            .iter()
-            .filter(|t| {
-                tok.encode(t.as_str(), true)
-                    .map(|e| !e.get_overflowing().is_empty())
-                    .unwrap_or(false)
-            })
-            .count();
-        ctx.log.line(format!(
-            "{} captions, {threads} threads, output `{output}`, pooling {:?}",
-            ids.len(),
-            c.pooling
-        ));
-        let (mut data, dim) = text::embed(
-            &mut session,
-            &tok,
-            &texts,
-            &output,
-            c.pooling,
-            c.batch_size,
-            ctx,
-        )?;
-        if c.normalize {
-            for row in data.chunks_mut(dim) {
-                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-                if norm > 0.0 {
-                    row.iter_mut().for_each(|v| *v /= norm);
-                }
-            }
-        }
-        let meta = HashMap::from([
-            ("modality".to_string(), "text".to_string()),
+        let mut meta = HashMap::from([
             ("model_sha256".to_string(), model_sha),
-            (
-                "tokenizer_sha256".to_string(),
-                crate::download::sha256_file(&tok_path)?,
-            ),
             ("output".to_string(), output.clone()),
             (
                 "pooling".to_string(),
                 format!("{:?}", c.pooling).to_lowercase(),
             ),
             ("normalize".to_string(), c.normalize.to_string()),
-            ("max_length".to_string(), c.max_length.to_string()),
-            ("dims".to_string(), dim.to_string()),
             ("split".to_string(), c.split.clone()),
         ]);
+        let mut summary = StageSummary::default();
+        let (ids, mut data, dim) = match c.modality {
+            Modality::Text => {
+                let (ids, texts) = read_captions(&dataset.join("captions.parquet"), &c.split)?;
+                if ids.is_empty() {
+                    return Err(StageError::failed(format!(
+                        "no captions in split `{}` of {}",
+                        c.split,
+                        dataset.display()
+                    )));
+                }
+                let tok_path = path(c.tokenizer.as_deref().unwrap_or_default());
+                let tok = text::tokenizer(&tok_path, c.max_length)?;
+                let truncated = texts
+                    .iter()
+                    .filter(|t| {
+                        tok.encode(t.as_str(), true)
+                            .map(|e| !e.get_overflowing().is_empty())
+                            .unwrap_or(false)
+                    })
+                    .count();
+                ctx.log.line(format!(
+                    "{} captions, {threads} threads, output `{output}`, pooling {:?}",
+                    ids.len(),
+                    c.pooling
+                ));
+                let (data, dim) = text::embed(
+                    &mut session,
+                    &tok,
+                    &texts,
+                    &output,
+                    c.pooling,
+                    c.batch_size,
+                    ctx,
+                )?;
+                meta.insert("modality".into(), "text".into());
+                meta.insert(
+                    "tokenizer_sha256".into(),
+                    crate::download::sha256_file(&tok_path)?,
+                );
+                meta.insert("max_length".into(), c.max_length.to_string());
+                summary.notes.push(format!(
+                    "{} captions → {dim}-d features ({truncated} truncated at {} tokens)",
+                    ids.len(),
+                    c.max_length
+                ));
+                summary
+                    .metrics
+                    .insert("truncated".into(), Value::from(truncated));
+                (ids, data, dim)
+            }
+            Modality::Image => {
+                let pre = c
+                    .preprocess
+                    .as_ref()
+                    .expect("checked at load")
+                    .resolve()
+                    .map_err(|e| StageError::failed(e.message))?;
+                let root = image_root(&dataset, c.images.as_deref().map(path))?;
+                let items: Vec<image::Item> =
+                    read_images(&dataset.join("images.parquet"), &c.split)?
+                        .into_iter()
+                        .map(|(id, rel)| image::Item {
+                            id,
+                            path: root.join(rel),
+                        })
+                        .collect();
+                if items.is_empty() {
+                    return Err(StageError::failed(format!(
+                        "no images in split `{}` of {}",
+                        c.split,
+                        dataset.display()
+                    )));
+                }
+                ctx.log.line(format!(
+                    "{} images, {threads} threads, output `{output}`, pooling {:?}",
+                    items.len(),
+                    c.pooling
+                ));
+                let skip = c.on_error == crate::dataset::normal::OnError::Skip;
+                let e = image::embed(
+                    &mut session,
+                    &items,
+                    &pre,
+                    &output,
+                    c.pooling,
+                    c.batch_size,
+                    skip,
+                    ctx,
+                )?;
+                if e.ids.is_empty() {
+                    return Err(StageError::failed(format!(
+                        "none of the {} images could be decoded (first: {})",
+                        items.len(),
+                        e.skipped[0]
+                    )));
+                }
+                meta.insert("modality".into(), "image".into());
+                meta.insert("preprocess".into(), format!("{pre:?}"));
+                summary
+                    .notes
+                    .push(format!("{} images → {}-d features", e.ids.len(), e.dim));
+                if !e.skipped.is_empty() {
+                    summary.notes.push(format!(
+                        "skipped {} undecodable image(s), first: {}",
+                        e.skipped.len(),
+                        e.skipped[0]
+                    ));
+                }
+                summary
+                    .metrics
+                    .insert("skipped".into(), Value::from(e.skipped.len()));
+                (e.ids, e.data, e.dim)
+            }
+        };
+        if c.normalize {
+            for row in data.chunks_mut(dim.max(1)) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    row.iter_mut().for_each(|v| *v /= norm);
+                }
+            }
+        }
+        meta.insert("dims".into(), dim.to_string());
         write_features(
             &ctx.out_dir.join("features.arrow"),
             &ids,
@@ -234,49 +354,84 @@ impl StageKind for TeacherKind {
             c.precision,
             meta,
         )?;
-        let mut summary = StageSummary::default();
-        summary.notes.push(format!(
-            "{} captions → {dim}-d features ({truncated} truncated at {} tokens)",
-            ids.len(),
-            c.max_length
-        ));
         summary
             .metrics
             .insert("rows".into(), Value::from(ids.len()));
         summary.metrics.insert("dims".into(), Value::from(dim));
-        summary
-            .metrics
-            .insert("truncated".into(), Value::from(truncated));
         Ok(summary)
     }
 }
 
-/// The output to read: the named one (a graph output), or the model's first output.
-fn choose_output(
-    session: &ort::session::Session,
+/// The output to read: the model's first output by default; a named graph output; or any
+/// tensor produced inside the graph, which is then added as a graph output (see [`onnx_edit`]).
+fn select_output(
+    model: Vec<u8>,
     wanted: Option<&str>,
-) -> Result<String, StageError> {
-    let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    path: &Path,
+) -> Result<(Vec<u8>, String), StageError> {
+    let (outputs, produced) = onnx_edit::tensor_names(&model).map_err(|e| {
+        StageError::failed_with_hint(
+            format!("{} is {e}", path.display()),
+            "the `model` input must be an ONNX model file (.onnx)",
+        )
+    })?;
     match wanted {
-        None => names
+        None => outputs
             .first()
-            .map(|s| s.to_string())
+            .cloned()
+            .map(|o| (model, o))
             .ok_or_else(|| StageError::failed("the model has no outputs")),
-        Some(w) if names.contains(&w) => Ok(w.to_string()),
+        Some(w) if outputs.iter().any(|o| o == w) => Ok((model, w.to_string())),
+        Some(w) if produced.iter().any(|o| o == w) => {
+            let edited = onnx_edit::add_output(&model, w)
+                .map_err(|e| StageError::failed(format!("editing {}: {e}", path.display())))?;
+            Ok((edited, w.to_string()))
+        }
         Some(w) => {
-            let mut ranked = names.clone();
-            ranked.sort_by_key(|n| strsim::osa_distance(w, n));
+            let mut names: Vec<&str> = outputs
+                .iter()
+                .chain(&produced)
+                .map(String::as_str)
+                .collect();
+            names.sort_by_key(|n| (strsim::osa_distance(w, n), *n));
+            names.dedup();
+            let shown: Vec<&str> = names.iter().take(8).copied().collect();
             Err(StageError::failed_with_hint(
-                format!("the model has no output `{w}`"),
+                format!("the model has no tensor `{w}`"),
                 match closest(w, &names) {
                     Some(c) => format!(
-                        "did you mean `{c}`? outputs, nearest first: {}",
-                        ranked.join(", ")
+                        "did you mean `{c}`? tensors, nearest first: {}",
+                        shown.join(", ")
                     ),
-                    None => format!("outputs, nearest first: {}", ranked.join(", ")),
+                    None => format!("tensors, nearest first: {}", shown.join(", ")),
                 },
             ))
         }
+    }
+}
+
+/// Where a dataset's image paths are relative to (its report.json says).
+fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageError> {
+    let report: Value = std::fs::read(dataset.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            StageError::failed(format!(
+                "{} has no readable report.json: is it a dataset stage's output?",
+                dataset.display()
+            ))
+        })?;
+    match (report["image_root"].as_str(), given) {
+        (Some("output"), _) => Ok(dataset.to_path_buf()),
+        (_, Some(root)) => Ok(root),
+        (Some("input"), None) => Err(StageError::failed_with_hint(
+            "the dataset's image paths are relative to its `images:` input",
+            "give the teacher the same folder: `images: ${inputs.images}`",
+        )),
+        _ => Err(StageError::failed_with_hint(
+            "the dataset was imported without an image root",
+            "add `images:` to the dataset stage",
+        )),
     }
 }
 
@@ -288,7 +443,7 @@ pub fn pool_batch(
     pooling: Pooling,
 ) -> Result<Vec<f32>, StageError> {
     match (dims, pooling) {
-        ([_, _], Pooling::None) => Ok(data.to_vec()),
+        ([_, _], Pooling::None | Pooling::Flatten) => Ok(data.to_vec()),
         ([_, _], p) => Err(StageError::failed_with_hint(
             format!(
                 "the output is already one vector per item; pooling `{p:?}` needs per-token outputs"
@@ -331,6 +486,18 @@ pub fn pool_batch(
 
 /// Caption ids and cleaned texts of a dataset split, in id order.
 fn read_captions(path: &Path, split: &str) -> Result<(Vec<String>, Vec<String>), StageError> {
+    Ok(read_columns(path, split, "caption_id", "text_clean")?
+        .into_iter()
+        .unzip())
+}
+
+/// (id, value) pairs of a normal-form table for one split (or `all`), sorted by id.
+fn read_columns(
+    path: &Path,
+    split: &str,
+    id_column: &str,
+    value_column: &str,
+) -> Result<Vec<(String, String)>, StageError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = File::open(path).map_err(|e| {
         StageError::failed_with_hint(
@@ -355,7 +522,7 @@ fn read_captions(path: &Path, split: &str) -> Result<(Vec<String>, Vec<String>),
                     StageError::failed(format!("{} has no text column `{name}`", path.display()))
                 })
         };
-        let (ids, splits, texts) = (col("caption_id")?, col("split")?, col("text_clean")?);
+        let (ids, splits, texts) = (col(id_column)?, col("split")?, col(value_column)?);
         for i in 0..batch.num_rows() {
             if split == "all" || splits.value(i) == split {
                 rows.push((ids.value(i).to_string(), texts.value(i).to_string()));
@@ -363,7 +530,12 @@ fn read_captions(path: &Path, split: &str) -> Result<(Vec<String>, Vec<String>),
         }
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(rows.into_iter().unzip())
+    Ok(rows)
+}
+
+/// Image ids and paths of a dataset split, in id order.
+fn read_images(path: &Path, split: &str) -> Result<Vec<(String, String)>, StageError> {
+    read_columns(path, split, "image_id", "path")
 }
 
 /// Writes `features.arrow`.

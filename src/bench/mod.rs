@@ -11,6 +11,7 @@
 //! read from this output, never from timed tests.
 
 mod dataset;
+mod teacher;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub enum Suite {
     Engine,
     /// Importing a COCO-sized Karpathy file (vs pandas + pyarrow); image verification speed
     Dataset,
+    /// The quickstart's teachers vs Python onnxruntime + tokenizers + PIL/numpy
+    Teacher,
 }
 
 #[derive(Args)]
@@ -61,6 +64,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     match args.suite {
         Suite::Engine => engine(args),
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
+        Suite::Teacher => teacher::teacher(&args.dir, &args.python),
     }
 }
 

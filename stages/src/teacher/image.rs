@@ -29,6 +29,8 @@ pub struct Embedded {
     pub dim: usize,
     /// Images that could not be decoded (with `on_error: skip`).
     pub skipped: Vec<String>,
+    /// Time from the first decode to the last pooled batch.
+    pub seconds: f64,
 }
 
 fn input(session: &Session, pre: &Preprocess) -> Result<String, StageError> {
@@ -89,13 +91,7 @@ fn input(session: &Session, pre: &Preprocess) -> Result<String, StageError> {
 }
 
 fn load(item: &Item, pre: &Preprocess) -> Result<Vec<f32>, String> {
-    let img = image::ImageReader::open(&item.path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
-        .map_err(|e| e.to_string())?
-        .to_rgb8();
+    let img = super::preprocess::decode(&item.path)?;
     let pixels = pre.pixels(&img);
     let mut out = Vec::with_capacity((pixels.width() * pixels.height() * 3) as usize);
     pre.tensor(&pixels, &mut out);
@@ -126,7 +122,9 @@ pub fn embed(
         data: Vec::new(),
         dim: 0,
         skipped: Vec::new(),
+        seconds: 0.0,
     };
+    let started = std::time::Instant::now();
     let batch_size = batch_size.max(1);
     std::thread::scope(|scope| -> Result<(), StageError> {
         let (tx, rx) = sync_channel::<Vec<Result<Vec<f32>, String>>>(1);
@@ -197,5 +195,6 @@ pub fn embed(
         }
         Ok(())
     })?;
+    result.seconds = started.elapsed().as_secs_f64();
     Ok(result)
 }

@@ -235,20 +235,12 @@ impl StageKind for TeacherKind {
                 }
                 let tok_path = path(c.tokenizer.as_deref().unwrap_or_default());
                 let tok = text::tokenizer(&tok_path, c.max_length)?;
-                let truncated = texts
-                    .iter()
-                    .filter(|t| {
-                        tok.encode(t.as_str(), true)
-                            .map(|e| !e.get_overflowing().is_empty())
-                            .unwrap_or(false)
-                    })
-                    .count();
                 ctx.log.line(format!(
                     "{} captions, {threads} threads, output `{output}`, pooling {:?}",
                     ids.len(),
                     c.pooling
                 ));
-                let (data, dim) = text::embed(
+                let e = text::embed(
                     &mut session,
                     &tok,
                     &texts,
@@ -257,6 +249,10 @@ impl StageKind for TeacherKind {
                     c.batch_size,
                     ctx,
                 )?;
+                let (data, dim, truncated) = (e.data, e.dim, e.truncated);
+                summary
+                    .metrics
+                    .insert("embed_seconds".into(), Value::from(e.seconds));
                 meta.insert("modality".into(), "text".into());
                 meta.insert(
                     "tokenizer_sha256".into(),
@@ -334,6 +330,9 @@ impl StageKind for TeacherKind {
                 summary
                     .metrics
                     .insert("skipped".into(), Value::from(e.skipped.len()));
+                summary
+                    .metrics
+                    .insert("embed_seconds".into(), Value::from(e.seconds));
                 (e.ids, e.data, e.dim)
             }
         };

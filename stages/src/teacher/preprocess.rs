@@ -128,27 +128,40 @@ impl Preprocess {
 
     /// The normalised tensor (one image, without the batch dimension) in the configured layout.
     pub fn tensor(&self, pixels: &RgbImage, out: &mut Vec<f32>) {
-        let (w, h) = pixels.dimensions();
+        // The same f32 expression as (v / 255 - mean) / std, tabulated per channel.
+        let lut: Vec<[f32; 256]> = (0..3)
+            .map(|c| std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c]))
+            .collect();
         let bgr = self.channels == "bgr";
-        let chan = |c: usize| if bgr { 2 - c } else { c };
-        let norm = |v: u8, c: usize| (v as f32 / 255.0 - self.mean[c]) / self.std[c];
-        if self.layout == "nhwc" {
-            for p in pixels.pixels() {
-                for c in 0..3 {
-                    out.push(norm(p.0[chan(c)], chan(c)));
-                }
-            }
-        } else {
+        let raw = pixels.as_raw();
+        let plane = raw.len() / 3;
+        let base = out.len();
+        out.resize(base + raw.len(), 0.0);
+        let dst = &mut out[base..];
+        for (i, px) in raw.chunks_exact(3).enumerate() {
             for c in 0..3 {
-                let src = chan(c);
-                for y in 0..h {
-                    for x in 0..w {
-                        out.push(norm(pixels.get_pixel(x, y).0[src], src));
-                    }
+                let src = if bgr { 2 - c } else { c };
+                let v = lut[src][px[src] as usize];
+                if self.layout == "nhwc" {
+                    dst[i * 3 + c] = v;
+                } else {
+                    dst[c * plane + i] = v;
                 }
             }
         }
     }
+}
+
+/// Decodes an image file (format from its content) to 8-bit RGB; alpha is dropped and grey is
+/// replicated, as PIL's `convert("RGB")` does.
+pub fn decode(path: &std::path::Path) -> Result<RgbImage, String> {
+    Ok(image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .decode()
+        .map_err(|e| e.to_string())?
+        .to_rgb8())
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -213,8 +226,8 @@ fn coefficients(
     (bounds, kk, ksize)
 }
 
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
+fn clip8(v: i32) -> u8 {
+    if v >= (1i32 << PRECISION_BITS << 8) {
         255
     } else if v <= 0 {
         0
@@ -232,7 +245,8 @@ pub fn resample(img: &RgbImage, out_w: u32, out_h: u32, filter: Interpolation) -
     let first = vb.first().map(|b| b.0).unwrap_or(0);
     let last = vb.last().map(|b| b.0 + b.1).unwrap_or(in_h as usize);
     let src = img.as_raw();
-    let half = 1i64 << (PRECISION_BITS - 1);
+    // Pillow accumulates in 32 bits: 255 · 2^22 · Σ|k| stays below 2^31.
+    let half = 1i32 << (PRECISION_BITS - 1);
     // Horizontal pass over rows first..last.
     let rows = last - first;
     let mut tmp = vec![0u8; rows * out_w as usize * 3];
@@ -244,7 +258,7 @@ pub fn resample(img: &RgbImage, out_w: u32, out_h: u32, filter: Interpolation) -
             for (x, &w) in k.iter().enumerate() {
                 let p = &row[(xmin + x) * 3..(xmin + x) * 3 + 3];
                 for c in 0..3 {
-                    acc[c] += p[c] as i64 * w as i64;
+                    acc[c] += p[c] as i32 * w;
                 }
             }
             for c in 0..3 {
@@ -261,7 +275,7 @@ pub fn resample(img: &RgbImage, out_w: u32, out_h: u32, filter: Interpolation) -
             for (y, &w) in k.iter().enumerate() {
                 let p = &tmp[((ymin - first + y) * out_w as usize + xx) * 3..][..3];
                 for c in 0..3 {
-                    acc[c] += p[c] as i64 * w as i64;
+                    acc[c] += p[c] as i32 * w;
                 }
             }
             for c in 0..3 {

@@ -68,7 +68,7 @@ pub fn session(
     };
     let mut builder = Session::builder(env).map_err(fail)?;
     builder = builder
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| fail(e.into()))?;
     builder = builder
         .with_intra_threads(threads.max(1))

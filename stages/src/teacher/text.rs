@@ -93,12 +93,17 @@ pub fn embed(
     pooling: Pooling,
     batch_size: usize,
     ctx: &StageContext<'_>,
-) -> Result<(Vec<f32>, usize), StageError> {
+) -> Result<TextEmbedded, StageError> {
     let inputs = inputs(session)?;
     let vocab = tok.get_vocab_size(true);
+    let started = std::time::Instant::now();
     let encodings = tok
         .encode_batch(texts.to_vec(), true)
         .map_err(|e| StageError::failed(format!("tokenizing: {e}")))?;
+    let truncated = encodings
+        .iter()
+        .filter(|e| !e.get_overflowing().is_empty())
+        .count();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (encodings[i].get_ids().len(), i));
     ctx.progress.set_items(Some(texts.len() as u64));
@@ -163,5 +168,20 @@ pub fn embed(
         done += b as u64;
         ctx.progress.set_position(done);
     }
-    Ok((rows.concat(), dim))
+    Ok(TextEmbedded {
+        data: rows.concat(),
+        dim,
+        truncated,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What text embedding produced.
+pub struct TextEmbedded {
+    pub data: Vec<f32>,
+    pub dim: usize,
+    /// Captions longer than `max_length` tokens.
+    pub truncated: usize,
+    /// Time spent in batching, inference and pooling.
+    pub seconds: f64,
 }

@@ -13,7 +13,7 @@ use ort::value::{Tensor, TensorElementType, ValueType};
 use rayon::prelude::*;
 
 use super::preprocess::Preprocess;
-use super::{Pooling, pool_batch};
+use super::{Pooling, pooled_output};
 use crate::api::{StageContext, StageError};
 
 /// One image to embed.
@@ -179,14 +179,7 @@ pub fn embed(
             let outputs = session
                 .run(vec![(input_name.clone(), tensor.into_dyn())])
                 .map_err(|e| StageError::failed(format!("inference failed: {e}")))?;
-            let value = outputs
-                .get(output)
-                .ok_or_else(|| StageError::failed(format!("the model returned no `{output}`")))?;
-            let (out_shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
-                StageError::failed(format!("output `{output}` is not a float32 tensor: {e}"))
-            })?;
-            let dims: Vec<usize> = out_shape.iter().map(|&d| d as usize).collect();
-            let pooled = pool_batch(data, &dims, None, pooling)?;
+            let pooled = pooled_output(&outputs, output, None, pooling)?;
             result.dim = pooled.len() / ids.len();
             result.data.extend(pooled);
             result.ids.extend(ids);

@@ -120,11 +120,25 @@ pub struct TeacherConfig {
 }
 
 /// `preprocess:` — a preset name or explicit settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum PreprocessChoice {
     Preset(String),
     Custom(preprocess::Preprocess),
+}
+
+impl<'de> Deserialize<'de> for PreprocessChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(PreprocessChoice::Preset(s)),
+            v @ Value::Object(_) => serde_json::from_value(v)
+                .map(PreprocessChoice::Custom)
+                .map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "expected a preset name or a map of settings, found `{other}`"
+            ))),
+        }
+    }
 }
 
 impl PreprocessChoice {
@@ -432,6 +446,23 @@ fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageEr
             "add `images:` to the dataset stage",
         )),
     }
+}
+
+/// Reads the `output` tensor of a batch's results and pools it to one row per item.
+pub fn pooled_output(
+    outputs: &ort::session::SessionOutputs<'_>,
+    output: &str,
+    mask: Option<&[i64]>,
+    pooling: Pooling,
+) -> Result<Vec<f32>, StageError> {
+    let value = outputs
+        .get(output)
+        .ok_or_else(|| StageError::failed(format!("the model returned no `{output}`")))?;
+    let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
+        StageError::failed(format!("output `{output}` is not a float32 tensor: {e}"))
+    })?;
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    pool_batch(data, &dims, mask, pooling)
 }
 
 /// Pools a batch output of shape `dims` ([B, T, D] or [B, D]) to [B, D].

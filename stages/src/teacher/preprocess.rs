@@ -44,11 +44,35 @@ fn default_layout() -> String {
     "nchw".into()
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Resize {
     Shortest(u32),
     Exact([u32; 2]),
+}
+
+impl<'de> Deserialize<'de> for Resize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        let side = |v: &serde_json::Value| {
+            v.as_u64()
+                .filter(|&n| n > 0 && n <= 16384)
+                .map(|n| n as u32)
+        };
+        match &v {
+            serde_json::Value::Array(a) if a.len() == 2 => match (side(&a[0]), side(&a[1])) {
+                (Some(w), Some(h)) => Ok(Resize::Exact([w, h])),
+                _ => Err(D::Error::custom(
+                    "`resize: [width, height]` takes two positive pixel counts",
+                )),
+            },
+            _ => side(&v).map(Resize::Shortest).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "`resize` is the shortest side (e.g. 256) or [width, height], not `{v}`"
+                ))
+            }),
+        }
+    }
 }
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -284,4 +308,48 @@ pub fn resample(img: &RgbImage, out_w: u32, out_h: u32, filter: Interpolation) -
         }
     }
     RgbImage::from_raw(out_w, out_h, out).expect("sizes match")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_reads_a_side_or_a_size_and_says_what_is_wrong() {
+        let r = |j: &str| serde_json::from_str::<Resize>(j);
+        assert_eq!(r("256").unwrap(), Resize::Shortest(256));
+        assert_eq!(r("[320, 240]").unwrap(), Resize::Exact([320, 240]));
+        assert!(
+            r("\"big\"")
+                .unwrap_err()
+                .to_string()
+                .contains("the shortest side")
+        );
+        assert!(
+            r("[0, 3]")
+                .unwrap_err()
+                .to_string()
+                .contains("two positive pixel counts")
+        );
+    }
+
+    #[test]
+    fn upscaling_a_flat_image_keeps_it_flat_and_crops_are_centred() {
+        let img = RgbImage::from_pixel(96, 64, image::Rgb([10, 200, 30]));
+        let p = Preprocess::preset("dinov2").unwrap();
+        let out = p.pixels(&img);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert!(
+            out.pixels().all(|px| px.0 == [10, 200, 30]),
+            "bicubic weights sum to one"
+        );
+        let mut t = Vec::new();
+        p.tensor(&out, &mut t);
+        assert_eq!(t.len(), 3 * 224 * 224);
+        assert!(
+            (t[0] - (10.0 / 255.0 - 0.485) / 0.229).abs() < 1e-6,
+            "channel planes in NCHW order"
+        );
+        assert!((t[224 * 224] - (200.0 / 255.0 - 0.456) / 0.224).abs() < 1e-6);
+    }
 }

@@ -10,7 +10,7 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{Pooling, pool_batch};
+use super::{Pooling, pooled_output};
 use crate::api::{StageContext, StageError};
 
 /// Loads `tokenizer.json` with padding off and truncation at `max_length`.
@@ -153,14 +153,7 @@ pub fn embed(
                 format!("if token ids are out of range, the tokenizer (vocabulary {vocab}) does not match the model"),
             )
         })?;
-        let value = outputs
-            .get(output)
-            .ok_or_else(|| StageError::failed(format!("the model returned no `{output}`")))?;
-        let (out_shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
-            StageError::failed(format!("output `{output}` is not a float32 tensor: {e}"))
-        })?;
-        let dims: Vec<usize> = out_shape.iter().map(|&d| d as usize).collect();
-        let pooled = pool_batch(data, &dims, Some(&mask), pooling)?;
+        let pooled = pooled_output(&outputs, output, Some(&mask), pooling)?;
         dim = pooled.len() / b;
         for (r, &i) in chunk.iter().enumerate() {
             rows[i] = pooled[r * dim..(r + 1) * dim].to_vec();

@@ -369,3 +369,59 @@ fn image_teacher_bad_inputs_are_named() {
         r.stderr
     );
 }
+
+#[test]
+fn a_model_of_the_other_modality_is_refused_before_running() {
+    // The image model behind a text teacher: its input is a float32 image batch.
+    let (p, _) = image_project("    output: /backbone/layernorm/Add_1_output_0\n");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let quickstart: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
+            .unwrap();
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
+    let stages = doc["stages"].as_mapping_mut().unwrap();
+    for name in ["minilm", "minilm_tokenizer"] {
+        stages.insert(name.into(), quickstart["stages"][name].clone());
+    }
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "vision",
+        "--set",
+        "vision.inputs.model=${minilm/model.onnx}",
+        "--set",
+        "vision.with.output=last_hidden_state",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("an image teacher needs a model with one input; this one has input_ids, attention_mask, token_type_ids"), "{}", r.stderr);
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "vision",
+        "--set",
+        "vision.with.modality=text",
+        "--set",
+        "vision.inputs.tokenizer=${minilm_tokenizer/tokenizer.json}",
+        "--set",
+        "vision.with.tokenizer=${inputs.tokenizer}",
+        "--set",
+        "vision.with.preprocess=null",
+        "--set",
+        "vision.with.images=null",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("model input `input_image` is"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("expected a 2-D int64 tensor (batch × tokens)"),
+        "{}",
+        r.stderr
+    );
+}

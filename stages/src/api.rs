@@ -237,6 +237,19 @@ pub struct StageContext<'a> {
     pub cancel: &'a Cancel,
 }
 
+impl StageContext<'_> {
+    /// A path from the config: absolute as given, or relative to the pipeline file's folder
+    /// (`${inputs.X}` references are already absolute).
+    pub fn resolve(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.project_dir.join(p)
+        }
+    }
+}
+
 /// The stage's log file. Everything a stage or its child programs say goes here.
 pub struct StageLog {
     path: PathBuf,

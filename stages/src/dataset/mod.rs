@@ -227,14 +227,7 @@ impl StageKind for DatasetKind {
     fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         let config: DatasetConfig =
             parse_config(with).map_err(|e| StageError::failed(e.message))?;
-        let project = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                ctx.project_dir.join(p)
-            }
-        };
+        let project = |p: &str| ctx.resolve(p);
         let one = || match &config.annotations {
             Some(Annotations::One(p)) => Ok(project(p)),
             _ => Err(StageError::failed("missing `annotations`")),

@@ -205,14 +205,7 @@ impl StageKind for TeacherKind {
 
     fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         let c: TeacherConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
-        let path = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                ctx.project_dir.join(p)
-            }
-        };
+        let path = |p: &str| ctx.resolve(p);
         let (model_path, lib, dataset) = (path(&c.model), path(&c.onnxruntime), path(&c.dataset));
         let model_bytes = std::fs::read(&model_path)
             .map_err(|e| StageError::io(format!("reading {}", model_path.display()), e))?;

@@ -26,24 +26,30 @@ fn teacher_project(teacher_with: &str) -> (Project, serde_json::Value) {
     }
     p.write("caps.csv", &csv);
     p.write("images/img.png", "");
-    // The three download stages exactly as the quickstart declares them.
+    let ours = format!(
+        "caps:\n  kind: dataset\n  inputs: {{t: caps.csv, images: images}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", clean: none, columns: {{image: image, caption: caption, caption_id: cid}}}}\ntext:\n  kind: teacher\n  inputs: {{dataset: \"${{caps}}\", model: \"${{minilm/model.onnx}}\", tokenizer: \"${{minilm_tokenizer/tokenizer.json}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\"}}\n  with:\n    modality: text\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    tokenizer: ${{inputs.tokenizer}}\n    onnxruntime: ${{inputs.onnxruntime}}\n{teacher_with}"
+    );
+    // The download stages exactly as the quickstart declares them.
+    write_pipeline(&p, &["onnxruntime", "minilm", "minilm_tokenizer"], &ours);
+    (p, fixture)
+}
+
+/// Writes a pipeline made of some of the quickstart's stages (as declared there) and `ours`
+/// (a YAML mapping of further stages).
+fn write_pipeline(p: &Project, from_quickstart: &[&str], ours: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let quickstart: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
             .unwrap();
     let mut stages = serde_yaml_ng::Mapping::new();
-    for name in ["onnxruntime", "minilm", "minilm_tokenizer"] {
-        stages.insert(name.into(), quickstart["stages"][name].clone());
+    for name in from_quickstart {
+        stages.insert((*name).into(), quickstart["stages"][*name].clone());
     }
-    let ours = format!(
-        "caps:\n  kind: dataset\n  inputs: {{t: caps.csv, images: images}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", clean: none, columns: {{image: image, caption: caption, caption_id: cid}}}}\ntext:\n  kind: teacher\n  inputs: {{dataset: \"${{caps}}\", model: \"${{minilm/model.onnx}}\", tokenizer: \"${{minilm_tokenizer/tokenizer.json}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\"}}\n  with:\n    modality: text\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    tokenizer: ${{inputs.tokenizer}}\n    onnxruntime: ${{inputs.onnxruntime}}\n{teacher_with}"
-    );
-    let ours: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&ours).unwrap();
-    stages.extend(ours);
+    stages.extend(serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(ours).unwrap());
     let mut doc = serde_yaml_ng::Mapping::new();
     doc.insert("version".into(), 1.into());
     doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
     p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
-    (p, fixture)
 }
 
 /// (ids, rows) of a features.arrow file.
@@ -223,19 +229,20 @@ const PHOTOS: [&str; 6] = [
 
 /// scikit-image's sample photos and the quickstart's image teacher, all from PyPI.
 fn image_project(teacher_with: &str) -> (Project, serde_json::Value) {
+    image_project_with(&[], teacher_with)
+}
+
+/// [`image_project`] plus more of the quickstart's stages.
+fn image_project_with(
+    extra_quickstart: &[&str],
+    teacher_with: &str,
+) -> (Project, serde_json::Value) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/fixtures/image_teacher.json")).unwrap(),
     )
     .unwrap();
     let p = Project::new();
-    let quickstart: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
-            .unwrap();
-    let mut stages = serde_yaml_ng::Mapping::new();
-    for name in ["onnxruntime", "image_model"] {
-        stages.insert(name.into(), quickstart["stages"][name].clone());
-    }
     let members: Vec<String> = PHOTOS.iter().map(|f| format!("skimage/data/{f}")).collect();
     let csv: String = std::iter::once("image,caption".to_string())
         .chain(PHOTOS.iter().map(|f| format!("{f},a photo")))
@@ -245,12 +252,9 @@ fn image_project(teacher_with: &str) -> (Project, serde_json::Value) {
     let ours = format!(
         "photos_files:\n  kind: download\n  with:\n    pip: scikit-image==0.26.0\n    member: {members:?}\n    platform: manylinux_2_28_x86_64\n    python_version: \"3.11\"\n    implementation: cp\n    abi: cp311\nphotos:\n  kind: dataset\n  inputs: {{t: photos.csv, images: \"${{photos_files}}\"}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", columns: {{image: image, caption: caption}}}}\nvision:\n  kind: teacher\n  inputs: {{dataset: \"${{photos}}\", model: \"${{image_model/vit_s_focus.onnx}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\", images: \"${{photos_files}}\"}}\n  with:\n    modality: image\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    onnxruntime: ${{inputs.onnxruntime}}\n    images: ${{inputs.images}}\n    preprocess: dinov2\n    pooling: cls\n    batch_size: 4\n{teacher_with}"
     );
-    let ours: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&ours).unwrap();
-    stages.extend(ours);
-    let mut doc = serde_yaml_ng::Mapping::new();
-    doc.insert("version".into(), 1.into());
-    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    let mut from_quickstart = vec!["onnxruntime", "image_model"];
+    from_quickstart.extend_from_slice(extra_quickstart);
+    write_pipeline(&p, &from_quickstart, &ours);
     (p, fixture)
 }
 
@@ -373,17 +377,10 @@ fn image_teacher_bad_inputs_are_named() {
 #[test]
 fn a_model_of_the_other_modality_is_refused_before_running() {
     // The image model behind a text teacher: its input is a float32 image batch.
-    let (p, _) = image_project("    output: /backbone/layernorm/Add_1_output_0\n");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let quickstart: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
-            .unwrap();
-    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
-    let stages = doc["stages"].as_mapping_mut().unwrap();
-    for name in ["minilm", "minilm_tokenizer"] {
-        stages.insert(name.into(), quickstart["stages"][name].clone());
-    }
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    let (p, _) = image_project_with(
+        &["minilm", "minilm_tokenizer"],
+        "    output: /backbone/layernorm/Add_1_output_0\n",
+    );
     let r = p.run(&[
         "run",
         "-j",

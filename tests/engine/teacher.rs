@@ -422,3 +422,114 @@ fn a_model_of_the_other_modality_is_refused_before_running() {
         r.stderr
     );
 }
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_before_inference() {
+    let (p, _) = teacher_project("");
+    let r = p.run(&["run", "-j", "1", "minilm_tokenizer"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = p.run(&["path", "minilm_tokenizer"]);
+    let dir = std::path::PathBuf::from(r.stdout.trim());
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    // One more token than all-MiniLM-L6-v2's 30522-row embedding table.
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 30522, "content": "[SCENE]", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    p.write("bigger-tokenizer.json", &tok.to_string());
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "--set",
+        "text.inputs.tokenizer=bigger-tokenizer.json",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bigger-tokenizer.json does not match")
+            && r.stderr.contains("the tokenizer has ids up to 30522 (30523 tokens), the model's token embedding `inner.embeddings.word_embeddings.weight` has 30522 rows"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("help: use the tokenizer.json that was published with this model"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("inference failed"), "{}", r.stderr);
+    // `device: cuda` on a machine (or build) without CUDA is an error that says why; `auto`
+    // falls back to the CPU and the log says so once.
+    let r = p.run(&["run", "-j", "1", "--set", "text.with.device=cuda"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let why = if cfg!(feature = "cuda") {
+        "failed  text              `device: cuda` but the stage has no GPU"
+    } else {
+        "failed  text              `device: cuda` but this cusa-pipe was built without the `cuda` feature"
+    };
+    assert!(r.stderr.contains(why), "{}", r.stderr);
+    // The published tokenizer passes the same check.
+    let r = p.run(&["run", "-j", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let logs = p.path().join("cache/logs-v1/text");
+    let newest = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let log = std::fs::read_to_string(newest).unwrap();
+    let cpu = if cfg!(feature = "cuda") {
+        "ONNX Runtime: CPU execution provider (the stage has no GPU)"
+    } else {
+        "ONNX Runtime: CPU execution provider (this cusa-pipe was built without the `cuda` feature)"
+    };
+    assert_eq!(log.matches("execution provider").count(), 1, "{log}");
+    assert!(log.contains(cpu), "{log}");
+}
+
+#[test]
+fn an_onnxruntime_older_than_1_22_is_refused_with_its_version() {
+    let (p, _) = teacher_project("");
+    // onnxruntime 1.21.1 from PyPI: the last release before the C API version ort needs.
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
+    doc["stages"].as_mapping_mut().unwrap().insert(
+        "old_onnxruntime".into(),
+        serde_yaml_ng::from_str(
+            "kind: download\nwith:\n  pip: onnxruntime==1.21.1\n  member: onnxruntime/capi/libonnxruntime.so.1.21.1\n  platform: manylinux_2_28_x86_64\n  python_version: '3.11'\n  implementation: cp\n  abi: cp311\n  sha256: 3c8416b0e39ea0bac523265f681f6db6ec101d9441e12a1472dbc7c4a18bc1ac\n",
+        )
+        .unwrap(),
+    );
+    let yaml = serde_yaml_ng::to_string(&doc).unwrap();
+    p.write("pipeline.yaml", &yaml);
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "--set",
+        "text.inputs.onnxruntime=${old_onnxruntime/libonnxruntime.so.1.21.1}",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("libonnxruntime.so.1.21.1 is ONNX Runtime 1.21.1; ort needs ≥ 1.22"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("help: the `onnxruntime` input must be libonnxruntime.so ≥ 1.22"),
+        "{}",
+        r.stderr
+    );
+    let r = p.run(&["status"]);
+    assert!(
+        r.stdout.contains("text") && !r.stdout.contains("text  cached"),
+        "{}",
+        r.stdout
+    );
+}

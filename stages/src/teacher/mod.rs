@@ -117,6 +117,9 @@ pub struct TeacherConfig {
     /// Undecodable images: `fail` (default) or `skip` (left out and logged).
     #[serde(default)]
     pub on_error: crate::dataset::normal::OnError,
+    /// `auto` (CUDA when built with it and granted a GPU, else CPU), `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: runtime::Device,
 }
 
 /// `preprocess:` — a preset name or explicit settings.
@@ -211,14 +214,18 @@ impl StageKind for TeacherKind {
             .map_err(|e| StageError::io(format!("reading {}", model_path.display()), e))?;
         let model_sha = crate::download::sha256_file(&model_path)?;
         let env = runtime::environment(&lib)?;
-        ctx.log.line("ONNX Runtime: CPU execution provider");
         let threads = c.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
         let (model_bytes, output) = select_output(model_bytes, c.output.as_deref(), &model_path)?;
-        let mut session = runtime::session(&env, &model_bytes, threads, &model_path)?;
+        let (mut session, placement) =
+            runtime::session(&env, &model_bytes, threads, &model_path, c.device, ctx.gpus)?;
+        ctx.log.line(format!(
+            "ONNX Runtime: {} execution provider ({})",
+            placement.provider, placement.why
+        ));
         let mut meta = HashMap::from([
             ("model_sha256".to_string(), model_sha),
             ("output".to_string(), output.clone()),
@@ -242,6 +249,7 @@ impl StageKind for TeacherKind {
                 }
                 let tok_path = path(c.tokenizer.as_deref().unwrap_or_default());
                 let tok = text::tokenizer(&tok_path, c.max_length)?;
+                text::check_vocabulary(&tok, &tok_path, &model_bytes, &model_path)?;
                 ctx.log.line(format!(
                     "{} captions, {threads} threads, output `{output}`, pooling {:?}",
                     ids.len(),

@@ -8,8 +8,12 @@
 //! the protobuf wire format and touches only the graph's length prefix and the appended field;
 //! every other byte of the model (weights included) is kept as it is.
 //!
-//! Field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.node = 1, output = 12;
-//! NodeProto.output = 2; ValueInfoProto.name = 1.
+//! The same reader finds how many rows a text model's token-embedding table has, so a
+//! tokenizer whose ids would fall outside it is refused before any inference.
+//!
+//! Field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.node = 1, initializer = 5,
+//! output = 12; NodeProto.input = 1, output = 2, op_type = 4; TensorProto.dims = 1, name = 8;
+//! ValueInfoProto.name = 1.
 
 use std::ops::Range;
 
@@ -108,6 +112,122 @@ pub fn tensor_names(model: &[u8]) -> Result<(Vec<String>, Vec<String>), String> 
     Ok((outputs, produced))
 }
 
+/// One node of the main graph: op type, inputs, outputs.
+struct Node {
+    op: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+/// The dims of a TensorProto (field 1: packed or not).
+fn tensor_dims(b: &[u8]) -> Result<(String, Vec<u64>), String> {
+    let mut dims = Vec::new();
+    let mut name = String::new();
+    for f in fields(b)? {
+        match (f.number, f.wire) {
+            (1, 0) => {
+                let mut pos = f.payload.start;
+                dims.push(varint(b, &mut pos)?);
+            }
+            (1, 2) => {
+                let packed = &b[f.payload];
+                let mut pos = 0;
+                while pos < packed.len() {
+                    dims.push(varint(packed, &mut pos)?);
+                }
+            }
+            (8, 2) => name = String::from_utf8_lossy(&b[f.payload]).into_owned(),
+            _ => {}
+        }
+    }
+    Ok((name, dims))
+}
+
+/// The number of rows of the table that token ids from graph input `ids_input` index, when it
+/// can be traced: a `Gather` whose indices are the input (possibly through `Cast`), whose data
+/// comes from a 2-D initializer through value-preserving-shape ops (dequantisation: `Cast`,
+/// `Mul`, `DequantizeLinear`, …). `None` when the graph is shaped otherwise.
+pub fn embedding_rows(model: &[u8], ids_input: &str) -> Result<Option<(String, u64)>, String> {
+    let g = graph(model)?;
+    let gb = &model[g.payload];
+    let mut nodes = Vec::new();
+    let mut initializers = std::collections::HashMap::new();
+    for f in fields(gb)? {
+        match (f.number, f.wire) {
+            (1, 2) => {
+                let nb = &gb[f.payload];
+                let mut node = Node {
+                    op: String::new(),
+                    inputs: Vec::new(),
+                    outputs: Vec::new(),
+                };
+                for nf in fields(nb)? {
+                    let text = || String::from_utf8_lossy(&nb[nf.payload.clone()]).into_owned();
+                    match (nf.number, nf.wire) {
+                        (1, 2) => node.inputs.push(text()),
+                        (2, 2) => node.outputs.push(text()),
+                        (4, 2) => node.op = text(),
+                        _ => {}
+                    }
+                }
+                nodes.push(node);
+            }
+            (5, 2) => {
+                let (name, dims) = tensor_dims(&gb[f.payload])?;
+                initializers.insert(name, dims);
+            }
+            _ => {}
+        }
+    }
+    let producer: std::collections::HashMap<&str, &Node> = nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(move |o| (o.as_str(), n)))
+        .collect();
+    // Names that carry the token ids: the input and casts of it.
+    let mut ids = vec![ids_input.to_string()];
+    for n in &nodes {
+        if n.op == "Cast" && n.inputs.first().is_some_and(|i| ids.contains(i)) {
+            ids.extend(n.outputs.iter().cloned());
+        }
+    }
+    const SHAPE_KEEPING: [&str; 8] = [
+        "Cast",
+        "Mul",
+        "Div",
+        "Add",
+        "Sub",
+        "DequantizeLinear",
+        "Identity",
+        "Reshape",
+    ];
+    for n in &nodes {
+        if n.op != "Gather" || n.inputs.len() < 2 || !ids.contains(&n.inputs[1]) {
+            continue;
+        }
+        // Walk the data input back to a 2-D initializer.
+        let mut frontier = vec![n.inputs[0].as_str()];
+        let mut seen = 0;
+        while let Some(name) = frontier.pop() {
+            seen += 1;
+            if seen > 64 {
+                break;
+            }
+            if let Some(dims) = initializers.get(name) {
+                if dims.len() == 2 {
+                    return Ok(Some((n.inputs[0].clone(), dims[0])));
+                }
+                continue;
+            }
+            if let Some(p) = producer.get(name)
+                && SHAPE_KEEPING.contains(&p.op.as_str())
+            {
+                frontier.extend(p.inputs.iter().rev().map(String::as_str));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -174,6 +294,52 @@ mod tests {
             edited.ends_with(&m[m.len() - 10..]),
             "fields after the graph are kept"
         );
+    }
+
+    /// A quantised embedding like the quickstart's MiniLM: Gather(Mul(Cast(int8 [V, d]), scale
+    /// [V, 1]), Cast(input_ids)).
+    #[test]
+    fn the_embedding_table_is_traced_through_dequantisation() {
+        let tensor = |name: &str, dims: &[u64], packed: bool| {
+            let mut t = Vec::new();
+            if packed {
+                let mut p = Vec::new();
+                for &d in dims {
+                    put_varint(&mut p, d);
+                }
+                put_bytes(&mut t, 1, &p);
+            } else {
+                for &d in dims {
+                    put_varint(&mut t, 1 << 3);
+                    put_varint(&mut t, d);
+                }
+            }
+            put_bytes(&mut t, 8, name.as_bytes());
+            t
+        };
+        let node = |op: &str, inputs: &[&str], output: &str| {
+            let mut n = Vec::new();
+            for i in inputs {
+                put_bytes(&mut n, 1, i.as_bytes());
+            }
+            put_bytes(&mut n, 2, output.as_bytes());
+            put_bytes(&mut n, 4, op.as_bytes());
+            n
+        };
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, 1, &node("Cast", &["input_ids"], "ids32"));
+        put_bytes(&mut graph, 1, &node("Cast", &["w_q"], "w_f"));
+        put_bytes(&mut graph, 1, &node("Mul", &["w_f", "w_scale"], "w"));
+        put_bytes(&mut graph, 1, &node("Gather", &["w", "ids32"], "emb"));
+        put_bytes(&mut graph, 5, &tensor("w_scale", &[30522, 1], true));
+        put_bytes(&mut graph, 5, &tensor("w_q", &[30522, 384], false));
+        let mut model = vec![0x08, 0x08];
+        put_bytes(&mut model, 7, &graph);
+        assert_eq!(
+            embedding_rows(&model, "input_ids").unwrap(),
+            Some(("w".to_string(), 30522))
+        );
+        assert_eq!(embedding_rows(&model, "pixel_values").unwrap(), None);
     }
 
     #[test]

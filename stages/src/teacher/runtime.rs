@@ -5,6 +5,12 @@
 //! ones must name a library with the same content; another version in the same run is an error
 //! that says so. Too old a library (ort 2.0.0-rc.15 needs ONNX Runtime ≥ 1.22) is refused with
 //! the version found.
+//!
+//! Execution provider: `device: auto` (default) uses CUDA when the binary was built with the
+//! `cuda` feature, the stage was granted a GPU (`resources: {gpu: 1}`), the library was built
+//! with CUDA (the `onnxruntime-gpu` wheel) and the provider registers; otherwise CPU, and the
+//! log says once which provider runs and why. `device: cuda` turns each of those into an error;
+//! `device: cpu` never tries.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -37,11 +43,22 @@ pub fn environment(lib: &Path) -> Result<ort::environment::Environment, StageErr
             "use one onnxruntime library for all teacher stages of a pipeline",
         )),
         None => {
-            let builder = ort::init_from(lib).map_err(|e| {
-                StageError::failed_with_hint(
-                    format!("cannot load ONNX Runtime from {}: {e}", lib.display()),
-                    "the `onnxruntime` input must be libonnxruntime.so ≥ 1.22 (e.g. member onnxruntime/capi/libonnxruntime.so.1.32.0 of the onnxruntime==1.32.0 wheel)",
-                )
+            const HINT: &str = "the `onnxruntime` input must be libonnxruntime.so ≥ 1.22 (e.g. member onnxruntime/capi/libonnxruntime.so.1.32.0 of the onnxruntime==1.32.0 wheel)";
+            let builder = ort::init_from(lib).map_err(|e| match e {
+                ort::LoadDynamicError::BadVersion { version_str, .. } => {
+                    StageError::failed_with_hint(
+                        format!(
+                            "{} is ONNX Runtime {version_str}; ort needs ≥ 1.{}",
+                            lib.display(),
+                            ort::MINOR_VERSION
+                        ),
+                        HINT,
+                    )
+                }
+                other => StageError::failed_with_hint(
+                    format!("cannot load ONNX Runtime from {}: {other}", lib.display()),
+                    HINT,
+                ),
             })?;
             let env = builder
                 .with_name("cusa-pipe")
@@ -53,13 +70,107 @@ pub fn environment(lib: &Path) -> Result<ort::environment::Environment, StageErr
     }
 }
 
-/// A session on `model_bytes` with `threads` intra-op threads.
+/// `device:` of a teacher stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Why a session runs where it runs, for the log.
+pub struct Placement {
+    pub provider: &'static str,
+    pub why: String,
+}
+
+/// Registers the CUDA execution provider on GPU `gpu` when `device` asks for it and it can
+/// work; see the module doc.
+fn place(
+    builder: ort::session::builder::SessionBuilder,
+    device: Device,
+    gpus: &[usize],
+) -> Result<(ort::session::builder::SessionBuilder, Placement), StageError> {
+    let cpu = |why: String| Placement {
+        provider: "CPU",
+        why,
+    };
+    if device == Device::Cpu {
+        return Ok((builder, cpu("`device: cpu`".into())));
+    }
+    let refuse = |why: String, hint: &str| -> Result<_, StageError> {
+        if device == Device::Cuda {
+            Err(StageError::failed_with_hint(
+                format!("`device: cuda` but {why}"),
+                hint.to_string(),
+            ))
+        } else {
+            Ok(cpu(why))
+        }
+    };
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gpus;
+        let placement = refuse(
+            "this cusa-pipe was built without the `cuda` feature".into(),
+            "rebuild with `cargo build --release --features cuda`",
+        )?;
+        Ok((builder, placement))
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use ort::ep::ExecutionProvider;
+        let Some(&gpu) = gpus.first() else {
+            let placement = refuse(
+                "the stage has no GPU".into(),
+                "add `resources: {gpu: 1}` to the stage (and run on a machine with an NVIDIA GPU)",
+            )?;
+            return Ok((builder, placement));
+        };
+        if !ort::ep::CUDA::is_available().unwrap_or(false) {
+            let placement = refuse(
+                "this ONNX Runtime library was built without CUDA".into(),
+                "take libonnxruntime.so from the onnxruntime-gpu wheel",
+            )?;
+            return Ok((builder, placement));
+        }
+        // The engine restricts CUDA_VISIBLE_DEVICES to the granted GPUs only for processes
+        // it starts; inside this process the granted index is the device id.
+        let ep = ort::ep::CUDA::default()
+            .with_device_id(gpu as i32)
+            .build()
+            .error_on_failure();
+        match builder.with_execution_providers([ep]) {
+            Ok(b) => Ok((
+                b,
+                Placement {
+                    provider: "CUDA",
+                    why: format!("GPU {gpu}"),
+                },
+            )),
+            Err(e) => {
+                let message = e.to_string();
+                let placement = refuse(
+                    format!("the CUDA execution provider did not start: {message}"),
+                    "check the CUDA and cuDNN libraries that onnxruntime-gpu needs",
+                )?;
+                Ok((e.recover(), placement))
+            }
+        }
+    }
+}
+
+/// A session on `model_bytes` with `threads` intra-op threads, placed as `device` says.
 pub fn session(
     env: &ort::environment::Environment,
     model_bytes: &[u8],
     threads: usize,
     model: &Path,
-) -> Result<Session, StageError> {
+    device: Device,
+    gpus: &[usize],
+) -> Result<(Session, Placement), StageError> {
     let fail = |e: ort::Error| {
         StageError::failed_with_hint(
             format!("ONNX Runtime cannot load {}: {e}", model.display()),
@@ -73,5 +184,8 @@ pub fn session(
     builder = builder
         .with_intra_threads(threads.max(1))
         .map_err(|e| fail(e.into()))?;
-    builder.commit_from_memory(model_bytes).map_err(fail)
+    let (builder, placement) = place(builder, device, gpus)?;
+    let mut builder = builder;
+    let session = builder.commit_from_memory(model_bytes).map_err(fail)?;
+    Ok((session, placement))
 }

@@ -30,6 +30,39 @@ pub fn tokenizer(path: &std::path::Path, max_length: usize) -> Result<Tokenizer,
     Ok(tok)
 }
 
+/// Refuses a tokenizer that can produce ids beyond the model's token-embedding table (found by
+/// [`super::onnx_edit::embedding_rows`]); a table larger than the vocabulary is fine (models pad
+/// their vocabulary to a multiple of 8 or 64). When the table cannot be traced the check is left
+/// to inference, whose error says the same.
+pub fn check_vocabulary(
+    tok: &Tokenizer,
+    tok_path: &std::path::Path,
+    model: &[u8],
+    model_path: &std::path::Path,
+) -> Result<(), StageError> {
+    let Some(max_id) = tok.get_vocab(true).into_values().max() else {
+        return Err(StageError::failed(format!(
+            "{} has an empty vocabulary",
+            tok_path.display()
+        )));
+    };
+    let Ok(Some((table, rows))) = super::onnx_edit::embedding_rows(model, "input_ids") else {
+        return Ok(());
+    };
+    if u64::from(max_id) >= rows {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "{} does not match {}: the tokenizer has ids up to {max_id} ({} tokens), the model's token embedding `{table}` has {rows} rows",
+                tok_path.display(),
+                model_path.display(),
+                tok.get_vocab_size(true)
+            ),
+            "use the tokenizer.json that was published with this model",
+        ));
+    }
+    Ok(())
+}
+
 /// The model's text inputs, checked.
 struct Inputs {
     ids: String,

@@ -218,13 +218,15 @@ fn a_missing_output_lists_the_candidates_and_a_non_onnx_model_is_named() {
     );
 }
 
-const PHOTOS: [&str; 6] = [
+const PHOTOS: [&str; 8] = [
     "astronaut.png",
     "chelsea.png",
     "coffee.png",
     "camera.png",
     "logo.png",
     "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
 ];
 
 /// scikit-image's sample photos and the quickstart's image teacher, all from PyPI.
@@ -264,7 +266,7 @@ fn image_features_from_an_internal_tensor_match_pil_numpy_onnxruntime() {
     let r = p.run(&["run", "-j", "1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("note: 6 images → 384-d features"),
+        r.stderr.contains("note: 8 images → 384-d features"),
         "{}",
         r.stderr
     );
@@ -286,21 +288,16 @@ fn image_features_from_an_internal_tensor_match_pil_numpy_onnxruntime() {
             .map(|v| v.as_f64().unwrap())
             .collect();
         let err = relative_l2(row, &reference);
-        if id.ends_with(".png") {
-            // Same pixels as Pillow, byte for byte, so the same features.
-            let img = image::open(photos.join(id)).unwrap().to_rgb8();
-            let crop = preset.pixels(&img);
-            let sha = crate::support::sha256_hex(crop.as_raw());
-            assert_eq!(
-                sha,
-                by_name[id.as_str()]["crop_sha256"].as_str().unwrap(),
-                "{id}: resized crop differs from Pillow's"
-            );
-            assert!(err < 1e-4, "{id}: relative L2 {err:e}");
-        } else {
-            // JPEG decoders differ slightly (zune-jpeg here, libjpeg-turbo in Pillow).
-            assert!(err < 2e-3, "{id}: relative L2 {err:e}");
-        }
+        // Same pixels as Pillow, byte for byte (PNG and JPEG), so the same features.
+        let img = cusa_stages::teacher::preprocess::decode(&photos.join(id)).unwrap();
+        let crop = preset.pixels(&img);
+        let sha = crate::support::sha256_hex(crop.as_raw());
+        assert_eq!(
+            sha,
+            by_name[id.as_str()]["crop_sha256"].as_str().unwrap(),
+            "{id}: resized crop differs from Pillow's"
+        );
+        assert!(err < 1e-4, "{id}: relative L2 {err:e}");
     }
 }
 
@@ -368,7 +365,7 @@ fn image_teacher_bad_inputs_are_named() {
     );
     assert!(
         r.stderr
-            .contains("note: skipped 5 undecodable image(s), first: astronaut.png"),
+            .contains("note: skipped 7 undecodable image(s), first: astronaut.png"),
         "{}",
         r.stderr
     );

@@ -243,7 +243,7 @@ extern "C-unwind" fn jpeg_warning(
 ) {
     // SAFETY: as in `jpeg_message`.
     let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
-    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as i32 {
+    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF {
         std::panic::resume_unwind(Box::new("image file is truncated".to_string()));
     }
 }

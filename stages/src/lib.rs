@@ -8,6 +8,7 @@ pub mod api;
 pub mod command;
 pub mod dataset;
 pub mod download;
+pub mod ml;
 pub mod teacher;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,148 @@
+//! The training losses of shared/docs/METHOD.md, exactly: the base InfoNCE with multi-positive
+//! targets, the VSE++ hinge with hardest negatives, CSA and USA.
+//!
+//! Invariants:
+//! * every similarity is a cosine (rows L2-normalised with PyTorch's `F.normalize` epsilon);
+//! * targets and teacher soft labels carry no gradient;
+//! * KL divergences use PyTorch's `batchmean` (sum over all entries / B), with the teacher's
+//!   entropy term included, so values equal `nn.KLDivLoss(reduction="batchmean")`;
+//! * temperatures are plain tensors here: clamping them is the caller's job, done on the
+//!   parameter values before every forward (as the reference code does), so a clamp never
+//!   zeroes a gradient.
+//!
+//! Checked against a float64 numpy implementation of the formulas with finite-difference
+//! gradients (`scripts/fixtures/losses.py` → `stages/tests/fixtures/losses.json`).
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
+
+/// How the base InfoNCE is reduced over the B×B targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reduction {
+    /// Sum over a row, mean over rows (Σ/B), the standard InfoNCE; its scale matches the
+    /// `batchmean` of CSA/USA, so α and β mean the same at every batch size.
+    Mean,
+    /// The released CUSA code: mean over all B² entries (Σ/B²), i.e. the standard loss divided
+    /// by B; α and β were tuned against it.
+    Reference,
+}
+
+/// Rows scaled to unit length (`F.normalize`, eps 1e-12).
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// The B×B cosine similarities of the rows of `a` and `b`.
+pub fn cosine<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    l2_normalize(a).matmul(l2_normalize(b).transpose())
+}
+
+/// `m / t` for a one-element temperature tensor `t`.
+fn over<B: Backend>(m: Tensor<B, 2>, t: Tensor<B, 1>) -> Tensor<B, 2> {
+    m / t.reshape([1, 1])
+}
+
+/// `same[i][j]` = image of row i is the image of row j.
+pub fn same_image<B: Backend>(image_ids: &[u64], device: &B::Device) -> Tensor<B, 2, Bool> {
+    let n = image_ids.len();
+    let mut m = Vec::with_capacity(n * n);
+    for a in image_ids {
+        for b in image_ids {
+            m.push(a == b);
+        }
+    }
+    Tensor::<B, 1, Bool>::from_data(burn::tensor::TensorData::new(m, [n * n]), device)
+        .reshape([n, n])
+}
+
+/// t_ij = 1[img(i)=img(j)] / Σ_k 1[img(i)=img(k)] (symmetric: rows of one image have equal
+/// counts).
+pub fn multi_positive_targets<B: Backend>(image_ids: &[u64], device: &B::Device) -> Tensor<B, 2> {
+    let same = same_image::<B>(image_ids, device).float();
+    let counts = same.clone().sum_dim(1);
+    same / counts
+}
+
+/// Base InfoNCE: ½(CE_i2t + CE_t2i) on S = cos(f_I, f_T)/τ with multi-positive `targets`.
+pub fn infonce<B: Backend>(
+    f_i: Tensor<B, 2>,
+    f_t: Tensor<B, 2>,
+    tau: Tensor<B, 1>,
+    targets: Tensor<B, 2>,
+    reduction: Reduction,
+) -> Tensor<B, 1> {
+    let [b, _] = f_i.dims();
+    let s = over(cosine(f_i, f_t), tau);
+    let ce_i2t = -(targets.clone() * log_softmax(s.clone(), 1)).sum();
+    let ce_t2i = -(targets.transpose() * log_softmax(s.transpose(), 1)).sum();
+    let scale = match reduction {
+        Reduction::Mean => b as f64,
+        Reduction::Reference => (b * b) as f64,
+    };
+    (ce_i2t + ce_t2i) / (2.0 * scale)
+}
+
+/// VSE++: Σ over the batch of the hardest-negative hinge in each direction, margin `margin`;
+/// rows of the same image are never negatives.
+pub fn vse_hardest<B: Backend>(
+    f_i: Tensor<B, 2>,
+    f_t: Tensor<B, 2>,
+    same: Tensor<B, 2, Bool>,
+    margin: f64,
+) -> Tensor<B, 1> {
+    let [b, _] = f_i.dims();
+    let s = cosine(f_i, f_t);
+    let eye = Tensor::<B, 2>::eye(b, &s.device());
+    let diag = (s.clone() * eye).sum_dim(1); // [B, 1]
+    let cost_t = (s.clone() - diag.clone() + margin)
+        .clamp_min(0.0)
+        .mask_fill(same.clone(), 0.0);
+    let cost_i = (s - diag.transpose() + margin)
+        .clamp_min(0.0)
+        .mask_fill(same, 0.0);
+    cost_t.max_dim(1).sum() + cost_i.max_dim(0).sum()
+}
+
+/// Teacher soft labels P_ij = softmax_j(cos(x_i, x_j)/τ_s), without gradient.
+pub fn soft_labels<B: Backend>(teacher: Tensor<B, 2>, tau_s: f64) -> Tensor<B, 2> {
+    let t = teacher.detach();
+    softmax(cosine(t.clone(), t) / tau_s, 1).detach()
+}
+
+/// KL(P‖Q) with `batchmean`: Σ_ij P_ij (log P_ij − log Q_ij) / B, given log Q.
+pub fn kl_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [b, _] = p.dims();
+    let log_p = p.clone().clamp_min(1e-30).log();
+    (p * (log_p - log_q)).sum() / b as f64
+}
+
+/// CSA without α: ½(KL(P^II‖Q^i2t) + KL(P^TT‖Q^t2i)), Q from cos(f_I, f_T)/τ_c.
+pub fn csa<B: Backend>(
+    f_i: Tensor<B, 2>,
+    f_t: Tensor<B, 2>,
+    tau_c: Tensor<B, 1>,
+    p_image: Tensor<B, 2>,
+    p_text: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let s = over(cosine(f_i, f_t), tau_c);
+    (kl_batchmean(p_image, log_softmax(s.clone(), 1))
+        + kl_batchmean(p_text, log_softmax(s.transpose(), 1)))
+        / 2.0
+}
+
+/// USA without β: ½(KL(P^II‖Q^II) + KL(P^TT‖Q^TT)), Q from the uni heads' own similarities.
+pub fn usa<B: Backend>(
+    g_i: Tensor<B, 2>,
+    g_t: Tensor<B, 2>,
+    tau_ui: Tensor<B, 1>,
+    tau_ut: Tensor<B, 1>,
+    p_image: Tensor<B, 2>,
+    p_text: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let q_ii = log_softmax(over(cosine(g_i.clone(), g_i), tau_ui), 1);
+    let q_tt = log_softmax(over(cosine(g_t.clone(), g_t), tau_ut), 1);
+    (kl_batchmean(p_image, q_ii) + kl_batchmean(p_text, q_tt)) / 2.0
+}

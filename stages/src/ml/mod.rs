@@ -1,0 +1,8 @@
+//! Machine-learning building blocks shared by the stages that train and evaluate students:
+//! the losses of the method (`loss`), the retrieval metrics (`retrieval`), the students
+//! (`student`) and the optimiser set-up (`optim`).
+//!
+//! Everything here is generic over a burn [`Backend`](burn::tensor::backend::Backend) and knows
+//! nothing about pipelines, files or the cache.
+
+pub mod loss;

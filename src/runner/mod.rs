@@ -695,11 +695,13 @@ fn run_and_commit(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let fingerprint = fp.to_string();
     let ctx = StageContext {
         stage: &stage.name,
         project_dir: &engine.pipeline.dir,
         out_dir: &out_dir,
         scratch_dir: &scratch,
+        fingerprint: &fingerprint,
         inputs: &a.inputs,
         gpus,
         threads: (cores / shared.settings.jobs.max(1)).max(1),

@@ -226,6 +226,9 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// A directory private to this stage kind that survives interruptions (resume state).
     pub scratch_dir: &'a Path,
+    /// The stage's fingerprint (hex): resume state kept in `scratch_dir` is keyed by it, so a
+    /// rerun resumes only the very same computation.
+    pub fingerprint: &'a str,
     /// Declared and implicit inputs by name, as absolute read-only paths.
     pub inputs: &'a BTreeMap<String, PathBuf>,
     /// GPU indices granted to this stage (`resources: {gpu: N}`); empty on CPU.

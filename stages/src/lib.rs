@@ -8,8 +8,11 @@ pub mod api;
 pub mod command;
 pub mod dataset;
 pub mod download;
+pub mod features;
 pub mod ml;
+pub mod softlabel;
 pub mod teacher;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +25,9 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(command::CommandKind),
         Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
+        Arc::new(softlabel::SoftlabelKind),
         Arc::new(teacher::TeacherKind),
+        Arc::new(train::TrainKind),
     ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }

@@ -28,6 +28,7 @@
 pub mod clean;
 pub mod formats;
 pub mod normal;
+pub mod read;
 pub mod scenes;
 
 use std::collections::BTreeMap;

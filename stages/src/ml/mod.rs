@@ -6,3 +6,6 @@
 //! nothing about pipelines, files or the cache.
 
 pub mod loss;
+pub mod optim;
+pub mod retrieval;
+pub mod student;

@@ -39,14 +39,8 @@ mod runtime;
 mod text;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arrow_array::{
-    Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, RecordBatch, StringArray,
-};
-use arrow_schema::{DataType, Field, Schema};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -239,7 +233,7 @@ impl StageKind for TeacherKind {
         let mut summary = StageSummary::default();
         let (ids, mut data, dim) = match c.modality {
             Modality::Text => {
-                let (ids, texts) = read_captions(&dataset.join("captions.parquet"), &c.split)?;
+                let (ids, texts) = crate::dataset::read::captions_text(&dataset, &c.split)?;
                 if ids.is_empty() {
                     return Err(StageError::failed(format!(
                         "no captions in split `{}` of {}",
@@ -292,14 +286,13 @@ impl StageKind for TeacherKind {
                     .resolve()
                     .map_err(|e| StageError::failed(e.message))?;
                 let root = image_root(&dataset, c.images.as_deref().map(path))?;
-                let items: Vec<image::Item> =
-                    read_images(&dataset.join("images.parquet"), &c.split)?
-                        .into_iter()
-                        .map(|(id, rel)| image::Item {
-                            id,
-                            path: root.join(rel),
-                        })
-                        .collect();
+                let items: Vec<image::Item> = crate::dataset::read::images(&dataset, &c.split)?
+                    .into_iter()
+                    .map(|(id, rel)| image::Item {
+                        id,
+                        path: root.join(rel),
+                    })
+                    .collect();
                 if items.is_empty() {
                     return Err(StageError::failed(format!(
                         "no images in split `{}` of {}",
@@ -360,7 +353,7 @@ impl StageKind for TeacherKind {
             }
         }
         meta.insert("dims".into(), dim.to_string());
-        write_features(
+        crate::features::write(
             &ctx.out_dir.join("features.arrow"),
             &ids,
             &data,
@@ -513,113 +506,6 @@ pub fn pool_batch(
             "cannot pool an output of shape {other:?}"
         ))),
     }
-}
-
-/// Caption ids and cleaned texts of a dataset split, in id order.
-fn read_captions(path: &Path, split: &str) -> Result<(Vec<String>, Vec<String>), StageError> {
-    Ok(read_columns(path, split, "caption_id", "text_clean")?
-        .into_iter()
-        .unzip())
-}
-
-/// (id, value) pairs of a normal-form table for one split (or `all`), sorted by id.
-fn read_columns(
-    path: &Path,
-    split: &str,
-    id_column: &str,
-    value_column: &str,
-) -> Result<Vec<(String, String)>, StageError> {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = File::open(path).map_err(|e| {
-        StageError::failed_with_hint(
-            format!("cannot open {}: {e}", path.display()),
-            "the `dataset` input must be a dataset stage's output",
-        )
-    })?;
-    let err =
-        |e: &dyn std::fmt::Display| StageError::failed(format!("reading {}: {e}", path.display()));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| err(&e))?
-        .build()
-        .map_err(|e| err(&e))?;
-    let mut rows: Vec<(String, String)> = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| err(&e))?;
-        let col = |name: &str| -> Result<StringArray, StageError> {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-                .ok_or_else(|| {
-                    StageError::failed(format!("{} has no text column `{name}`", path.display()))
-                })
-        };
-        let (ids, splits, texts) = (col(id_column)?, col("split")?, col(value_column)?);
-        for i in 0..batch.num_rows() {
-            if split == "all" || splits.value(i) == split {
-                rows.push((ids.value(i).to_string(), texts.value(i).to_string()));
-            }
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(rows)
-}
-
-/// Image ids and paths of a dataset split, in id order.
-fn read_images(path: &Path, split: &str) -> Result<Vec<(String, String)>, StageError> {
-    read_columns(path, split, "image_id", "path")
-}
-
-/// Writes `features.arrow`.
-fn write_features(
-    path: &Path,
-    ids: &[String],
-    data: &[f32],
-    dim: usize,
-    precision: Precision,
-    meta: HashMap<String, String>,
-) -> Result<(), StageError> {
-    let err =
-        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
-    let (item, values): (DataType, ArrayRef) = match precision {
-        Precision::F32 => (
-            DataType::Float32,
-            Arc::new(Float32Array::from(data.to_vec())),
-        ),
-        Precision::F16 => (
-            DataType::Float16,
-            Arc::new(Float16Array::from(
-                data.iter()
-                    .map(|v| half::f16::from_f32(*v))
-                    .collect::<Vec<_>>(),
-            )),
-        ),
-    };
-    let item_field = Arc::new(Field::new("item", item, false));
-    let list = FixedSizeListArray::try_new(item_field.clone(), dim as i32, values, None)
-        .map_err(|e| err(&e))?;
-    let schema = Arc::new(
-        Schema::new(vec![
-            Field::new("id", DataType::Utf8, false),
-            Field::new(
-                "embedding",
-                DataType::FixedSizeList(item_field, dim as i32),
-                false,
-            ),
-        ])
-        .with_metadata(meta),
-    );
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
-    )
-    .map_err(|e| err(&e))?;
-    let file = File::create(path)
-        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
-    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
-    w.finish().map_err(|e| err(&e))?;
-    debug_assert_eq!(batch.column(1).len(), ids.len());
-    Ok(())
 }
 
 #[cfg(test)]

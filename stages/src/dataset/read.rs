@@ -1,0 +1,104 @@
+//! Reading a `dataset` stage's normal form back: the tables other stages consume (teachers,
+//! soft labels, training, evaluation). Rows of a split come sorted by id, the order every
+//! downstream file uses.
+
+use std::fs::File;
+use std::path::Path;
+
+use arrow_array::{Array, StringArray};
+
+use crate::api::StageError;
+
+/// Text columns `columns` of `table` for one split (or `all`), rows sorted by the first column.
+fn read_columns<const N: usize>(
+    path: &Path,
+    split: &str,
+    columns: [&str; N],
+) -> Result<Vec<[String; N]>, StageError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = File::open(path).map_err(|e| {
+        StageError::failed_with_hint(
+            format!("cannot open {}: {e}", path.display()),
+            "the `dataset` input must be a dataset stage's output",
+        )
+    })?;
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("reading {}: {e}", path.display()));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| err(&e))?
+        .build()
+        .map_err(|e| err(&e))?;
+    let mut rows: Vec<[String; N]> = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(&e))?;
+        let col = |name: &str| -> Result<StringArray, StageError> {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+                .ok_or_else(|| {
+                    StageError::failed(format!("{} has no text column `{name}`", path.display()))
+                })
+        };
+        let splits = col("split")?;
+        let cols = columns
+            .iter()
+            .map(|c| col(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        for i in 0..batch.num_rows() {
+            if split == "all" || splits.value(i) == split {
+                rows.push(std::array::from_fn(|k| cols[k].value(i).to_string()));
+            }
+        }
+    }
+    rows.sort_by(|a, b| a[0].cmp(&b[0]));
+    Ok(rows)
+}
+
+/// Caption ids and cleaned texts of a split, in id order.
+pub fn captions_text(
+    dataset: &Path,
+    split: &str,
+) -> Result<(Vec<String>, Vec<String>), StageError> {
+    Ok(read_columns(
+        &dataset.join("captions.parquet"),
+        split,
+        ["caption_id", "text_clean"],
+    )?
+    .into_iter()
+    .map(|[id, text]| (id, text))
+    .unzip())
+}
+
+/// One caption of a split.
+#[derive(Debug, Clone)]
+pub struct CaptionRow {
+    pub caption_id: String,
+    pub image_id: String,
+    pub text: String,
+}
+
+/// Captions of a split with their image, in caption-id order.
+pub fn captions(dataset: &Path, split: &str) -> Result<Vec<CaptionRow>, StageError> {
+    Ok(read_columns(
+        &dataset.join("captions.parquet"),
+        split,
+        ["caption_id", "image_id", "text_clean"],
+    )?
+    .into_iter()
+    .map(|[caption_id, image_id, text]| CaptionRow {
+        caption_id,
+        image_id,
+        text,
+    })
+    .collect())
+}
+
+/// Image ids and paths (relative to the dataset's image root) of a split, in id order.
+pub fn images(dataset: &Path, split: &str) -> Result<Vec<(String, String)>, StageError> {
+    Ok(
+        read_columns(&dataset.join("images.parquet"), split, ["image_id", "path"])?
+            .into_iter()
+            .map(|[id, path]| (id, path))
+            .collect(),
+    )
+}

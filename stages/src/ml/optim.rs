@@ -1,0 +1,116 @@
+//! AdamW with weight-decay groups and the per-epoch cosine schedule.
+//!
+//! burn's AdamW decays every parameter it steps, so the groups are two optimisers over disjoint
+//! parameter sets: matrices (rank ≥ 2) are decayed; biases, LayerNorm gains and other 1-D
+//! parameters are not. The temperatures are 1-D: undecayed by default, decayed with
+//! `decay_temperatures` (the released CUSA code decays them, and its preset follows it).
+//! PyTorch's AdamW epsilon (1e-8) and update rule (p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + ε)).
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+/// Which parameters are decayed.
+pub struct DecayGroups {
+    pub decayed: Vec<ParamId>,
+    pub plain: Vec<ParamId>,
+}
+
+/// Splits a module's parameters: rank ≥ 2 decayed, rank 1 not, temperatures (parameters
+/// under a field named `temperatures`) decayed only when `decay_temperatures`.
+pub fn decay_groups<B: Backend, M: burn::module::Module<B>>(
+    module: &M,
+    decay_temperatures: bool,
+) -> DecayGroups {
+    struct Split {
+        path: Vec<String>,
+        decay_temperatures: bool,
+        groups: DecayGroups,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Split {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let temperature = self.path.iter().any(|p| p == "temperatures");
+            let decay = if temperature {
+                self.decay_temperatures
+            } else {
+                D >= 2
+            };
+            if decay {
+                self.groups.decayed.push(param.id);
+            } else {
+                self.groups.plain.push(param.id);
+            }
+        }
+    }
+    let mut split = Split {
+        path: Vec::new(),
+        decay_temperatures,
+        groups: DecayGroups {
+            decayed: Vec::new(),
+            plain: Vec::new(),
+        },
+    };
+    module.visit(&mut split);
+    split.groups
+}
+
+/// Learning rate of epoch `epoch` (0-based) of `epochs`: cosine from `lr` to `lr_min`, one value
+/// per epoch, no warm-up.
+pub fn cosine_lr(lr: f64, lr_min: f64, epoch: usize, epochs: usize) -> f64 {
+    if epochs <= 1 {
+        return lr;
+    }
+    let progress = epoch as f64 / (epochs - 1) as f64;
+    lr_min + 0.5 * (lr - lr_min) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// The two AdamW optimisers of the decay groups.
+pub struct GroupedAdamW<M: AutodiffModule<B>, B: AutodiffBackend> {
+    pub decayed: OptimizerAdaptor<AdamW, M, B>,
+    pub plain: OptimizerAdaptor<AdamW, M, B>,
+    groups: DecayGroups,
+}
+
+impl<M: AutodiffModule<B>, B: AutodiffBackend> GroupedAdamW<M, B> {
+    pub fn new(model: &M, weight_decay: f64, decay_temperatures: bool) -> Self {
+        let config = |wd: f64| {
+            AdamWConfig::new()
+                .with_epsilon(1e-8)
+                .with_weight_decay(wd as f32)
+        };
+        Self {
+            decayed: config(weight_decay).init(),
+            plain: config(0.0).init(),
+            groups: decay_groups::<B, M>(model, decay_temperatures),
+        }
+    }
+
+    /// One step of both groups from the gradients of a loss.
+    pub fn step(&mut self, lr: f64, model: M, mut grads: B::Gradients) -> M {
+        let decayed = GradientsParams::from_params(&mut grads, &model, &self.groups.decayed);
+        let plain = GradientsParams::from_params(&mut grads, &model, &self.groups.plain);
+        let model = self.decayed.step(lr, model, decayed);
+        self.plain.step(lr, model, plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_goes_from_lr_to_lr_min() {
+        assert_eq!(cosine_lr(1e-3, 1e-4, 0, 10), 1e-3);
+        assert!((cosine_lr(1e-3, 1e-4, 9, 10) - 1e-4).abs() < 1e-15);
+        assert!((cosine_lr(1.0, 0.0, 2, 5) - 0.5).abs() < 1e-12);
+        assert_eq!(cosine_lr(1e-3, 1e-4, 0, 1), 1e-3);
+    }
+}

@@ -1,0 +1,193 @@
+//! Retrieval metrics of METHOD.md on embeddings: R@1/5/10 both ways and RSUM, and mAP@R /
+//! R-Precision against extended positive sets.
+//!
+//! i2t: an image's rank is the best rank among all its captions; t2i: the rank of the caption's
+//! one image. Ties are broken against the query (a true item tied with a wrong one counts as
+//! ranked after it), so a collapsed model scores zero, never chance.
+
+use rayon::prelude::*;
+
+/// Row-major unit vectors.
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl Matrix<'_> {
+    fn rows(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// R@K of both directions (in %), and their sum.
+#[derive(Debug, Clone, Copy, serde::Serialize, PartialEq)]
+pub struct Recalls {
+    pub i2t_r1: f64,
+    pub i2t_r5: f64,
+    pub i2t_r10: f64,
+    pub t2i_r1: f64,
+    pub t2i_r5: f64,
+    pub t2i_r10: f64,
+    pub rsum: f64,
+}
+
+/// Number of items scoring at least `score` other than those in `own` (0 = ranked first).
+fn rank_of(scores: &[f32], score: f32, own: &dyn Fn(usize) -> bool) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .filter(|(j, s)| !own(*j) && **s >= score)
+        .count()
+}
+
+/// R@1/5/10 for `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
+/// image.
+pub fn recalls(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Recalls {
+    let (ni, nc) = (images.rows(), captions.rows());
+    let mut captions_of: Vec<Vec<usize>> = vec![Vec::new(); ni];
+    for (c, &i) in image_of.iter().enumerate() {
+        captions_of[i].push(c);
+    }
+    // i2t: for each image, the best rank over its captions.
+    let i2t: Vec<usize> = (0..ni)
+        .into_par_iter()
+        .map(|i| {
+            let q = images.row(i);
+            let scores: Vec<f32> = (0..nc).map(|c| dot(q, captions.row(c))).collect();
+            let own = |c: usize| image_of[c] == i;
+            captions_of[i]
+                .iter()
+                .map(|&c| rank_of(&scores, scores[c], &own))
+                .min()
+                .unwrap_or(usize::MAX)
+        })
+        .collect();
+    let t2i: Vec<usize> = (0..nc)
+        .into_par_iter()
+        .map(|c| {
+            let q = captions.row(c);
+            let scores: Vec<f32> = (0..ni).map(|i| dot(q, images.row(i))).collect();
+            let own = |i: usize| i == image_of[c];
+            rank_of(&scores, scores[image_of[c]], &own)
+        })
+        .collect();
+    let at = |ranks: &[usize], k: usize| {
+        100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len().max(1) as f64
+    };
+    let r = [
+        at(&i2t, 1),
+        at(&i2t, 5),
+        at(&i2t, 10),
+        at(&t2i, 1),
+        at(&t2i, 5),
+        at(&t2i, 10),
+    ];
+    Recalls {
+        i2t_r1: r[0],
+        i2t_r5: r[1],
+        i2t_r10: r[2],
+        t2i_r1: r[3],
+        t2i_r5: r[4],
+        t2i_r10: r[5],
+        rsum: r.iter().sum(),
+    }
+}
+
+/// mAP@R and R-Precision (in %) of `queries` against `gallery` with positive sets
+/// `positives[q]` (gallery rows). Queries without positives are skipped.
+pub fn map_at_r(
+    queries: &Matrix<'_>,
+    gallery: &Matrix<'_>,
+    positives: &[Vec<usize>],
+) -> (f64, f64) {
+    let per_query: Vec<(f64, f64)> = (0..queries.rows())
+        .into_par_iter()
+        .filter(|&q| !positives[q].is_empty())
+        .map(|q| {
+            let qv = queries.row(q);
+            let mut order: Vec<(f32, usize)> = (0..gallery.rows())
+                .map(|g| (dot(qv, gallery.row(g)), g))
+                .collect();
+            let pos: std::collections::HashSet<usize> = positives[q].iter().copied().collect();
+            // Ties: negatives first (against the query).
+            order.sort_by(|a, b| {
+                b.0.total_cmp(&a.0)
+                    .then(pos.contains(&a.1).cmp(&pos.contains(&b.1)))
+            });
+            let r = pos.len();
+            let (mut hits, mut ap) = (0usize, 0.0);
+            for (k, (_, g)) in order.iter().take(r).enumerate() {
+                if pos.contains(g) {
+                    hits += 1;
+                    ap += hits as f64 / (k + 1) as f64;
+                }
+            }
+            (ap / r as f64, hits as f64 / r as f64)
+        })
+        .collect();
+    let n = per_query.len().max(1) as f64;
+    (
+        100.0 * per_query.iter().map(|x| x.0).sum::<f64>() / n,
+        100.0 * per_query.iter().map(|x| x.1).sum::<f64>() / n,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recalls_count_the_best_caption_and_ties_go_against_the_query() {
+        // Two images on the axes; captions 0,1 of image 0 and caption 2 of image 1.
+        let images = [1.0, 0.0, 0.0, 1.0];
+        let captions = [0.6, 0.8, 1.0, 0.0, 0.0, 1.0];
+        let r = recalls(
+            &Matrix {
+                data: &images,
+                dim: 2,
+            },
+            &Matrix {
+                data: &captions,
+                dim: 2,
+            },
+            &[0, 0, 1],
+        );
+        assert_eq!((r.i2t_r1, r.t2i_r1), (100.0, 100.0 * 2.0 / 3.0));
+        assert_eq!(r.rsum, 100.0 * 5.0 + 100.0 * 2.0 / 3.0);
+        // Identical embeddings everywhere: ties rank the truth last.
+        let same = [1.0, 0.0, 1.0, 0.0];
+        let r = recalls(
+            &Matrix {
+                data: &same,
+                dim: 2,
+            },
+            &Matrix {
+                data: &same,
+                dim: 2,
+            },
+            &[0, 1],
+        );
+        assert_eq!((r.i2t_r1, r.t2i_r1), (0.0, 0.0));
+    }
+
+    #[test]
+    fn map_at_r_follows_its_definition() {
+        // Gallery scores for the query: g0 0.9, g1 0.8, g2 0.7, g3 0.1; positives {g0, g2}:
+        // R = 2, top-2 = g0 (hit, P@1 = 1), g1 (miss) → AP@R = (1 + 0)/2, R-Precision = 1/2.
+        let q = [1.0, 0.0];
+        let g = [0.9, 0.0, 0.8, 0.0, 0.7, 0.0, 0.1, 0.0];
+        let (map, rp) = map_at_r(
+            &Matrix { data: &q, dim: 2 },
+            &Matrix { data: &g, dim: 2 },
+            &[vec![0, 2]],
+        );
+        assert_eq!((map, rp), (50.0, 50.0));
+    }
+}

@@ -1,0 +1,233 @@
+//! Students: a backbone per modality, then the heads METHOD.md prescribes.
+//!
+//! Every student ends in, per modality, a *cross* head (LayerNorm → Linear(d, d)) whose output is
+//! the retrieval embedding f, and — when USA is on — a separate *uni* head (a second LayerNorm →
+//! Linear) whose output g is used only by USA. Head Linear weights start from N(0, 0.02²);
+//! biases and LayerNorms keep burn's defaults. The learnable temperatures live in the student
+//! too (so one optimiser and one checkpoint hold everything) and are clamped to their ranges on
+//! the parameter values before every forward, as the reference code does.
+//!
+//! Parameter ids are assigned in visiting order after initialisation ([`renumber`]), so the
+//! same architecture has the same ids in every process: a checkpoint's optimiser state finds
+//! its parameters again on resume, and saved records are byte-identical across runs.
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+/// Clamp ranges of the temperatures (METHOD.md).
+pub const TAU_RANGE: (f64, f64) = (0.01, 0.10);
+pub const TAU_C_RANGE: (f64, f64) = (0.10, 0.99);
+pub const TAU_U_RANGE: (f64, f64) = (0.10, 1.00);
+
+/// A Linear(d_in, d_out) whose weight is N(0, 0.02²) and whose bias keeps burn's default.
+fn head_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    let mut linear = LinearConfig::new(d_in, d_out).init(device);
+    linear.weight = Param::from_tensor(Tensor::random(
+        [d_in, d_out],
+        Distribution::Normal(0.0, 0.02),
+        device,
+    ));
+    linear
+}
+
+/// LayerNorm → Linear.
+#[derive(Module, Debug)]
+pub struct Head<B: Backend> {
+    pub norm: LayerNorm<B>,
+    pub linear: Linear<B>,
+}
+
+impl<B: Backend> Head<B> {
+    pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        Self {
+            norm: LayerNormConfig::new(d_in).init(device),
+            linear: head_linear(d_in, d_out, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.linear.forward(self.norm.forward(x))
+    }
+}
+
+/// The cross head and, with USA, the uni head of one modality.
+#[derive(Module, Debug)]
+pub struct Heads<B: Backend> {
+    pub cross: Head<B>,
+    pub uni: Option<Head<B>>,
+}
+
+impl<B: Backend> Heads<B> {
+    pub fn new(d_in: usize, d_out: usize, uni: bool, device: &B::Device) -> Self {
+        Self {
+            cross: Head::new(d_in, d_out, device),
+            uni: uni.then(|| Head::new(d_in, d_out, device)),
+        }
+    }
+}
+
+/// τ (base InfoNCE), τ_c (CSA), τ_ui / τ_ut (USA): one-element parameters.
+#[derive(Module, Debug)]
+pub struct Temperatures<B: Backend> {
+    pub tau: Param<Tensor<B, 1>>,
+    pub tau_c: Param<Tensor<B, 1>>,
+    pub tau_ui: Param<Tensor<B, 1>>,
+    pub tau_ut: Param<Tensor<B, 1>>,
+}
+
+fn scalar_param<B: Backend>(v: f64, device: &B::Device) -> Param<Tensor<B, 1>> {
+    Param::from_tensor(Tensor::from_floats([v as f32], device))
+}
+
+/// `p` with its value clamped to `range`, same id, still a trainable leaf.
+fn clamped<B: Backend>(p: Param<Tensor<B, 1>>, range: (f64, f64)) -> Param<Tensor<B, 1>> {
+    p.map(|t| {
+        t.detach()
+            .set_require_grad(false)
+            .clamp(range.0, range.1)
+            .require_grad()
+    })
+}
+
+impl<B: Backend> Temperatures<B> {
+    /// Initial values: τ 0.05, τ_c 0.45, τ_ui = τ_ut = 0.45.
+    pub fn new(device: &B::Device) -> Self {
+        Self {
+            tau: scalar_param(0.05, device),
+            tau_c: scalar_param(0.45, device),
+            tau_ui: scalar_param(0.45, device),
+            tau_ut: scalar_param(0.45, device),
+        }
+    }
+
+    /// Every temperature clamped to its range (done before every forward).
+    pub fn clamp(self) -> Self {
+        Self {
+            tau: clamped(self.tau, TAU_RANGE),
+            tau_c: clamped(self.tau_c, TAU_C_RANGE),
+            tau_ui: clamped(self.tau_ui, TAU_U_RANGE),
+            tau_ut: clamped(self.tau_ut, TAU_U_RANGE),
+        }
+    }
+
+    /// Current values (τ, τ_c, τ_ui, τ_ut).
+    pub fn values(&self) -> [f64; 4] {
+        let v = |p: &Param<Tensor<B, 1>>| {
+            p.val()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .map_or(f64::NAN, |v| v[0])
+        };
+        [
+            v(&self.tau),
+            v(&self.tau_c),
+            v(&self.tau_ui),
+            v(&self.tau_ut),
+        ]
+    }
+}
+
+/// Two-layer perceptron (Linear → GELU → Linear), the trainable backbone of `feature-heads`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn new(d_in: usize, hidden: usize, d_out: usize, device: &B::Device) -> Self {
+        Self {
+            fc1: LinearConfig::new(d_in, hidden).init(device),
+            fc2: LinearConfig::new(hidden, d_out).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2
+            .forward(burn::tensor::activation::gelu(self.fc1.forward(x)))
+    }
+}
+
+/// The embeddings of a batch.
+pub struct Embeddings<B: Backend> {
+    /// Cross-modal (retrieval) embeddings.
+    pub f_i: Tensor<B, 2>,
+    pub f_t: Tensor<B, 2>,
+    /// Uni-modal embeddings (USA), when the student has uni heads.
+    pub g_i: Option<Tensor<B, 2>>,
+    pub g_t: Option<Tensor<B, 2>>,
+}
+
+/// `feature-heads`: an MLP per modality over frozen precomputed features (any teacher's
+/// output), then the heads. Fast experiments on any data.
+#[derive(Module, Debug)]
+pub struct FeatureHeads<B: Backend> {
+    pub image_backbone: Mlp<B>,
+    pub text_backbone: Mlp<B>,
+    pub image_heads: Heads<B>,
+    pub text_heads: Heads<B>,
+    pub temperatures: Temperatures<B>,
+}
+
+/// Shape of a `feature-heads` student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureHeadsShape {
+    pub image_dim: usize,
+    pub text_dim: usize,
+    pub hidden: usize,
+    pub dim: usize,
+    pub uni_heads: bool,
+}
+
+impl<B: Backend> FeatureHeads<B> {
+    pub fn new(shape: FeatureHeadsShape, device: &B::Device) -> Self {
+        let s = shape;
+        renumber(Self {
+            image_backbone: Mlp::new(s.image_dim, s.hidden, s.dim, device),
+            text_backbone: Mlp::new(s.text_dim, s.hidden, s.dim, device),
+            image_heads: Heads::new(s.dim, s.dim, s.uni_heads, device),
+            text_heads: Heads::new(s.dim, s.dim, s.uni_heads, device),
+            temperatures: Temperatures::new(device),
+        })
+    }
+
+    pub fn encode_images(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let h = self.image_backbone.forward(x);
+        let g = self.image_heads.uni.as_ref().map(|u| u.forward(h.clone()));
+        (self.image_heads.cross.forward(h), g)
+    }
+
+    pub fn encode_texts(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let h = self.text_backbone.forward(x);
+        let g = self.text_heads.uni.as_ref().map(|u| u.forward(h.clone()));
+        (self.text_heads.cross.forward(h), g)
+    }
+
+    pub fn forward(&self, images: Tensor<B, 2>, texts: Tensor<B, 2>) -> Embeddings<B> {
+        let (f_i, g_i) = self.encode_images(images);
+        let (f_t, g_t) = self.encode_texts(texts);
+        Embeddings { f_i, f_t, g_i, g_t }
+    }
+
+    /// The student with its temperatures clamped (before every forward).
+    pub fn clamped(mut self) -> Self {
+        self.temperatures = self.temperatures.clamp();
+        self
+    }
+}
+
+/// Gives every parameter the id of its position in visiting order.
+pub fn renumber<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Numbering(u64);
+    impl<B: Backend> ModuleMapper<B> for Numbering {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (_, tensor, mapper) = param.consume();
+            self.0 += 1;
+            Param::from_mapped_value(ParamId::from(self.0), tensor, mapper)
+        }
+    }
+    module.map(&mut Numbering(0))
+}

@@ -1,0 +1,422 @@
+//! `softlabel`: the teachers' vectors joined to a training split, ready for CSA/USA.
+//!
+//! The reference code trains on zero image features when its feature file fails to load
+//! (uniform soft labels, silently). Here coverage is a precondition: every caption of the split
+//! and every image it points to must have a teacher vector, or the stage fails naming the
+//! missing ids. Vectors are L2-normalised once here (the soft labels are cosine softmaxes).
+//!
+//! Output tree:
+//! * `captions.arrow` — one row per caption of the split in caption-id order (the training
+//!   order): `id`, `image_id`, `embedding` (text teacher, unit length);
+//! * `images.arrow` — one row per image of the split in image-id order: `id`, `embedding`;
+//! * with `neighbours: k`, `image_neighbours.arrow` / `caption_neighbours.arrow`: each item's k
+//!   nearest other items by teacher cosine (exact, blocked matrix products), as row indices
+//!   into the files above plus the cosines;
+//! * `report.json` — counts, dimensions, teacher metadata, soft-label statistics.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{
+    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
+};
+use arrow_schema::{DataType, Field, Schema};
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::{
+    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
+};
+use crate::features::{self, Features};
+
+/// `with:` of a softlabel stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftlabelConfig {
+    /// A `dataset` stage's output folder.
+    pub dataset: String,
+    /// The image teacher's features.arrow (keyed by image id).
+    pub image_features: String,
+    /// The text teacher's features.arrow (keyed by caption id).
+    pub text_features: String,
+    /// The split to train on [default: train].
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Also write each item's k nearest teacher neighbours.
+    pub neighbours: Option<usize>,
+}
+
+fn default_split() -> String {
+    "train".into()
+}
+
+pub struct SoftlabelKind;
+
+impl StageKind for SoftlabelKind {
+    fn name(&self) -> &'static str {
+        "softlabel"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let c: SoftlabelConfig = parse_config(with)?;
+        if c.neighbours == Some(0) {
+            return Err(ConfigError::new("neighbours", "must be at least 1"));
+        }
+        Ok(Checked::default())
+    }
+
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        let c: SoftlabelConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        let dataset = ctx.resolve(&c.dataset);
+        let captions = crate::dataset::read::captions(&dataset, &c.split)?;
+        if captions.is_empty() {
+            return Err(StageError::failed_with_hint(
+                format!(
+                    "split `{}` of {} has no captions",
+                    c.split,
+                    dataset.display()
+                ),
+                "name a split the dataset has (`split:`)",
+            ));
+        }
+        let images = crate::dataset::read::images(&dataset, &c.split)?;
+        let image_teacher = features::read(&ctx.resolve(&c.image_features))?;
+        let text_teacher = features::read(&ctx.resolve(&c.text_features))?;
+        ctx.log.line(format!(
+            "split `{}`: {} captions of {} images; image teacher {}-d ({} rows), text teacher {}-d ({} rows)",
+            c.split,
+            captions.len(),
+            images.len(),
+            image_teacher.dim,
+            image_teacher.ids.len(),
+            text_teacher.dim,
+            text_teacher.ids.len()
+        ));
+
+        let image_ids: Vec<&str> = images.iter().map(|(id, _)| id.as_str()).collect();
+        let caption_ids: Vec<&str> = captions.iter().map(|r| r.caption_id.as_str()).collect();
+        let image_rows = covered(&image_teacher, &image_ids, "image", &c.image_features)?;
+        let caption_rows = covered(&text_teacher, &caption_ids, "caption", &c.text_features)?;
+        let image_index: HashMap<&str, u32> = image_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u32))
+            .collect();
+        let mut caption_image = Vec::with_capacity(captions.len());
+        for r in &captions {
+            let Some(&row) = image_index.get(r.image_id.as_str()) else {
+                return Err(StageError::failed(format!(
+                    "caption `{}` points to image `{}`, which is not in split `{}`",
+                    r.caption_id, r.image_id, c.split
+                )));
+            };
+            caption_image.push(row);
+        }
+
+        let image_vectors = gather_normalized(&image_teacher, &image_rows);
+        let caption_vectors = gather_normalized(&text_teacher, &caption_rows);
+        let (di, dt) = (image_teacher.dim, text_teacher.dim);
+        let out = ctx.out_dir;
+        write_table(
+            &out.join("images.arrow"),
+            &image_ids,
+            None,
+            &image_vectors,
+            di,
+            &image_teacher.metadata,
+        )?;
+        let caption_image_ids: Vec<&str> = captions.iter().map(|r| r.image_id.as_str()).collect();
+        write_table(
+            &out.join("captions.arrow"),
+            &caption_ids,
+            Some(&caption_image_ids),
+            &caption_vectors,
+            dt,
+            &text_teacher.metadata,
+        )?;
+
+        let mut summary = StageSummary::default();
+        if let Some(k) = c.neighbours {
+            let started = std::time::Instant::now();
+            let img_nn = nearest(&image_vectors, di, k, ctx)?;
+            let cap_nn = nearest(&caption_vectors, dt, k, ctx)?;
+            write_neighbours(&out.join("image_neighbours.arrow"), &img_nn, k)?;
+            write_neighbours(&out.join("caption_neighbours.arrow"), &cap_nn, k)?;
+            ctx.log.line(format!(
+                "{k} nearest teacher neighbours of {} images and {} captions in {:.2}s",
+                image_ids.len(),
+                caption_ids.len(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+
+        // How much the teachers see beyond the paired caption: the mean cosine between a
+        // caption's text-teacher vector and those of the other captions of its image, and of
+        // other images' captions.
+        let stats = teacher_statistics(&caption_vectors, dt, &caption_image);
+        let report = json!({
+            "split": c.split,
+            "captions": captions.len(),
+            "images": images.len(),
+            "image_dim": di,
+            "text_dim": dt,
+            "image_teacher": image_teacher.metadata,
+            "text_teacher": text_teacher.metadata,
+            "text_teacher_mean_cosine": stats,
+            "neighbours": c.neighbours,
+        });
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| StageError::io("writing report.json", e))?;
+        summary.notes.push(format!(
+            "{} captions of {} images (split `{}`): {di}-d image and {dt}-d text soft-label vectors",
+            captions.len(),
+            images.len(),
+            c.split
+        ));
+        summary
+            .metrics
+            .insert("captions".into(), Value::from(captions.len()));
+        summary
+            .metrics
+            .insert("images".into(), Value::from(images.len()));
+        Ok(summary)
+    }
+}
+
+/// Row of each id in `teacher`, or an error naming the ids without a vector.
+fn covered(
+    teacher: &Features,
+    ids: &[&str],
+    what: &str,
+    file: &str,
+) -> Result<Vec<usize>, StageError> {
+    let index = teacher.index();
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut missing = Vec::new();
+    for id in ids {
+        match index.get(id) {
+            Some(&r) => rows.push(r),
+            None => missing.push(*id),
+        }
+    }
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
+        return Err(StageError::failed_with_hint(
+            format!(
+                "{} of {} {what}s have no teacher vector in {file} (first: {})",
+                missing.len(),
+                ids.len(),
+                shown.join(", ")
+            ),
+            "run the teacher on this dataset with `split: all` or the training split; soft labels are never filled with zeros",
+        ));
+    }
+    Ok(rows)
+}
+
+/// The rows of `f`, each scaled to unit length.
+fn gather_normalized(f: &Features, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * f.dim);
+    for &r in rows {
+        let v = f.row(r);
+        let norm = v
+            .iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        out.extend(v.iter().map(|x| (*x as f64 / norm) as f32));
+    }
+    out
+}
+
+fn write_table(
+    path: &Path,
+    ids: &[&str],
+    image_ids: Option<&[&str]>,
+    data: &[f32],
+    dim: usize,
+    teacher_meta: &HashMap<String, String>,
+) -> Result<(), StageError> {
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let list = FixedSizeListArray::try_new(
+        item.clone(),
+        dim as i32,
+        Arc::new(Float32Array::from(data.to_vec())),
+        None,
+    )
+    .map_err(|e| err(&e))?;
+    let mut fields = vec![Field::new("id", DataType::Utf8, false)];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(ids))];
+    if let Some(images) = image_ids {
+        fields.push(Field::new("image_id", DataType::Utf8, false));
+        columns.push(Arc::new(StringArray::from_iter_values(images)));
+    }
+    fields.push(Field::new(
+        "embedding",
+        DataType::FixedSizeList(item, dim as i32),
+        false,
+    ));
+    columns.push(Arc::new(list));
+    let mut meta: HashMap<String, String> = teacher_meta
+        .iter()
+        .map(|(k, v)| (format!("teacher.{k}"), v.clone()))
+        .collect();
+    meta.insert("normalized".into(), "true".into());
+    let schema = Arc::new(Schema::new(fields).with_metadata(meta));
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
+    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))
+}
+
+/// One item's nearest neighbours: row indices and cosines, most similar first.
+pub type Neighbours = (Vec<u32>, Vec<f32>);
+
+/// For each row of the unit vectors `x` (n × d), the `k` most similar other rows (ties broken
+/// by the lower index), exact: blocks of 256 queries against all rows, in parallel.
+pub fn nearest(
+    x: &[f32],
+    d: usize,
+    k: usize,
+    ctx: &StageContext<'_>,
+) -> Result<Vec<Neighbours>, StageError> {
+    let n = x.len() / d;
+    let k = k.min(n.saturating_sub(1));
+    let mut out = Vec::with_capacity(n);
+    for block in (0..n).collect::<Vec<_>>().chunks(256) {
+        if ctx.cancel.is_cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        let rows: Vec<Neighbours> = block
+            .par_iter()
+            .map(|&q| {
+                let qv = &x[q * d..(q + 1) * d];
+                let mut sims: Vec<(f32, u32)> = (0..n)
+                    .filter(|&j| j != q)
+                    .map(|j| {
+                        let s: f32 = qv
+                            .iter()
+                            .zip(&x[j * d..(j + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        (s, j as u32)
+                    })
+                    .collect();
+                let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+                if k < sims.len() {
+                    sims.select_nth_unstable_by(k, cmp);
+                    sims.truncate(k);
+                }
+                sims.sort_by(cmp);
+                sims.into_iter().map(|(s, j)| (j, s)).unzip()
+            })
+            .collect();
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+fn write_neighbours(
+    path: &Path,
+    rows: &[Neighbours],
+    k: usize,
+) -> Result<(), StageError> {
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
+    let k = rows.first().map_or(k, |r| r.0.len());
+    let idx_item = Arc::new(Field::new("item", DataType::UInt32, false));
+    let sim_item = Arc::new(Field::new("item", DataType::Float32, false));
+    let idx = FixedSizeListArray::try_new(
+        idx_item.clone(),
+        k as i32,
+        Arc::new(UInt32Array::from_iter_values(
+            rows.iter().flat_map(|r| r.0.iter().copied()),
+        )),
+        None,
+    )
+    .map_err(|e| err(&e))?;
+    let sim = FixedSizeListArray::try_new(
+        sim_item.clone(),
+        k as i32,
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().flat_map(|r| r.1.iter().copied()),
+        )),
+        None,
+    )
+    .map_err(|e| err(&e))?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "neighbours",
+            DataType::FixedSizeList(idx_item, k as i32),
+            false,
+        ),
+        Field::new("cosine", DataType::FixedSizeList(sim_item, k as i32), false),
+    ]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(idx), Arc::new(sim)])
+        .map_err(|e| err(&e))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
+    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))
+}
+
+/// Mean text-teacher cosine between captions of the same image (every pair) and of different
+/// images (a fixed sample of at most 200,000 pairs, so COCO-sized splits stay fast).
+fn teacher_statistics(x: &[f32], d: usize, image_of: &[u32]) -> Value {
+    let n = image_of.len();
+    let dot = |i: usize, j: usize| -> f64 {
+        x[i * d..(i + 1) * d]
+            .iter()
+            .zip(&x[j * d..(j + 1) * d])
+            .map(|(a, b)| a * b)
+            .sum::<f32>() as f64
+    };
+    let mut by_image: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (i, img) in image_of.iter().enumerate() {
+        by_image.entry(*img).or_default().push(i);
+    }
+    let (mut same, mut same_n) = (0.0, 0u64);
+    for rows in by_image.values() {
+        for (a, &i) in rows.iter().enumerate() {
+            for &j in &rows[a + 1..] {
+                same += dot(i, j);
+                same_n += 1;
+            }
+        }
+    }
+    let (mut other, mut other_n) = (0.0, 0u64);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..200_000.min(n * n) {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let (i, j) = ((state >> 33) as usize % n, (state >> 11) as usize % n);
+        if image_of[i] != image_of[j] {
+            other += dot(i, j);
+            other_n += 1;
+        }
+    }
+    let mean = |s: f64, k: u64| {
+        if k > 0 {
+            Value::from(s / k as f64)
+        } else {
+            Value::Null
+        }
+    };
+    json!({"same_image": mean(same, same_n), "other_images": mean(other, other_n)})
+}

@@ -1,0 +1,53 @@
+//! `train`: a student trained with a base loss and, optionally, CSA and USA from precomputed
+//! soft labels (shared/docs/METHOD.md), on burn — ndarray on the CPU, CUDA behind the `cuda`
+//! feature.
+//!
+//! Invariants:
+//! * deterministic on the CPU: the same config and inputs give the same weights bytes (model
+//!   initialisation under a process-wide lock around the backend seed, per-epoch shuffles from
+//!   SplitMix64 of (seed, epoch), parameter ids by position), so downstream early cutoff works;
+//! * the best epoch is chosen on the **validation** split (RSUM); the test split is never read
+//!   here;
+//! * a checkpoint after every epoch lives in `scratch-v1/train/<fingerprint>/`; a rerun of the
+//!   same fingerprint after a kill resumes from it and ends with the same bytes as an
+//!   uninterrupted run; it is removed once the stage succeeds;
+//! * soft labels must cover every training caption and image (the `softlabel` stage checks);
+//!   a training caption without a backbone feature is an error, never a zero vector.
+//!
+//! Output tree: `model.mpk` (best epoch, burn NamedMpk, full precision), `config.json` (the
+//! training config, burn `Config`), `log.jsonl` (one line per epoch: losses by term,
+//! temperatures, learning rate, validation R@1/5/10 and RSUM, seconds), `metrics.json`.
+
+pub mod config;
+mod data;
+mod run;
+
+use serde_json::Value;
+
+use crate::api::{
+    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
+};
+pub use config::TrainConfig;
+
+pub struct TrainKind;
+
+impl StageKind for TrainKind {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let c: TrainConfig = parse_config(with)?;
+        c.validate()?;
+        Ok(Checked::default())
+    }
+
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        let c: TrainConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        run::train(&c, ctx)
+    }
+}

@@ -1,0 +1,543 @@
+//! The training loop: epochs of shuffled in-batch steps, validation after each epoch, a
+//! checkpoint after each epoch, resume from the last one.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::Optimizer;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::config::{BaseLoss, Device, StudentConfig, TrainConfig, TrainingRecord};
+use super::data::{self, Rows, TrainingData};
+use crate::api::{StageContext, StageError, StageSummary};
+use crate::ml::loss;
+use crate::ml::optim::{GroupedAdamW, cosine_lr};
+use crate::ml::retrieval::{self, Matrix, Recalls};
+use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
+
+/// Backends seed one process-wide generator: initialisations of concurrent train stages take
+/// turns so each sees only its own seed.
+static INIT: Mutex<()> = Mutex::new(());
+
+type Recorder_ = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+/// Where training runs.
+enum Placement {
+    Cpu(String),
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+/// Picks the device; probes for a CUDA driver before any CUDA call (burn 0.21's CUDA backend
+/// panics when there is none).
+fn place(device: Device, gpus: &[usize]) -> Result<Placement, StageError> {
+    if device == Device::Cpu {
+        return Ok(Placement::Cpu("`device: cpu`".into()));
+    }
+    let refuse = |why: &str, hint: &str| -> Result<Placement, StageError> {
+        if device == Device::Cuda {
+            Err(StageError::failed_with_hint(
+                format!("`device: cuda` but {why}"),
+                hint.to_string(),
+            ))
+        } else {
+            Ok(Placement::Cpu(why.to_string()))
+        }
+    };
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gpus;
+        refuse(
+            "this cusa-pipe was built without the `cuda` feature",
+            "rebuild with `cargo build --release --features cuda`",
+        )
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let Some(&gpu) = gpus.first() else {
+            return refuse(
+                "the stage has no GPU",
+                "add `resources: {gpu: 1}` to the stage (and run on a machine with an NVIDIA GPU)",
+            );
+        };
+        if !cuda_driver_present() {
+            return refuse(
+                "no CUDA driver was found (libcuda.so.1 does not load)",
+                "install the NVIDIA driver, or use `device: cpu`",
+            );
+        }
+        Ok(Placement::Cuda(gpu))
+    }
+}
+
+/// Whether the CUDA driver library loads (without initialising anything).
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    let name = std::ffi::CString::new("libcuda.so.1").expect("no NUL");
+    // SAFETY: dlopen/dlclose of a library by name; nothing from it is called.
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
+}
+
+pub fn train(c: &TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+    match place(c.device, ctx.gpus)? {
+        Placement::Cpu(why) => {
+            ctx.log.line(format!("device: CPU (burn ndarray) — {why}"));
+            train_on::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
+                c,
+                ctx,
+                Default::default(),
+                "ndarray",
+            )
+        }
+        #[cfg(feature = "cuda")]
+        Placement::Cuda(gpu) => {
+            ctx.log.line(format!("device: CUDA GPU {gpu} (burn cuda)"));
+            train_on::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                c,
+                ctx,
+                burn::backend::cuda::CudaDevice::new(gpu),
+                "cuda",
+            )
+        }
+    }
+}
+
+/// SplitMix64: the per-epoch shuffles.
+struct SplitMix64(u64);
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The order of the training captions in epoch `epoch` (Fisher–Yates).
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = SplitMix64(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn tensor<B: Backend>(data: Vec<f32>, rows: usize, dim: usize, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(data, [rows, dim]), device)
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .map_or(f64::NAN, |v| v[0])
+}
+
+/// Resume state, written after every epoch.
+#[derive(Serialize, Deserialize)]
+struct State {
+    epochs_done: usize,
+    best_epoch: Option<usize>,
+    best_rsum: f64,
+    log: Vec<Value>,
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
+}
+
+/// Unit-length embeddings of a split, in chunks, without gradients.
+fn embed_split<B: Backend>(
+    model: &FeatureHeads<B>,
+    split: &data::Split,
+    device: &B::Device,
+) -> (Vec<f32>, Vec<f32>, usize) {
+    let chunk = 1024;
+    let encode = |rows: &Rows, images: bool| -> (Vec<f32>, usize) {
+        let mut out = Vec::new();
+        let mut dim = 0;
+        let n = rows.len();
+        for start in (0..n).step_by(chunk) {
+            let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
+            let x = tensor::<B>(rows.gather(&idx), idx.len(), rows.dim, device);
+            let (f, _) = if images {
+                model.encode_images(x)
+            } else {
+                model.encode_texts(x)
+            };
+            let f = loss::l2_normalize(f);
+            dim = f.dims()[1];
+            out.extend(
+                f.into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap_or_default(),
+            );
+        }
+        (out, dim)
+    };
+    let (i, dim) = encode(&split.images, true);
+    let (t, _) = encode(&split.captions, false);
+    (i, t, dim)
+}
+
+fn validate<B: Backend>(
+    model: &FeatureHeads<B>,
+    split: &data::Split,
+    device: &B::Device,
+) -> Recalls {
+    let (images, captions, dim) = embed_split(model, split, device);
+    retrieval::recalls(
+        &Matrix { data: &images, dim },
+        &Matrix {
+            data: &captions,
+            dim,
+        },
+        &split.image_of,
+    )
+}
+
+fn train_on<B: AutodiffBackend>(
+    c: &TrainConfig,
+    ctx: &StageContext<'_>,
+    device: B::Device,
+    backend: &str,
+) -> Result<StageSummary, StageError> {
+    let StudentConfig::FeatureHeads {
+        image_features,
+        text_features,
+        hidden,
+        dim,
+    } = &c.student;
+    let data: TrainingData = data::load(
+        ctx,
+        &c.dataset,
+        &c.split,
+        &c.val_split,
+        image_features,
+        text_features,
+        c.softlabels.as_deref(),
+    )?;
+    let (train, val) = (&data.train, &data.val);
+    let uni_heads = c.loss.usa.is_some();
+    let shape = FeatureHeadsShape {
+        image_dim: train.images.dim,
+        text_dim: train.captions.dim,
+        hidden: *hidden,
+        dim: *dim,
+        uni_heads,
+    };
+    ctx.log.line(format!(
+        "train: {} captions of {} images; val: {} captions of {} images; student feature-heads {}→{}→{} / {}→{}→{}{}",
+        train.caption_ids.len(),
+        train.image_ids.len(),
+        val.caption_ids.len(),
+        val.image_ids.len(),
+        shape.image_dim,
+        hidden,
+        dim,
+        shape.text_dim,
+        hidden,
+        dim,
+        if uni_heads { ", uni heads" } else { "" }
+    ));
+    let mut model: FeatureHeads<B> = {
+        let _turn = INIT.lock().unwrap_or_else(|p| p.into_inner());
+        B::seed(&device, c.seed);
+        FeatureHeads::new(shape, &device)
+    };
+    let mut optim = GroupedAdamW::new(&model, c.weight_decay, c.decay_temperatures());
+    let recorder = Recorder_::new();
+    let checkpoint_dir = ctx.scratch_dir.join(ctx.fingerprint);
+    let mut state = State {
+        epochs_done: 0,
+        best_epoch: None,
+        best_rsum: f64::NEG_INFINITY,
+        log: Vec::new(),
+    };
+    let state_path = checkpoint_dir.join("state.json");
+    if let Ok(bytes) = std::fs::read(&state_path)
+        && let Ok(saved) = serde_json::from_slice::<State>(&bytes)
+    {
+        let load_err = |e: burn::record::RecorderError| {
+            StageError::failed_with_hint(
+                format!(
+                    "cannot load the checkpoint in {}: {e}",
+                    checkpoint_dir.display()
+                ),
+                "delete that folder to start this training from scratch",
+            )
+        };
+        model = model
+            .load_file(checkpoint_dir.join("model"), &recorder, &device)
+            .map_err(load_err)?;
+        optim.decayed = optim.decayed.load_record(
+            recorder
+                .load(checkpoint_dir.join("optim-decayed"), &device)
+                .map_err(load_err)?,
+        );
+        optim.plain = optim.plain.load_record(
+            recorder
+                .load(checkpoint_dir.join("optim-plain"), &device)
+                .map_err(load_err)?,
+        );
+        ctx.log.line(format!(
+            "resuming after epoch {} from {}",
+            saved.epochs_done,
+            checkpoint_dir.display()
+        ));
+        state = saved;
+    }
+    std::fs::create_dir_all(&checkpoint_dir)
+        .map_err(|e| StageError::io(format!("creating {}", checkpoint_dir.display()), e))?;
+
+    let n = train.caption_ids.len();
+    let steps_per_epoch = n / c.batch_size + usize::from(n % c.batch_size >= 2);
+    ctx.progress
+        .set_items(Some((steps_per_epoch * c.epochs) as u64));
+    ctx.progress
+        .set_position((steps_per_epoch * state.epochs_done) as u64);
+    let reduction = c.reduction();
+    let mut step = (steps_per_epoch * state.epochs_done) as u64;
+    for epoch in state.epochs_done..c.epochs {
+        let started = Instant::now();
+        let lr = cosine_lr(c.lr, c.lr_min(), epoch, c.epochs);
+        let order = epoch_order(n, c.seed, epoch);
+        let mut sums = [0.0f64; 4]; // total, base, csa, usa
+        let mut batches = 0usize;
+        for chunk in order.chunks(c.batch_size) {
+            if chunk.len() < 2 {
+                continue;
+            }
+            if ctx.cancel.is_cancelled() {
+                return Err(StageError::Cancelled);
+            }
+            let b = chunk.len();
+            let image_rows: Vec<usize> = chunk.iter().map(|&k| train.image_of[k]).collect();
+            let image_ids: Vec<u64> = image_rows.iter().map(|&r| r as u64).collect();
+            let x_i = tensor::<B>(
+                train.images.gather(&image_rows),
+                b,
+                train.images.dim,
+                &device,
+            );
+            let x_t = tensor::<B>(train.captions.gather(chunk), b, train.captions.dim, &device);
+            model = model.clamped();
+            let emb = model.forward(x_i, x_t);
+            let temps = &model.temperatures;
+            let base = match c.loss.base {
+                BaseLoss::Infonce => loss::infonce(
+                    emb.f_i.clone(),
+                    emb.f_t.clone(),
+                    temps.tau.val(),
+                    loss::multi_positive_targets::<B>(&image_ids, &device),
+                    reduction,
+                ),
+                BaseLoss::Vse => loss::vse_hardest(
+                    emb.f_i.clone(),
+                    emb.f_t.clone(),
+                    loss::same_image::<B>(&image_ids, &device),
+                    c.loss.margin,
+                ),
+            };
+            let mut total = base.clone();
+            let mut term = [scalar(base.clone().detach()), 0.0, 0.0];
+            if c.loss.csa.is_some() || c.loss.usa.is_some() {
+                let (ti, tc) = (
+                    data.teacher_images
+                        .as_ref()
+                        .expect("checked: soft labels loaded"),
+                    data.teacher_captions
+                        .as_ref()
+                        .expect("checked: soft labels loaded"),
+                );
+                let u = tensor::<B>(ti.gather(&image_rows), b, ti.dim, &device);
+                let v = tensor::<B>(tc.gather(chunk), b, tc.dim, &device);
+                let p_image = loss::soft_labels(u, 1.0);
+                let p_text = loss::soft_labels(v, 1.0);
+                if let Some(csa) = c.loss.csa {
+                    let l = loss::csa(
+                        emb.f_i.clone(),
+                        emb.f_t.clone(),
+                        temps.tau_c.val(),
+                        p_image.clone(),
+                        p_text.clone(),
+                    ) * csa.alpha;
+                    term[1] = scalar(l.clone().detach());
+                    total = total + l;
+                }
+                if let (Some(usa), Some(g_i), Some(g_t)) = (c.loss.usa, emb.g_i, emb.g_t) {
+                    let l = loss::usa(
+                        g_i,
+                        g_t,
+                        temps.tau_ui.val(),
+                        temps.tau_ut.val(),
+                        p_image,
+                        p_text,
+                    ) * usa.beta;
+                    term[2] = scalar(l.clone().detach());
+                    total = total + l;
+                }
+            }
+            let value = scalar(total.clone().detach());
+            if !value.is_finite() {
+                return Err(StageError::failed_with_hint(
+                    format!(
+                        "the loss became {value} in epoch {} (step {step})",
+                        epoch + 1
+                    ),
+                    "lower `lr`, or check the features for NaN",
+                ));
+            }
+            let grads = total.backward();
+            model = optim.step(lr, model, grads);
+            sums[0] += value;
+            for k in 0..3 {
+                sums[k + 1] += term[k];
+            }
+            batches += 1;
+            step += 1;
+            ctx.progress.set_position(step);
+            ctx.progress.set_message(&format!(
+                "epoch {}/{} loss {:.4}",
+                epoch + 1,
+                c.epochs,
+                sums[0] / batches as f64
+            ));
+        }
+        let model = {
+            let m = model.clone().clamped();
+            let recalls = validate(&m.valid(), val, &device);
+            let seconds = started.elapsed().as_secs_f64();
+            let t = m.temperatures.values();
+            let mean = |k: usize| sums[k] / batches.max(1) as f64;
+            let mut line = json!({
+                "epoch": epoch + 1,
+                "lr": lr,
+                "loss": mean(0),
+                "loss_base": mean(1),
+                "tau": t[0],
+                "val": recalls,
+                "seconds": seconds,
+                "pairs_per_second": (batches * c.batch_size).min(n) as f64 / seconds,
+            });
+            if c.loss.csa.is_some() {
+                line["loss_csa"] = json!(mean(2));
+                line["tau_c"] = json!(t[1]);
+            }
+            if c.loss.usa.is_some() {
+                line["loss_usa"] = json!(mean(3));
+                line["tau_ui"] = json!(t[2]);
+                line["tau_ut"] = json!(t[3]);
+            }
+            ctx.log.line(line.to_string());
+            if recalls.rsum > state.best_rsum {
+                state.best_rsum = recalls.rsum;
+                state.best_epoch = Some(epoch + 1);
+                save(&recorder, &m, &checkpoint_dir.join("best"))?;
+            }
+            state.log.push(line);
+            m
+        };
+        // The checkpoint: weights, both optimisers, then the state that points at them.
+        save(&recorder, &model, &checkpoint_dir.join("model"))?;
+        recorder
+            .record(
+                optim.decayed.to_record(),
+                checkpoint_dir.join("optim-decayed"),
+            )
+            .map_err(|e| StageError::failed(format!("saving the checkpoint: {e}")))?;
+        recorder
+            .record(optim.plain.to_record(), checkpoint_dir.join("optim-plain"))
+            .map_err(|e| StageError::failed(format!("saving the checkpoint: {e}")))?;
+        state.epochs_done = epoch + 1;
+        write_atomically(&state_path, &serde_json::to_vec(&state).unwrap_or_default())?;
+    }
+
+    let best_epoch = state.best_epoch.unwrap_or(c.epochs);
+    std::fs::copy(
+        checkpoint_dir.join("best.mpk"),
+        ctx.out_dir.join("model.mpk"),
+    )
+    .map_err(|e| StageError::io("copying the best weights", e))?;
+    let record = TrainingRecord {
+        student: "feature-heads".into(),
+        image_dim: shape.image_dim,
+        text_dim: shape.text_dim,
+        hidden: *hidden,
+        dim: *dim,
+        uni_heads,
+        base_loss: format!("{:?}", c.loss.base).to_lowercase(),
+        reduction: format!("{reduction:?}").to_lowercase(),
+        alpha: c.loss.csa.map(|x| x.alpha),
+        beta: c.loss.usa.map(|x| x.beta),
+        epochs: c.epochs,
+        batch_size: c.batch_size,
+        lr: c.lr,
+        lr_min: c.lr_min(),
+        weight_decay: c.weight_decay,
+        decay_temperatures: c.decay_temperatures(),
+        seed: c.seed,
+        best_epoch,
+        backend: backend.to_string(),
+    };
+    burn::config::Config::save(&record, ctx.out_dir.join("config.json"))
+        .map_err(|e| StageError::io("writing config.json", e))?;
+    let log: String = state.log.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(ctx.out_dir.join("log.jsonl"), log)
+        .map_err(|e| StageError::io("writing log.jsonl", e))?;
+    let best = &state.log[best_epoch - 1];
+    let metrics = json!({"best_epoch": best_epoch, "val": best["val"]});
+    std::fs::write(
+        ctx.out_dir.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| StageError::io("writing metrics.json", e))?;
+    let _ = std::fs::remove_dir_all(&checkpoint_dir);
+
+    let mut summary = StageSummary::default();
+    summary.notes.push(format!(
+        "best epoch {best_epoch}/{}: val RSUM {:.1} (R@1 i2t {:.1}, t2i {:.1})",
+        c.epochs,
+        best["val"]["rsum"].as_f64().unwrap_or(f64::NAN),
+        best["val"]["i2t_r1"].as_f64().unwrap_or(f64::NAN),
+        best["val"]["t2i_r1"].as_f64().unwrap_or(f64::NAN)
+    ));
+    summary
+        .metrics
+        .insert("best_epoch".into(), Value::from(best_epoch));
+    summary
+        .metrics
+        .insert("val_rsum".into(), best["val"]["rsum"].clone());
+    Ok(summary)
+}
+
+fn save<B: Backend, M: Module<B>>(
+    recorder: &Recorder_,
+    model: &M,
+    path: &Path,
+) -> Result<(), StageError> {
+    model
+        .clone()
+        .save_file(path.to_path_buf(), recorder)
+        .map_err(|e| StageError::failed(format!("saving weights to {}: {e}", path.display())))
+}

@@ -15,3 +15,4 @@ mod quickstart;
 mod spec_errors;
 mod support;
 mod teacher;
+mod train;

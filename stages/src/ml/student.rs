@@ -231,3 +231,72 @@ pub fn renumber<B: Backend, M: Module<B>>(module: M) -> M {
     }
     module.map(&mut Numbering(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    type B = Autodiff<NdArray<f32>>;
+
+    #[test]
+    fn temperatures_are_clamped_to_their_bounds_and_stay_trainable() {
+        let device = Default::default();
+        let mut t = Temperatures::<B>::new(&device);
+        assert_eq!(
+            t.values(),
+            [0.05, 0.45, 0.45, 0.45].map(|v: f64| v as f32 as f64)
+        );
+        let set = |v: f32| Param::from_tensor(Tensor::<B, 1>::from_floats([v], &device));
+        // Below and above every range.
+        t.tau = set(0.001);
+        t.tau_c = set(1.5);
+        t.tau_ui = set(0.01);
+        t.tau_ut = set(7.0);
+        let ids = [t.tau.id, t.tau_c.id, t.tau_ui.id, t.tau_ut.id];
+        let t = t.clamp();
+        assert_eq!(
+            t.values(),
+            [0.01, 0.99, 0.10, 1.00].map(|v: f64| v as f32 as f64)
+        );
+        assert_eq!(
+            [t.tau.id, t.tau_c.id, t.tau_ui.id, t.tau_ut.id],
+            ids,
+            "same parameters"
+        );
+        // Inside the range nothing moves; at a bound the gradient still reaches the value.
+        let t = Temperatures::<B>::new(&device).clamp();
+        assert_eq!(t.values()[0], 0.05f32 as f64);
+        let grads = (t.tau.val() * 3.0).sum().backward();
+        let g = t.tau.val().grad(&grads).expect("a trainable leaf");
+        assert_eq!(g.into_data().to_vec::<f32>().unwrap(), vec![3.0]);
+    }
+
+    #[test]
+    fn parameter_ids_follow_the_architecture_not_the_process() {
+        let device = Default::default();
+        let shape = FeatureHeadsShape {
+            image_dim: 6,
+            text_dim: 5,
+            hidden: 4,
+            dim: 3,
+            uni_heads: true,
+        };
+        let ids = |m: &FeatureHeads<B>| {
+            let g = crate::ml::optim::decay_groups::<B, _>(m, false);
+            (g.decayed, g.plain)
+        };
+        let (a, b) = (
+            FeatureHeads::<B>::new(shape, &device),
+            FeatureHeads::<B>::new(shape, &device),
+        );
+        assert_eq!(ids(&a), ids(&b));
+        let (decayed, plain) = ids(&a);
+        // Matrices: 2 per MLP × 2 + 1 per head × 4 = 8. Not decayed: 4 MLP biases, 4 head
+        // biases, 4 LayerNorms × (gain, bias), 4 temperatures = 20.
+        assert_eq!(decayed.len(), 8);
+        assert_eq!(plain.len(), 4 + 4 + 8 + 4);
+        let with_temps = crate::ml::optim::decay_groups::<B, _>(&a, true);
+        assert_eq!(with_temps.decayed.len(), 12);
+    }
+}

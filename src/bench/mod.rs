@@ -12,6 +12,7 @@
 
 mod dataset;
 mod teacher;
+mod train;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub enum Suite {
     Dataset,
     /// The quickstart's teachers vs Python onnxruntime + tokenizers + PIL/numpy
     Teacher,
+    /// Step time of +CSA/+USA/+CUSA vs the base loss; training pairs/s
+    Train,
 }
 
 #[derive(Args)]
@@ -55,6 +58,12 @@ pub struct BenchArgs {
     /// The DVC executable [default: `dvc` on PATH]
     #[arg(long)]
     dvc: Option<PathBuf>,
+    /// Batch size of the train suite
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Timed steps per variant in the train suite
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
     /// A Python with pandas and pyarrow, for the dataset suite's peer
     #[arg(long, default_value = "python3")]
     python: PathBuf,
@@ -65,6 +74,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Engine => engine(args),
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
         Suite::Teacher => teacher::teacher(&args.dir, &args.python),
+        Suite::Train => train::train(args.batch, args.steps),
     }
 }
 

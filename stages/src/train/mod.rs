@@ -18,6 +18,7 @@
 //! training config, burn `Config`), `log.jsonl` (one line per epoch: losses by term,
 //! temperatures, learning rate, validation R@1/5/10 and RSUM, seconds), `metrics.json`.
 
+pub mod bench;
 pub mod config;
 mod data;
 mod run;

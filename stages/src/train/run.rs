@@ -13,7 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::config::{BaseLoss, Device, StudentConfig, TrainConfig, TrainingRecord};
+use super::config::{BaseLoss, Device, LossConfig, StudentConfig, TrainConfig, TrainingRecord};
 use super::data::{self, Rows, TrainingData};
 use crate::api::{StageContext, StageError, StageSummary};
 use crate::ml::loss;
@@ -216,6 +216,98 @@ fn validate<B: Backend>(
     )
 }
 
+/// One batch's inputs, as flat rows (built from the training data or, in the benchmark, from
+/// generated vectors).
+pub struct StepBatch {
+    /// Image identity per row (multi-positive targets).
+    pub image_ids: Vec<u64>,
+    pub images: Vec<f32>,
+    pub captions: Vec<f32>,
+    /// Teacher vectors (image, text) per row, for CSA/USA.
+    pub teacher: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Row widths of a [`StepBatch`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepDims {
+    pub image: usize,
+    pub text: usize,
+    pub teacher_image: usize,
+    pub teacher_text: usize,
+}
+
+/// One optimisation step: clamp the temperatures, forward, the configured loss terms,
+/// backward, AdamW. Returns the model, the total loss and the (base, α·CSA, β·USA) terms.
+#[allow(clippy::too_many_arguments)]
+pub fn step_once<B: AutodiffBackend>(
+    model: FeatureHeads<B>,
+    optim: &mut GroupedAdamW<FeatureHeads<B>, B>,
+    losses: &LossConfig,
+    reduction: loss::Reduction,
+    lr: f64,
+    batch: &StepBatch,
+    dims: StepDims,
+    device: &B::Device,
+) -> (FeatureHeads<B>, f64, [f64; 3]) {
+    let b = batch.image_ids.len();
+    let x_i = tensor::<B>(batch.images.clone(), b, dims.image, device);
+    let x_t = tensor::<B>(batch.captions.clone(), b, dims.text, device);
+    let model = model.clamped();
+    let emb = model.forward(x_i, x_t);
+    let temps = &model.temperatures;
+    let base = match losses.base {
+        BaseLoss::Infonce => loss::infonce(
+            emb.f_i.clone(),
+            emb.f_t.clone(),
+            temps.tau.val(),
+            loss::multi_positive_targets::<B>(&batch.image_ids, device),
+            reduction,
+        ),
+        BaseLoss::Vse => loss::vse_hardest(
+            emb.f_i.clone(),
+            emb.f_t.clone(),
+            loss::same_image::<B>(&batch.image_ids, device),
+            losses.margin,
+        ),
+    };
+    let mut total = base.clone();
+    let mut term = [scalar(base.detach()), 0.0, 0.0];
+    if let Some((ti, tc)) = &batch.teacher
+        && (losses.csa.is_some() || losses.usa.is_some())
+    {
+        let u = tensor::<B>(ti.clone(), b, dims.teacher_image, device);
+        let v = tensor::<B>(tc.clone(), b, dims.teacher_text, device);
+        let p_image = loss::soft_labels(u, 1.0);
+        let p_text = loss::soft_labels(v, 1.0);
+        if let Some(csa) = losses.csa {
+            let l = loss::csa(
+                emb.f_i.clone(),
+                emb.f_t.clone(),
+                temps.tau_c.val(),
+                p_image.clone(),
+                p_text.clone(),
+            ) * csa.alpha;
+            term[1] = scalar(l.clone().detach());
+            total = total + l;
+        }
+        if let (Some(usa), Some(g_i), Some(g_t)) = (losses.usa, emb.g_i, emb.g_t) {
+            let l = loss::usa(
+                g_i,
+                g_t,
+                temps.tau_ui.val(),
+                temps.tau_ut.val(),
+                p_image,
+                p_text,
+            ) * usa.beta;
+            term[2] = scalar(l.clone().detach());
+            total = total + l;
+        }
+    }
+    let value = scalar(total.clone().detach());
+    let grads = total.backward();
+    (optim.step(lr, model, grads), value, term)
+}
+
 fn train_on<B: AutodiffBackend>(
     c: &TrainConfig,
     ctx: &StageContext<'_>,
@@ -331,74 +423,27 @@ fn train_on<B: AutodiffBackend>(
             if ctx.cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
-            let b = chunk.len();
             let image_rows: Vec<usize> = chunk.iter().map(|&k| train.image_of[k]).collect();
-            let image_ids: Vec<u64> = image_rows.iter().map(|&r| r as u64).collect();
-            let x_i = tensor::<B>(
-                train.images.gather(&image_rows),
-                b,
-                train.images.dim,
-                &device,
-            );
-            let x_t = tensor::<B>(train.captions.gather(chunk), b, train.captions.dim, &device);
-            model = model.clamped();
-            let emb = model.forward(x_i, x_t);
-            let temps = &model.temperatures;
-            let base = match c.loss.base {
-                BaseLoss::Infonce => loss::infonce(
-                    emb.f_i.clone(),
-                    emb.f_t.clone(),
-                    temps.tau.val(),
-                    loss::multi_positive_targets::<B>(&image_ids, &device),
-                    reduction,
-                ),
-                BaseLoss::Vse => loss::vse_hardest(
-                    emb.f_i.clone(),
-                    emb.f_t.clone(),
-                    loss::same_image::<B>(&image_ids, &device),
-                    c.loss.margin,
-                ),
+            let batch = StepBatch {
+                image_ids: image_rows.iter().map(|&r| r as u64).collect(),
+                images: train.images.gather(&image_rows),
+                captions: train.captions.gather(chunk),
+                teacher: data
+                    .teacher_images
+                    .as_ref()
+                    .zip(data.teacher_captions.as_ref())
+                    .map(|(ti, tc)| (ti.gather(&image_rows), tc.gather(chunk))),
             };
-            let mut total = base.clone();
-            let mut term = [scalar(base.clone().detach()), 0.0, 0.0];
-            if c.loss.csa.is_some() || c.loss.usa.is_some() {
-                let (ti, tc) = (
-                    data.teacher_images
-                        .as_ref()
-                        .expect("checked: soft labels loaded"),
-                    data.teacher_captions
-                        .as_ref()
-                        .expect("checked: soft labels loaded"),
-                );
-                let u = tensor::<B>(ti.gather(&image_rows), b, ti.dim, &device);
-                let v = tensor::<B>(tc.gather(chunk), b, tc.dim, &device);
-                let p_image = loss::soft_labels(u, 1.0);
-                let p_text = loss::soft_labels(v, 1.0);
-                if let Some(csa) = c.loss.csa {
-                    let l = loss::csa(
-                        emb.f_i.clone(),
-                        emb.f_t.clone(),
-                        temps.tau_c.val(),
-                        p_image.clone(),
-                        p_text.clone(),
-                    ) * csa.alpha;
-                    term[1] = scalar(l.clone().detach());
-                    total = total + l;
-                }
-                if let (Some(usa), Some(g_i), Some(g_t)) = (c.loss.usa, emb.g_i, emb.g_t) {
-                    let l = loss::usa(
-                        g_i,
-                        g_t,
-                        temps.tau_ui.val(),
-                        temps.tau_ut.val(),
-                        p_image,
-                        p_text,
-                    ) * usa.beta;
-                    term[2] = scalar(l.clone().detach());
-                    total = total + l;
-                }
-            }
-            let value = scalar(total.clone().detach());
+            let dims = StepDims {
+                image: train.images.dim,
+                text: train.captions.dim,
+                teacher_image: data.teacher_images.as_ref().map_or(0, |t| t.dim),
+                teacher_text: data.teacher_captions.as_ref().map_or(0, |t| t.dim),
+            };
+            let (next, value, term) = step_once(
+                model, &mut optim, &c.loss, reduction, lr, &batch, dims, &device,
+            );
+            model = next;
             if !value.is_finite() {
                 return Err(StageError::failed_with_hint(
                     format!(
@@ -408,8 +453,6 @@ fn train_on<B: AutodiffBackend>(
                     "lower `lr`, or check the features for NaN",
                 ));
             }
-            let grads = total.backward();
-            model = optim.step(lr, model, grads);
             sums[0] += value;
             for k in 0..3 {
                 sums[k + 1] += term[k];

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use arrow_array::{
     Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, RecordBatch, StringArray,
 };
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{Field, Schema};
 
 use crate::api::StageError;
 use crate::teacher::Precision;
@@ -95,55 +95,60 @@ pub fn read(path: &Path) -> Result<Features, StageError> {
     Ok(out)
 }
 
-/// Writes `features.arrow`.
+/// Rows of `dim` values as a FixedSizeList column of `values`' type.
+pub fn fixed_rows(values: ArrayRef, dim: usize) -> Result<FixedSizeListArray, String> {
+    let item = Arc::new(Field::new("item", values.data_type().clone(), false));
+    FixedSizeListArray::try_new(item, dim as i32, values, None).map_err(|e| e.to_string())
+}
+
+/// Writes one record batch of `columns` (name, values) as an Arrow IPC file with `meta`.
+pub fn write_ipc(
+    path: &Path,
+    columns: Vec<(&str, ArrayRef)>,
+    meta: HashMap<String, String>,
+) -> Result<(), StageError> {
+    let err =
+        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, values)| Field::new(*name, values.data_type().clone(), false))
+        .collect();
+    let schema = Arc::new(Schema::new(fields).with_metadata(meta));
+    let batch = RecordBatch::try_new(schema.clone(), columns.into_iter().map(|c| c.1).collect())
+        .map_err(|e| err(&e))?;
+    let file = File::create(path)
+        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
+    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
+    w.write(&batch).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))
+}
+
+/// Writes a feature file: `id`, any `extra` text columns (e.g. a caption's `image_id`), then
+/// `embedding` in `precision`.
 pub fn write(
     path: &Path,
-    ids: &[String],
+    ids: &[&str],
+    extra: Vec<(&str, &[&str])>,
     data: &[f32],
     dim: usize,
     precision: Precision,
     meta: HashMap<String, String>,
 ) -> Result<(), StageError> {
-    let err =
-        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
-    let (item, values): (DataType, ArrayRef) = match precision {
-        Precision::F32 => (
-            DataType::Float32,
-            Arc::new(Float32Array::from(data.to_vec())),
-        ),
-        Precision::F16 => (
-            DataType::Float16,
-            Arc::new(Float16Array::from(
-                data.iter()
-                    .map(|v| half::f16::from_f32(*v))
-                    .collect::<Vec<_>>(),
-            )),
-        ),
+    let values: ArrayRef = match precision {
+        Precision::F32 => Arc::new(Float32Array::from(data.to_vec())),
+        Precision::F16 => Arc::new(Float16Array::from(
+            data.iter()
+                .map(|v| half::f16::from_f32(*v))
+                .collect::<Vec<_>>(),
+        )),
     };
-    let item_field = Arc::new(Field::new("item", item, false));
-    let list = FixedSizeListArray::try_new(item_field.clone(), dim as i32, values, None)
-        .map_err(|e| err(&e))?;
-    let schema = Arc::new(
-        Schema::new(vec![
-            Field::new("id", DataType::Utf8, false),
-            Field::new(
-                "embedding",
-                DataType::FixedSizeList(item_field, dim as i32),
-                false,
-            ),
-        ])
-        .with_metadata(meta),
-    );
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![Arc::new(StringArray::from_iter_values(ids)), Arc::new(list)],
-    )
-    .map_err(|e| err(&e))?;
-    let file = File::create(path)
-        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
-    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
-    w.finish().map_err(|e| err(&e))?;
-    debug_assert_eq!(batch.column(1).len(), ids.len());
-    Ok(())
+    let embedding = fixed_rows(values, dim)
+        .map_err(|e| StageError::failed(format!("writing {}: {e}", path.display())))?;
+    let mut columns: Vec<(&str, ArrayRef)> =
+        vec![("id", Arc::new(StringArray::from_iter_values(ids)))];
+    for (name, values) in extra {
+        columns.push((name, Arc::new(StringArray::from_iter_values(values))));
+    }
+    columns.push(("embedding", Arc::new(embedding)));
+    write_ipc(path, columns, meta)
 }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod command;
 pub mod dataset;
+pub mod device;
 pub mod download;
 pub mod features;
 pub mod ml;

@@ -1,7 +1,7 @@
 //! Test harness: a throw-away project folder, the real binary, transcripts with filters, and
 //! a real HTTP server on loopback for the download tests.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -77,6 +77,16 @@ impl Project {
     pub fn transcript(&self, args: &[&str]) -> String {
         let r = self.run(args);
         render(args, &r, self.path())
+    }
+
+    /// The newest log of `stage` (the run just made).
+    pub fn latest_log(&self, stage: &str) -> String {
+        let newest = std::fs::read_dir(self.path().join("cache/logs-v1").join(stage))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        std::fs::read_to_string(newest).unwrap()
     }
 
     /// The output folder of a committed stage.
@@ -357,4 +367,38 @@ pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
+}
+
+/// (ids, rows, schema metadata) of a feature file (`id` + `embedding` FixedSizeList of f32 or
+/// f16, other columns ignored).
+pub fn read_features(path: &Path) -> (Vec<String>, Vec<Vec<f32>>, HashMap<String, String>) {
+    use arrow_array::{Array, FixedSizeListArray, Float16Array, Float32Array, StringArray};
+    let file = std::fs::File::open(path).unwrap();
+    let reader = arrow_ipc::reader::FileReader::try_new(file, None).unwrap();
+    let meta = reader.schema().metadata().clone();
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.unwrap();
+        let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let id = column("id");
+        let id = id.as_any().downcast_ref::<StringArray>().unwrap();
+        let emb = column("embedding");
+        let emb = emb.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        for i in 0..batch.num_rows() {
+            ids.push(id.value(i).to_string());
+            let v = emb.value(i);
+            rows.push(match v.as_any().downcast_ref::<Float32Array>() {
+                Some(f) => f.values().to_vec(),
+                None => v
+                    .as_any()
+                    .downcast_ref::<Float16Array>()
+                    .unwrap()
+                    .values()
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+            });
+        }
+    }
+    (ids, rows, meta.into())
 }

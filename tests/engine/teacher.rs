@@ -4,9 +4,7 @@
 
 use std::path::Path;
 
-use arrow_array::{Array, FixedSizeListArray, Float16Array, Float32Array, StringArray};
-
-use crate::support::Project;
+use crate::support::{Project, read_features};
 
 /// The model downloads of the root pipeline.yaml, a dataset of the fixture's captions, and a
 /// text teacher with extra `with:` keys.
@@ -50,51 +48,6 @@ fn write_pipeline(p: &Project, from_quickstart: &[&str], ours: &str) {
     doc.insert("version".into(), 1.into());
     doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
     p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
-}
-
-/// (ids, rows) of a features.arrow file.
-fn read_features(
-    path: &Path,
-) -> (
-    Vec<String>,
-    Vec<Vec<f32>>,
-    std::collections::HashMap<String, String>,
-) {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = arrow_ipc::reader::FileReader::try_new(file, None).unwrap();
-    let meta = reader.schema().metadata().clone();
-    let mut ids = Vec::new();
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let id = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap();
-        let emb = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<FixedSizeListArray>()
-            .unwrap();
-        for i in 0..batch.num_rows() {
-            ids.push(id.value(i).to_string());
-            let v = emb.value(i);
-            let row: Vec<f32> = match v.as_any().downcast_ref::<Float32Array>() {
-                Some(f) => f.values().to_vec(),
-                None => v
-                    .as_any()
-                    .downcast_ref::<Float16Array>()
-                    .unwrap()
-                    .values()
-                    .iter()
-                    .map(|h| h.to_f32())
-                    .collect(),
-            };
-            rows.push(row);
-        }
-    }
-    (ids, rows, meta.into())
 }
 
 fn relative_l2(a: &[f32], b: &[f64]) -> f64 {
@@ -473,13 +426,7 @@ fn a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_before_inference
     // The published tokenizer passes the same check.
     let r = p.run(&["run", "-j", "1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let logs = p.path().join("cache/logs-v1/text");
-    let newest = std::fs::read_dir(&logs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
-    let log = std::fs::read_to_string(newest).unwrap();
+    let log = p.latest_log("text");
     let cpu = if cfg!(feature = "cuda") {
         "ONNX Runtime: CPU execution provider (the stage has no GPU)"
     } else {

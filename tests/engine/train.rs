@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arrow_array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+use arrow_array::{Array, FixedSizeListArray, UInt32Array};
 
-use crate::support::{Project, sha256_hex, wait_child};
+use crate::support::{Project, read_features, sha256_hex, wait_child};
 
 /// The quickstart's downloads and teachers over a small scenes dataset, a softlabel stage and
 /// a train stage with extra `with:` lines.
@@ -62,40 +62,6 @@ train:
     p
 }
 
-/// (ids, rows) of an Arrow file with `id` and `embedding` columns.
-fn read_rows(path: &Path) -> (Vec<String>, Vec<Vec<f32>>) {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = arrow_ipc::reader::FileReader::try_new(file, None).unwrap();
-    let (mut ids, mut rows) = (Vec::new(), Vec::new());
-    for batch in reader {
-        let batch = batch.unwrap();
-        let id = batch
-            .column_by_name("id")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap();
-        let emb = batch
-            .column_by_name("embedding")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<FixedSizeListArray>()
-            .unwrap();
-        for i in 0..batch.num_rows() {
-            ids.push(id.value(i).to_string());
-            let v = emb.value(i);
-            rows.push(
-                v.as_any()
-                    .downcast_ref::<Float32Array>()
-                    .unwrap()
-                    .values()
-                    .to_vec(),
-            );
-        }
-    }
-    (ids, rows)
-}
-
 #[test]
 fn soft_labels_cover_the_training_split_or_name_the_missing_ids() {
     let p = project("");
@@ -121,7 +87,13 @@ fn soft_labels_cover_the_training_split_or_name_the_missing_ids() {
         "{}",
         r.stderr
     );
-    assert!(p.run(&["status"]).stdout.contains("softlabels"));
+    let status = p
+        .run(&["status", "--set", "text_teacher.with.split=test"])
+        .stdout;
+    assert!(
+        status.contains("stale  softlabels"),
+        "a failed stage commits nothing: {status}"
+    );
 
     let r = p.run(&["run", "-j", "1", "softlabels"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -133,8 +105,8 @@ fn soft_labels_cover_the_training_split_or_name_the_missing_ids() {
         r.stderr
     );
     let out = p.output("softlabels");
-    let (caption_ids, captions) = read_rows(&out.join("captions.arrow"));
-    let (image_ids, images) = read_rows(&out.join("images.arrow"));
+    let (caption_ids, captions, _) = read_features(&out.join("captions.arrow"));
+    let (image_ids, images, _) = read_features(&out.join("images.arrow"));
     assert_eq!((caption_ids.len(), image_ids.len()), (400, 80));
     let mut sorted = caption_ids.clone();
     sorted.sort();
@@ -220,13 +192,7 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
     // The rerun resumes from the checkpoint…
     let r = p.run(&["run", "-j", "1", "train"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let log_dir = p.path().join("cache/logs-v1/train");
-    let newest = std::fs::read_dir(&log_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
-    let log = std::fs::read_to_string(newest).unwrap();
+    let log = p.latest_log("train");
     assert!(log.contains("resuming after epoch"), "{log}");
     let resumed = weights(&p);
     let lines = std::fs::read_to_string(p.output("train").join("log.jsonl")).unwrap();

@@ -18,10 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::{
-    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
-};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_array::{Float32Array, UInt32Array};
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,6 +27,7 @@ use crate::api::{
     Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
 };
 use crate::features::{self, Features};
+use crate::teacher::Precision;
 
 /// `with:` of a softlabel stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -123,22 +121,24 @@ impl StageKind for SoftlabelKind {
         let caption_vectors = gather_normalized(&text_teacher, &caption_rows);
         let (di, dt) = (image_teacher.dim, text_teacher.dim);
         let out = ctx.out_dir;
-        write_table(
+        features::write(
             &out.join("images.arrow"),
             &image_ids,
-            None,
+            Vec::new(),
             &image_vectors,
             di,
-            &image_teacher.metadata,
+            Precision::F32,
+            provenance(&image_teacher.metadata),
         )?;
         let caption_image_ids: Vec<&str> = captions.iter().map(|r| r.image_id.as_str()).collect();
-        write_table(
+        features::write(
             &out.join("captions.arrow"),
             &caption_ids,
-            Some(&caption_image_ids),
+            vec![("image_id", &caption_image_ids)],
             &caption_vectors,
             dt,
-            &text_teacher.metadata,
+            Precision::F32,
+            provenance(&text_teacher.metadata),
         )?;
 
         let mut summary = StageSummary::default();
@@ -146,8 +146,8 @@ impl StageKind for SoftlabelKind {
             let started = std::time::Instant::now();
             let img_nn = nearest(&image_vectors, di, k, ctx)?;
             let cap_nn = nearest(&caption_vectors, dt, k, ctx)?;
-            write_neighbours(&out.join("image_neighbours.arrow"), &img_nn, k)?;
-            write_neighbours(&out.join("caption_neighbours.arrow"), &cap_nn, k)?;
+            write_neighbours(&out.join("image_neighbours.arrow"), &img_nn)?;
+            write_neighbours(&out.join("caption_neighbours.arrow"), &cap_nn)?;
             ctx.log.line(format!(
                 "{k} nearest teacher neighbours of {} images and {} captions in {:.2}s",
                 image_ids.len(),
@@ -239,48 +239,14 @@ fn gather_normalized(f: &Features, rows: &[usize]) -> Vec<f32> {
     out
 }
 
-fn write_table(
-    path: &Path,
-    ids: &[&str],
-    image_ids: Option<&[&str]>,
-    data: &[f32],
-    dim: usize,
-    teacher_meta: &HashMap<String, String>,
-) -> Result<(), StageError> {
-    let err =
-        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = FixedSizeListArray::try_new(
-        item.clone(),
-        dim as i32,
-        Arc::new(Float32Array::from(data.to_vec())),
-        None,
-    )
-    .map_err(|e| err(&e))?;
-    let mut fields = vec![Field::new("id", DataType::Utf8, false)];
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(ids))];
-    if let Some(images) = image_ids {
-        fields.push(Field::new("image_id", DataType::Utf8, false));
-        columns.push(Arc::new(StringArray::from_iter_values(images)));
-    }
-    fields.push(Field::new(
-        "embedding",
-        DataType::FixedSizeList(item, dim as i32),
-        false,
-    ));
-    columns.push(Arc::new(list));
+/// Metadata of a soft-label table: the teacher's, prefixed, and that rows are unit length.
+fn provenance(teacher_meta: &HashMap<String, String>) -> HashMap<String, String> {
     let mut meta: HashMap<String, String> = teacher_meta
         .iter()
         .map(|(k, v)| (format!("teacher.{k}"), v.clone()))
         .collect();
     meta.insert("normalized".into(), "true".into());
-    let schema = Arc::new(Schema::new(fields).with_metadata(meta));
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
-    let file = std::fs::File::create(path)
-        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
-    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
-    w.finish().map_err(|e| err(&e))
+    meta
 }
 
 /// One item's nearest neighbours: row indices and cosines, most similar first.
@@ -330,45 +296,31 @@ pub fn nearest(
     Ok(out)
 }
 
-fn write_neighbours(path: &Path, rows: &[Neighbours], k: usize) -> Result<(), StageError> {
-    let err =
-        |e: &dyn std::fmt::Display| StageError::failed(format!("writing {}: {e}", path.display()));
-    let k = rows.first().map_or(k, |r| r.0.len());
-    let idx_item = Arc::new(Field::new("item", DataType::UInt32, false));
-    let sim_item = Arc::new(Field::new("item", DataType::Float32, false));
-    let idx = FixedSizeListArray::try_new(
-        idx_item.clone(),
-        k as i32,
+fn write_neighbours(path: &Path, rows: &[Neighbours]) -> Result<(), StageError> {
+    let k = rows.first().map_or(0, |r| r.0.len());
+    let err = |e: String| StageError::failed(format!("writing {}: {e}", path.display()));
+    let indices = features::fixed_rows(
         Arc::new(UInt32Array::from_iter_values(
             rows.iter().flat_map(|r| r.0.iter().copied()),
         )),
-        None,
+        k,
     )
-    .map_err(|e| err(&e))?;
-    let sim = FixedSizeListArray::try_new(
-        sim_item.clone(),
-        k as i32,
+    .map_err(err)?;
+    let cosines = features::fixed_rows(
         Arc::new(Float32Array::from_iter_values(
             rows.iter().flat_map(|r| r.1.iter().copied()),
         )),
-        None,
+        k,
     )
-    .map_err(|e| err(&e))?;
-    let schema = Arc::new(Schema::new(vec![
-        Field::new(
-            "neighbours",
-            DataType::FixedSizeList(idx_item, k as i32),
-            false,
-        ),
-        Field::new("cosine", DataType::FixedSizeList(sim_item, k as i32), false),
-    ]));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(idx), Arc::new(sim)])
-        .map_err(|e| err(&e))?;
-    let file = std::fs::File::create(path)
-        .map_err(|e| StageError::io(format!("creating {}", path.display()), e))?;
-    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &schema).map_err(|e| err(&e))?;
-    w.write(&batch).map_err(|e| err(&e))?;
-    w.finish().map_err(|e| err(&e))
+    .map_err(err)?;
+    features::write_ipc(
+        path,
+        vec![
+            ("neighbours", Arc::new(indices)),
+            ("cosine", Arc::new(cosines)),
+        ],
+        HashMap::new(),
+    )
 }
 
 /// Mean text-teacher cosine between captions of the same image (every pair) and of different

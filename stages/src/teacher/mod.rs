@@ -113,7 +113,7 @@ pub struct TeacherConfig {
     pub on_error: crate::dataset::normal::OnError,
     /// `auto` (CUDA when built with it and granted a GPU, else CPU), `cpu` or `cuda`.
     #[serde(default)]
-    pub device: runtime::Device,
+    pub device: crate::device::Device,
 }
 
 /// `preprocess:` — a preset name or explicit settings.
@@ -353,9 +353,11 @@ impl StageKind for TeacherKind {
             }
         }
         meta.insert("dims".into(), dim.to_string());
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         crate::features::write(
             &ctx.out_dir.join("features.arrow"),
-            &ids,
+            &id_refs,
+            Vec::new(),
             &data,
             dim,
             c.precision,

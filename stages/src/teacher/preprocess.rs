@@ -179,21 +179,16 @@ impl Preprocess {
 /// Decodes an image file (format from its content) to 8-bit RGB; alpha is dropped and grey is
 /// replicated, as PIL's `convert("RGB")` does.
 pub fn decode(path: &std::path::Path) -> Result<RgbImage, String> {
-    let mut magic = [0u8; 3];
-    let is_jpeg = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
-        && magic == [0xFF, 0xD8, 0xFF];
-    if is_jpeg {
-        match decode_jpeg(path) {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        match decode_jpeg(&bytes) {
             Ok(img) => return Ok(img),
             // CMYK/YCCK: libjpeg cannot convert those to RGB; the general decoder can.
             Err(e) if e.contains("Unsupported color conversion") => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
+    Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?
         .decode()
@@ -251,8 +246,7 @@ extern "C-unwind" fn jpeg_warning(
 /// Decodes a JPEG to RGB exactly as Pillow does: the same libjpeg lineage with the same
 /// settings (islow IDCT, fancy upsampling); checked byte for byte against Pillow on
 /// scikit-image's JPEG photos.
-fn decode_jpeg(path: &std::path::Path) -> Result<RgbImage, String> {
-    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+fn decode_jpeg(data: &[u8]) -> Result<RgbImage, String> {
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
         // SAFETY: jpeg_std_error fills every field of the manager.
         let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
@@ -261,7 +255,7 @@ fn decode_jpeg(path: &std::path::Path) -> Result<RgbImage, String> {
         err.emit_message = Some(jpeg_warning);
         let mut d = mozjpeg::decompress::DecompressBuilder::new()
             .with_err(err)
-            .from_mem(&data)?;
+            .from_mem(data)?;
         d.dct_method(mozjpeg::DctMethod::IntegerSlow);
         d.do_fancy_upsampling(true);
         let mut started = d.rgb()?;

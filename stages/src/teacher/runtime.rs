@@ -19,6 +19,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
 use crate::api::StageError;
+use crate::device::Device;
 
 /// The loaded library (path and sha256: paths differ between cache trees, content must not) and
 /// the process's one environment.
@@ -70,24 +71,14 @@ pub fn environment(lib: &Path) -> Result<ort::environment::Environment, StageErr
     }
 }
 
-/// `device:` of a teacher stage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
 /// Why a session runs where it runs, for the log.
 pub struct Placement {
     pub provider: &'static str,
     pub why: String,
 }
 
-/// Registers the CUDA execution provider on GPU `gpu` when `device` asks for it and it can
-/// work; see the module doc.
+/// Registers the CUDA execution provider when `device` asks for it and it can work; see the
+/// module doc.
 fn place(
     builder: ort::session::builder::SessionBuilder,
     device: Device,
@@ -97,44 +88,23 @@ fn place(
         provider: "CPU",
         why,
     };
-    if device == Device::Cpu {
-        return Ok((builder, cpu("`device: cpu`".into())));
-    }
-    let refuse = |why: String, hint: &str| -> Result<_, StageError> {
-        if device == Device::Cuda {
-            Err(StageError::failed_with_hint(
-                format!("`device: cuda` but {why}"),
-                hint.to_string(),
-            ))
-        } else {
-            Ok(cpu(why))
-        }
+    let gpu = match device.gpu(gpus)? {
+        Ok(gpu) => gpu,
+        Err(why) => return Ok((builder, cpu(why))),
     };
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = gpus;
-        let placement = refuse(
-            "this cusa-pipe was built without the `cuda` feature".into(),
-            "rebuild with `cargo build --release --features cuda`",
-        )?;
-        Ok((builder, placement))
+        unreachable!("Device::gpu grants GPU {gpu} only in a build with the `cuda` feature")
     }
     #[cfg(feature = "cuda")]
     {
         use ort::ep::ExecutionProvider;
-        let Some(&gpu) = gpus.first() else {
-            let placement = refuse(
-                "the stage has no GPU".into(),
-                "add `resources: {gpu: 1}` to the stage (and run on a machine with an NVIDIA GPU)",
-            )?;
-            return Ok((builder, placement));
-        };
         if !ort::ep::CUDA::is_available().unwrap_or(false) {
-            let placement = refuse(
-                "this ONNX Runtime library was built without CUDA".into(),
+            let why = device.without_cuda(
+                "this ONNX Runtime library was built without CUDA",
                 "take libonnxruntime.so from the onnxruntime-gpu wheel",
             )?;
-            return Ok((builder, placement));
+            return Ok((builder, cpu(why)));
         }
         // The engine restricts CUDA_VISIBLE_DEVICES to the granted GPUs only for processes
         // it starts; inside this process the granted index is the device id.
@@ -151,12 +121,11 @@ fn place(
                 },
             )),
             Err(e) => {
-                let message = e.to_string();
-                let placement = refuse(
-                    format!("the CUDA execution provider did not start: {message}"),
+                let why = device.without_cuda(
+                    format!("the CUDA execution provider did not start: {e}"),
                     "check the CUDA and cuDNN libraries that onnxruntime-gpu needs",
                 )?;
-                Ok((e.recover(), placement))
+                Ok((e.recover(), cpu(why)))
             }
         }
     }

@@ -64,9 +64,9 @@ pub fn step_times<B: AutodiffBackend>(
     };
     let batches: Vec<StepBatch> = (0..4)
         .map(|k| StepBatch {
-            // Every fifth row repeats an image: multi-positive targets as in real batches.
+            // Row 5k+4 shows the image of row 5k: multi-positive targets as in real batches.
             image_ids: (0..batch as u64)
-                .map(|i| i - i % 5 * u64::from(i % 5 == 4))
+                .map(|i| if i % 5 == 4 { i - 4 } else { i })
                 .collect(),
             images: rows(batch, feature_dim, 11 + k),
             captions: rows(batch, feature_dim, 23 + k),

@@ -4,6 +4,7 @@ use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ConfigError;
+pub use crate::device::Device;
 use crate::ml::loss::Reduction;
 
 /// `with:` of a train stage.
@@ -67,16 +68,6 @@ fn default_val_split() -> String {
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     CusaReference,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// CUDA when built with it and the stage was granted a GPU with a working driver; else CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 /// The student architecture.

@@ -37,40 +37,23 @@ enum Placement {
 /// Picks the device; probes for a CUDA driver before any CUDA call (burn 0.21's CUDA backend
 /// panics when there is none).
 fn place(device: Device, gpus: &[usize]) -> Result<Placement, StageError> {
-    if device == Device::Cpu {
-        return Ok(Placement::Cpu("`device: cpu`".into()));
-    }
-    let refuse = |why: &str, hint: &str| -> Result<Placement, StageError> {
-        if device == Device::Cuda {
-            Err(StageError::failed_with_hint(
-                format!("`device: cuda` but {why}"),
-                hint.to_string(),
-            ))
-        } else {
-            Ok(Placement::Cpu(why.to_string()))
-        }
+    let gpu = match device.gpu(gpus)? {
+        Ok(gpu) => gpu,
+        Err(why) => return Ok(Placement::Cpu(why)),
     };
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = gpus;
-        refuse(
-            "this cusa-pipe was built without the `cuda` feature",
-            "rebuild with `cargo build --release --features cuda`",
-        )
+        unreachable!("Device::gpu grants GPU {gpu} only in a build with the `cuda` feature")
     }
     #[cfg(feature = "cuda")]
     {
-        let Some(&gpu) = gpus.first() else {
-            return refuse(
-                "the stage has no GPU",
-                "add `resources: {gpu: 1}` to the stage (and run on a machine with an NVIDIA GPU)",
-            );
-        };
         if !cuda_driver_present() {
-            return refuse(
-                "no CUDA driver was found (libcuda.so.1 does not load)",
-                "install the NVIDIA driver, or use `device: cpu`",
-            );
+            return device
+                .without_cuda(
+                    "no CUDA driver was found (libcuda.so.1 does not load)",
+                    "install the NVIDIA driver, or use `device: cpu`",
+                )
+                .map(Placement::Cpu);
         }
         Ok(Placement::Cuda(gpu))
     }
@@ -186,11 +169,11 @@ fn embed_split<B: Backend>(
             };
             let f = loss::l2_normalize(f);
             dim = f.dims()[1];
-            out.extend(
-                f.into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap_or_default(),
+            let values = f.into_data().convert::<f32>();
+            out.extend_from_slice(
+                values
+                    .as_slice::<f32>()
+                    .expect("converted to f32 just above"),
             );
         }
         (out, dim)

@@ -217,7 +217,8 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
         &std::fs::read_to_string(p.output("train").join("config.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(config["student"], "feature-heads");
+    assert_eq!(config["student"]["kind"], "feature-heads");
+    assert_eq!(config["student"]["hidden"], 64);
     assert_eq!(config["reduction"], "mean");
 
     // …and ends with the same bytes as an uninterrupted run from scratch.
@@ -237,6 +238,78 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
     let r = p.run(&["path", "train/model.mpk", "--set", "train.with.seed=1"]);
     let other = sha256_hex(&std::fs::read(r.stdout.trim()).unwrap());
     assert_ne!(other, resumed);
+}
+
+#[test]
+fn scenes_small_learns_from_pixels_and_words_deterministically() {
+    let p = project("");
+    let mut doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(p.path().join("pipeline.yaml")).unwrap())
+            .unwrap();
+    let small: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        r#"
+kind: train
+inputs: {dataset: "${scenes}", softlabels: "${softlabels}"}
+with:
+  dataset: ${inputs.dataset}
+  softlabels: ${inputs.softlabels}
+  student: {kind: scenes-small, image_size: 32, channels: [16, 32], width: 32, heads: 2, layers: 1, dim: 32}
+  loss: {csa: {alpha: 1.0}, usa: {beta: 1.0}}
+  batch_size: 32
+  epochs: 12
+  lr: 0.002
+"#,
+    )
+    .unwrap();
+    doc["stages"]["small"] = small;
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    let r = p.run(&["run", "-j", "1", "small"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("small");
+    let vocab: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
+    let words: Vec<&str> = vocab["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(words[..2], ["[PAD]", "[UNK]"]);
+    for w in ["circle", "left", "red", "two"] {
+        assert!(words.contains(&w), "{w} in {words:?}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["student"]["kind"], "scenes-small");
+    assert_eq!(config["student"]["vocab"], words.len());
+    assert_eq!(config["student"]["uni_heads"], true);
+    let log = p.latest_log("small");
+    assert!(
+        log.contains("student scenes-small: CNN 32px [16, 32], transformer 1×32 (2 heads)"),
+        "{log}"
+    );
+    // It learns: the loss falls and validation beats chance.
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(epochs.len(), 12);
+    let loss = |k: usize| epochs[k]["loss_base"].as_f64().unwrap();
+    assert!(loss(11) < 0.9 * loss(0), "{} → {}", loss(0), loss(11));
+    assert!(epochs[11]["loss_csa"].as_f64().unwrap() > 0.0);
+    let best = epochs
+        .iter()
+        .map(|e| e["val"]["rsum"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    // Chance on 20 images × 100 captions is about 150.
+    assert!(best > 180.0, "val RSUM {best}");
+    // Same seed, same bytes.
+    let first = sha256_hex(&std::fs::read(out.join("model.mpk")).unwrap());
+    let r = p.run(&["run", "-j", "1", "small", "--force", "small"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let again = sha256_hex(&std::fs::read(p.output("small").join("model.mpk")).unwrap());
+    assert_eq!(first, again);
 }
 
 #[test]

@@ -3,9 +3,10 @@
 //! downstream file uses.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow_array::{Array, StringArray};
+use serde_json::Value;
 
 use crate::api::StageError;
 
@@ -101,4 +102,29 @@ pub fn images(dataset: &Path, split: &str) -> Result<Vec<(String, String)>, Stag
             .map(|[id, path]| (id, path))
             .collect(),
     )
+}
+
+/// Where a dataset's image paths are relative to (its report.json says).
+pub fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageError> {
+    let report: Value = std::fs::read(dataset.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            StageError::failed(format!(
+                "{} has no readable report.json: is it a dataset stage's output?",
+                dataset.display()
+            ))
+        })?;
+    match (report["image_root"].as_str(), given) {
+        (Some("output"), _) => Ok(dataset.to_path_buf()),
+        (_, Some(root)) => Ok(root),
+        (Some("input"), None) => Err(StageError::failed_with_hint(
+            "the dataset's image paths are relative to its `images:` input",
+            "give this stage the same folder: `images: ${inputs.images}`",
+        )),
+        _ => Err(StageError::failed_with_hint(
+            "the dataset was imported without an image root",
+            "add `images:` to the dataset stage",
+        )),
+    }
 }

@@ -1,6 +1,6 @@
 //! Machine-learning building blocks shared by the stages that train and evaluate students:
 //! the losses of the method (`loss`), the retrieval metrics (`retrieval`), the students
-//! (`student`) and the optimiser set-up (`optim`).
+//! (`student`, `scenes_small` with its word vocabulary `vocab`) and the optimiser set-up (`optim`).
 //!
 //! Everything here is generic over a burn [`Backend`](burn::tensor::backend::Backend) and knows
 //! nothing about pipelines, files or the cache.
@@ -8,4 +8,6 @@
 pub mod loss;
 pub mod optim;
 pub mod retrieval;
+pub mod scenes_small;
 pub mod student;
+pub mod vocab;

@@ -161,6 +161,84 @@ pub struct Embeddings<B: Backend> {
     pub g_t: Option<Tensor<B, 2>>,
 }
 
+/// Row-major f32 rows (precomputed features, teacher vectors).
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    pub data: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.dim).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+    /// The rows `idx`, concatenated.
+    pub fn gather(&self, idx: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(idx.len() * self.dim);
+        for &i in idx {
+            out.extend_from_slice(self.row(i));
+        }
+        out
+    }
+    /// The rows `idx` as a `[idx.len(), dim]` tensor.
+    pub fn tensor<B: Backend>(&self, idx: &[usize], device: &B::Device) -> Tensor<B, 2> {
+        Tensor::from_data(
+            burn::tensor::TensorData::new(self.gather(idx), [idx.len(), self.dim]),
+            device,
+        )
+    }
+}
+
+/// What a student reads of one split (images and captions, by row).
+pub trait SplitInputs: Sync {
+    fn images(&self) -> usize;
+    fn captions(&self) -> usize;
+}
+
+/// A trainable dual encoder: encodes rows of a split's inputs to the cross-modal embedding f
+/// and, with uni heads, the uni-modal embedding g; owns the learnable temperatures.
+pub trait Student<B: Backend>: Module<B> {
+    type Inputs: SplitInputs;
+    /// (f, g) of the images `rows`.
+    fn encode_images(
+        &self,
+        inputs: &Self::Inputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>);
+    /// (f, g) of the captions `rows`.
+    fn encode_texts(
+        &self,
+        inputs: &Self::Inputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>);
+    fn temperatures(&self) -> &Temperatures<B>;
+    /// The student with its temperatures clamped (before every forward).
+    fn clamped(self) -> Self;
+}
+
+/// Precomputed backbone features of a split's images and captions (`feature-heads`).
+pub struct FeatureInputs {
+    pub images: Rows,
+    pub captions: Rows,
+}
+
+impl SplitInputs for FeatureInputs {
+    fn images(&self) -> usize {
+        self.images.len()
+    }
+    fn captions(&self) -> usize {
+        self.captions.len()
+    }
+}
+
 /// `feature-heads`: an MLP per modality over frozen precomputed features (any teacher's
 /// output), then the heads. Fast experiments on any data.
 #[derive(Module, Debug)]
@@ -193,27 +271,44 @@ impl<B: Backend> FeatureHeads<B> {
             temperatures: Temperatures::new(device),
         })
     }
+}
 
-    pub fn encode_images(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
-        let h = self.image_backbone.forward(x);
-        let g = self.image_heads.uni.as_ref().map(|u| u.forward(h.clone()));
-        (self.image_heads.cross.forward(h), g)
+impl<B: Backend> Heads<B> {
+    /// (cross, uni) embeddings of backbone outputs `h`.
+    pub fn forward(&self, h: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let g = self.uni.as_ref().map(|u| u.forward(h.clone()));
+        (self.cross.forward(h), g)
+    }
+}
+
+impl<B: Backend> Student<B> for FeatureHeads<B> {
+    type Inputs = FeatureInputs;
+
+    fn encode_images(
+        &self,
+        inputs: &FeatureInputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let x = inputs.images.tensor(rows, device);
+        self.image_heads.forward(self.image_backbone.forward(x))
     }
 
-    pub fn encode_texts(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
-        let h = self.text_backbone.forward(x);
-        let g = self.text_heads.uni.as_ref().map(|u| u.forward(h.clone()));
-        (self.text_heads.cross.forward(h), g)
+    fn encode_texts(
+        &self,
+        inputs: &FeatureInputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let x = inputs.captions.tensor(rows, device);
+        self.text_heads.forward(self.text_backbone.forward(x))
     }
 
-    pub fn forward(&self, images: Tensor<B, 2>, texts: Tensor<B, 2>) -> Embeddings<B> {
-        let (f_i, g_i) = self.encode_images(images);
-        let (f_t, g_t) = self.encode_texts(texts);
-        Embeddings { f_i, f_t, g_i, g_t }
+    fn temperatures(&self) -> &Temperatures<B> {
+        &self.temperatures
     }
 
-    /// The student with its temperatures clamped (before every forward).
-    pub fn clamped(mut self) -> Self {
+    fn clamped(mut self) -> Self {
         self.temperatures = self.temperatures.clamp();
         self
     }

@@ -39,7 +39,7 @@ mod runtime;
 mod text;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -285,7 +285,7 @@ impl StageKind for TeacherKind {
                     .expect("checked at load")
                     .resolve()
                     .map_err(|e| StageError::failed(e.message))?;
-                let root = image_root(&dataset, c.images.as_deref().map(path))?;
+                let root = crate::dataset::read::image_root(&dataset, c.images.as_deref().map(path))?;
                 let items: Vec<image::Item> = crate::dataset::read::images(&dataset, &c.split)?
                     .into_iter()
                     .map(|(id, rel)| image::Item {
@@ -416,31 +416,6 @@ fn select_output(
                 },
             ))
         }
-    }
-}
-
-/// Where a dataset's image paths are relative to (its report.json says).
-fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageError> {
-    let report: Value = std::fs::read(dataset.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            StageError::failed(format!(
-                "{} has no readable report.json: is it a dataset stage's output?",
-                dataset.display()
-            ))
-        })?;
-    match (report["image_root"].as_str(), given) {
-        (Some("output"), _) => Ok(dataset.to_path_buf()),
-        (_, Some(root)) => Ok(root),
-        (Some("input"), None) => Err(StageError::failed_with_hint(
-            "the dataset's image paths are relative to its `images:` input",
-            "give the teacher the same folder: `images: ${inputs.images}`",
-        )),
-        _ => Err(StageError::failed_with_hint(
-            "the dataset was imported without an image root",
-            "add `images:` to the dataset stage",
-        )),
     }
 }
 

@@ -6,10 +6,10 @@ use std::time::Instant;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::config::{BaseLoss, CsaConfig, LossConfig, UsaConfig};
-use super::run::{StepBatch, StepDims, step_once};
+use super::run::{StepBatch, step_once};
 use crate::ml::loss::Reduction;
 use crate::ml::optim::GroupedAdamW;
-use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
+use crate::ml::student::{FeatureHeads, FeatureHeadsShape, FeatureInputs, Rows};
 
 /// One variant's figures.
 #[derive(Debug, Clone)]
@@ -56,24 +56,31 @@ pub fn step_times<B: AutodiffBackend>(
         ("+usa", None, Some(0.5)),
         ("+cusa", Some(0.1), Some(0.5)),
     ];
-    let dims = StepDims {
-        image: feature_dim,
-        text: feature_dim,
-        teacher_image: feature_dim,
-        teacher_text: feature_dim,
+    // Four batches of fresh vectors; in each, row 5k+4 shows the image of row 5k:
+    // multi-positive targets as in real batches.
+    let rows_of = |seed: u64| Rows {
+        data: rows(batch, feature_dim, seed),
+        dim: feature_dim,
     };
-    let batches: Vec<StepBatch> = (0..4)
-        .map(|k| StepBatch {
-            // Row 5k+4 shows the image of row 5k: multi-positive targets as in real batches.
-            image_ids: (0..batch as u64)
+    let batches: Vec<(FeatureInputs, StepBatch)> = (0..4)
+        .map(|k| {
+            let inputs = FeatureInputs {
+                images: rows_of(11 + k),
+                captions: rows_of(23 + k),
+            };
+            let image_rows: Vec<usize> = (0..batch)
                 .map(|i| if i % 5 == 4 { i - 4 } else { i })
-                .collect(),
-            images: rows(batch, feature_dim, 11 + k),
-            captions: rows(batch, feature_dim, 23 + k),
-            teacher: Some((
-                rows(batch, feature_dim, 37 + k),
-                rows(batch, feature_dim, 41 + k),
-            )),
+                .collect();
+            let teacher_images = Rows {
+                data: rows_of(37 + k).gather(&image_rows),
+                dim: feature_dim,
+            };
+            let step = StepBatch {
+                caption_rows: (0..batch).collect(),
+                image_rows,
+                teacher: Some((teacher_images, rows_of(41 + k))),
+            };
+            (inputs, step)
         })
         .collect();
     let mut states: Vec<_> = variants
@@ -100,7 +107,7 @@ pub fn step_times<B: AutodiffBackend>(
         .collect();
     for i in 0..warmup + steps {
         for (_, losses, model, optim, times) in states.iter_mut() {
-            let b = &batches[i % batches.len()];
+            let (inputs, b) = &batches[i % batches.len()];
             let started = Instant::now();
             let (next, _, _) = step_once(
                 model.take().expect("model"),
@@ -108,8 +115,8 @@ pub fn step_times<B: AutodiffBackend>(
                 losses,
                 Reduction::Mean,
                 1e-3,
+                inputs,
                 b,
-                dims,
                 device,
             );
             *model = Some(next);

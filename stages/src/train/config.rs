@@ -85,6 +85,55 @@ pub enum StudentConfig {
         #[serde(default = "default_dim")]
         dim: usize,
     },
+    /// A small CNN and a small word-level transformer trained from scratch on the dataset's
+    /// pictures and captions (the vocabulary comes from the training captions).
+    ScenesSmall {
+        /// Where the image paths are relative to, when the dataset was imported with `images:`.
+        images: Option<String>,
+        /// Side the pictures are resized (and centre-cropped) to.
+        #[serde(default = "default_image_size")]
+        image_size: usize,
+        /// Output channels of the stride-2 convolutions.
+        #[serde(default = "default_channels")]
+        channels: Vec<usize>,
+        /// Transformer width.
+        #[serde(default = "default_width")]
+        width: usize,
+        #[serde(default = "default_layers")]
+        layers: usize,
+        #[serde(default = "default_heads")]
+        heads: usize,
+        /// Captions are cut after this many words.
+        #[serde(default = "default_max_words")]
+        max_words: usize,
+        /// Words seen fewer times in the training captions are `[UNK]`.
+        #[serde(default = "default_min_count")]
+        min_count: usize,
+        #[serde(default = "default_dim")]
+        dim: usize,
+    },
+}
+
+fn default_image_size() -> usize {
+    48
+}
+fn default_channels() -> Vec<usize> {
+    vec![32, 64, 128, 256]
+}
+fn default_width() -> usize {
+    128
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_heads() -> usize {
+    4
+}
+fn default_max_words() -> usize {
+    32
+}
+fn default_min_count() -> usize {
+    1
 }
 
 fn default_hidden() -> usize {
@@ -178,6 +227,40 @@ impl TrainConfig {
                 "applies to `base: infonce` only (VSE++ sums over the batch)",
             ));
         }
+        if let StudentConfig::ScenesSmall {
+            image_size,
+            channels,
+            width,
+            layers,
+            heads,
+            max_words,
+            dim,
+            ..
+        } = &self.student
+        {
+            let key = |k: &str| format!("student.{k}");
+            if !(8..=1024).contains(image_size) {
+                return Err(ConfigError::new(key("image_size"), "must be between 8 and 1024"));
+            }
+            if channels.is_empty() || channels.contains(&0) {
+                return Err(ConfigError::new(
+                    key("channels"),
+                    "must list at least one positive channel count",
+                ));
+            }
+            if *heads == 0 || *width == 0 || width % heads != 0 {
+                return Err(ConfigError::new(
+                    key("heads"),
+                    format!("must divide `width` ({width})"),
+                ));
+            }
+            if *layers == 0 || *max_words == 0 || *dim == 0 {
+                return Err(ConfigError::new(
+                    key("layers"),
+                    "`layers`, `max_words` and `dim` must be at least 1",
+                ));
+            }
+        }
         if let Some(c) = self.loss.csa
             && (c.alpha.is_nan() || c.alpha < 0.0)
         {
@@ -208,16 +291,20 @@ impl TrainConfig {
     }
 }
 
+/// A student's architecture (`kind` + shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Architecture {
+    FeatureHeads(crate::ml::student::FeatureHeadsShape),
+    ScenesSmall(crate::ml::scenes_small::ScenesSmallShape),
+}
+
 /// What was trained, saved as `config.json` beside the weights (burn `Config`): enough to
 /// rebuild the student and to know how it was trained.
 #[derive(Config, Debug)]
 pub struct TrainingRecord {
-    pub student: String,
-    pub image_dim: usize,
-    pub text_dim: usize,
-    pub hidden: usize,
-    pub dim: usize,
-    pub uni_heads: bool,
+    /// The architecture, enough to rebuild the student before loading `model.mpk`.
+    pub student: Architecture,
     pub base_loss: String,
     pub reduction: String,
     pub alpha: Option<f64>,

@@ -1,51 +1,34 @@
-//! The tensors a training run needs, read once: backbone features of the training and
-//! validation items, and the teachers' soft-label vectors aligned to the training captions.
+//! The tensors a training run needs, read once: the students' inputs for the training and
+//! validation items (precomputed features, or decoded pictures and word ids), and the teachers'
+//! soft-label vectors aligned to the training captions.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::api::{StageContext, StageError};
+use crate::dataset::read::CaptionRow;
 use crate::features::{self, Features};
+pub use crate::ml::student::Rows;
+use crate::ml::scenes_small::PixelWordInputs;
+use crate::ml::student::FeatureInputs;
+use crate::ml::vocab::WordVocab;
 
-/// Row-major f32 rows.
-#[derive(Debug, Clone, Default)]
-pub struct Rows {
-    pub data: Vec<f32>,
-    pub dim: usize,
-}
-
-impl Rows {
-    pub fn len(&self) -> usize {
-        self.data.len().checked_div(self.dim).unwrap_or(0)
-    }
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.dim..(i + 1) * self.dim]
-    }
-    /// The rows `idx`, concatenated.
-    pub fn gather(&self, idx: &[usize]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(idx.len() * self.dim);
-        for &i in idx {
-            out.extend_from_slice(self.row(i));
-        }
-        out
-    }
-}
-
-/// One split: its images and captions, with the caption → image map.
-pub struct Split {
+/// One split: its images and captions, with the caption → image map, and what the student
+/// reads of them.
+pub struct Split<I> {
     pub image_ids: Vec<String>,
     pub caption_ids: Vec<String>,
     /// Row of each caption's image in `image_ids`.
     pub image_of: Vec<usize>,
-    /// Backbone input of each image / caption (feature-heads: precomputed features).
-    pub images: Rows,
-    pub captions: Rows,
+    pub inputs: I,
 }
 
 /// Everything a run reads.
-pub struct TrainingData {
-    pub train: Split,
-    pub val: Split,
+pub struct TrainingData<I> {
+    pub train: Split<I>,
+    pub val: Split<I>,
     /// Soft-label vectors per training image row / caption row (unit length), when CSA/USA.
     pub teacher_images: Option<Rows>,
     pub teacher_captions: Option<Rows>,
@@ -82,12 +65,14 @@ fn gather_by_id(
     Ok(Rows { data, dim: f.dim })
 }
 
-fn split(
-    dataset: &Path,
-    name: &str,
-    image_features: (&Features, &Path),
-    text_features: (&Features, &Path),
-) -> Result<Split, StageError> {
+/// A split's image ids (with paths) and captions, in id order, with the caption → image map.
+struct Listing {
+    images: Vec<(String, String)>,
+    captions: Vec<CaptionRow>,
+    image_of: Vec<usize>,
+}
+
+fn listing(dataset: &Path, name: &str) -> Result<Listing, StageError> {
     let images = crate::dataset::read::images(dataset, name)?;
     let captions = crate::dataset::read::captions(dataset, name)?;
     if captions.is_empty() {
@@ -96,11 +81,10 @@ fn split(
             "name splits the dataset has (`split:`, `val_split:`)",
         ));
     }
-    let image_ids: Vec<String> = images.into_iter().map(|(id, _)| id).collect();
-    let row: HashMap<&str, usize> = image_ids
+    let row: HashMap<&str, usize> = images
         .iter()
         .enumerate()
-        .map(|(i, id)| (id.as_str(), i))
+        .map(|(i, (id, _))| (id.as_str(), i))
         .collect();
     let mut image_of = Vec::with_capacity(captions.len());
     for c in &captions {
@@ -111,22 +95,152 @@ fn split(
             ))
         })?);
     }
-    let caption_ids: Vec<String> = captions.into_iter().map(|c| c.caption_id).collect();
+    Ok(Listing {
+        images,
+        captions,
+        image_of,
+    })
+}
+
+impl Listing {
+    fn into_split<I>(self, inputs: I) -> Split<I> {
+        Split {
+            image_ids: self.images.into_iter().map(|(id, _)| id).collect(),
+            caption_ids: self.captions.into_iter().map(|c| c.caption_id).collect(),
+            image_of: self.image_of,
+            inputs,
+        }
+    }
+}
+
+/// A split with precomputed features as the student's inputs (`feature-heads`).
+pub fn feature_split(
+    dataset: &Path,
+    name: &str,
+    image_features: (&Features, &Path),
+    text_features: (&Features, &Path),
+) -> Result<Split<FeatureInputs>, StageError> {
+    let l = listing(dataset, name)?;
+    let image_ids: Vec<String> = l.images.iter().map(|(id, _)| id.clone()).collect();
+    let caption_ids: Vec<String> = l.captions.iter().map(|c| c.caption_id.clone()).collect();
     let (fi, pi) = image_features;
     let (ft, pt) = text_features;
     let images = gather_by_id(fi, &fi.index(), &image_ids, "image", pi, name)?;
     let captions = gather_by_id(ft, &ft.index(), &caption_ids, "caption", pt, name)?;
-    Ok(Split {
-        image_ids,
-        caption_ids,
-        image_of,
-        images,
-        captions,
-    })
+    Ok(l.into_split(FeatureInputs { images, captions }))
 }
 
-/// Reads the dataset, the backbone features and (when `softlabels`) the soft labels.
-pub fn load(
+/// The training split's word vocabulary.
+pub fn vocabulary(
+    dataset: &Path,
+    name: &str,
+    min_count: usize,
+    max_words: usize,
+) -> Result<WordVocab, StageError> {
+    let captions = crate::dataset::read::captions(dataset, name)?;
+    let vocab = WordVocab::build(captions.iter().map(|c| c.text.as_str()), min_count, max_words);
+    if vocab.is_empty() {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "the captions of split `{name}` of {} give an empty vocabulary (min_count {min_count})",
+                dataset.display()
+            ),
+            "lower `min_count`",
+        ));
+    }
+    Ok(vocab)
+}
+
+/// A split with decoded pictures (resized to `size`², centre-cropped when not square) and word
+/// ids as the student's inputs (`scenes-small`).
+pub fn pixel_word_split(
+    dataset: &Path,
+    images_root: Option<&Path>,
+    name: &str,
+    size: usize,
+    vocab: &WordVocab,
+) -> Result<Split<PixelWordInputs>, StageError> {
+    use crate::teacher::preprocess::{self, Interpolation, Preprocess, Resize};
+    let l = listing(dataset, name)?;
+    let root = crate::dataset::read::image_root(dataset, images_root.map(Path::to_path_buf))?;
+    let prep = Preprocess {
+        resize: Resize::Shortest(size as u32),
+        crop: Some(size as u32),
+        interpolation: Interpolation::Bilinear,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        channels: "rgb".into(),
+        layout: "nchw".into(),
+    };
+    let planes: Vec<Vec<u8>> = l
+        .images
+        .par_iter()
+        .map(|(id, rel)| {
+            let path = root.join(rel);
+            let img = preprocess::decode(&path).map_err(|e| {
+                StageError::failed_with_hint(
+                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
+                    "run the dataset stage with `verify_images: true` to find unreadable images",
+                )
+            })?;
+            let px = prep.pixels(&img);
+            let raw = px.as_raw();
+            let plane = raw.len() / 3;
+            let mut chw = vec![0u8; raw.len()];
+            for (i, p) in raw.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    chw[c * plane + i] = p[c];
+                }
+            }
+            Ok(chw)
+        })
+        .collect::<Result<_, StageError>>()?;
+    let words = l.captions.iter().map(|c| vocab.encode(&c.text)).collect();
+    Ok(l.into_split(PixelWordInputs {
+        pixels: planes.concat(),
+        size,
+        words,
+    }))
+}
+
+/// The soft labels of a softlabel stage's output, checked to be made for `train`.
+pub fn soft_labels<I>(
+    ctx: &StageContext<'_>,
+    dir: &str,
+    dataset: &Path,
+    train: &Split<I>,
+    train_split: &str,
+) -> Result<(Rows, Rows), StageError> {
+    let dir = ctx.resolve(dir);
+    let si = features::read(&dir.join("images.arrow"))?;
+    let sc = features::read(&dir.join("captions.arrow"))?;
+    if sc.ids != train.caption_ids || si.ids != train.image_ids {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "the soft labels in {} were made for other captions or images than split `{train_split}` of {} ({} vs {} captions)",
+                dir.display(),
+                dataset.display(),
+                sc.ids.len(),
+                train.caption_ids.len()
+            ),
+            "point `softlabels:` at a softlabel stage over the same dataset and split",
+        ));
+    }
+    Ok((
+        Rows {
+            data: si.data,
+            dim: si.dim,
+        },
+        Rows {
+            data: sc.data,
+            dim: sc.dim,
+        },
+    ))
+}
+
+/// Reads the dataset, the backbone features and (when `softlabels`) the soft labels of a
+/// `feature-heads` run.
+pub fn load_features(
     ctx: &StageContext<'_>,
     dataset: &str,
     train_split: &str,
@@ -134,39 +248,32 @@ pub fn load(
     image_features: &str,
     text_features: &str,
     softlabels: Option<&str>,
-) -> Result<TrainingData, StageError> {
+) -> Result<TrainingData<FeatureInputs>, StageError> {
     let dataset = ctx.resolve(dataset);
     let (pi, pt) = (ctx.resolve(image_features), ctx.resolve(text_features));
     let fi = features::read(&pi)?;
     let ft = features::read(&pt)?;
-    let train = split(&dataset, train_split, (&fi, &pi), (&ft, &pt))?;
-    let val = split(&dataset, val_split, (&fi, &pi), (&ft, &pt))?;
-    let (mut teacher_images, mut teacher_captions) = (None, None);
-    if let Some(dir) = softlabels {
-        let dir = ctx.resolve(dir);
-        let si = features::read(&dir.join("images.arrow"))?;
-        let sc = features::read(&dir.join("captions.arrow"))?;
-        if sc.ids != train.caption_ids || si.ids != train.image_ids {
-            return Err(StageError::failed_with_hint(
-                format!(
-                    "the soft labels in {} were made for other captions or images than split `{train_split}` of {} ({} vs {} captions)",
-                    dir.display(),
-                    dataset.display(),
-                    sc.ids.len(),
-                    train.caption_ids.len()
-                ),
-                "point `softlabels:` at a softlabel stage over the same dataset and split",
-            ));
+    let train = feature_split(&dataset, train_split, (&fi, &pi), (&ft, &pt))?;
+    let val = feature_split(&dataset, val_split, (&fi, &pi), (&ft, &pt))?;
+    with_soft_labels(ctx, &dataset, train, val, train_split, softlabels)
+}
+
+/// Pairs the splits with the soft labels, when there are some.
+pub fn with_soft_labels<I>(
+    ctx: &StageContext<'_>,
+    dataset: &Path,
+    train: Split<I>,
+    val: Split<I>,
+    train_split: &str,
+    softlabels: Option<&str>,
+) -> Result<TrainingData<I>, StageError> {
+    let (teacher_images, teacher_captions) = match softlabels {
+        Some(dir) => {
+            let (i, c) = soft_labels(ctx, dir, dataset, &train, train_split)?;
+            (Some(i), Some(c))
         }
-        teacher_images = Some(Rows {
-            data: si.data,
-            dim: si.dim,
-        });
-        teacher_captions = Some(Rows {
-            data: sc.data,
-            dim: sc.dim,
-        });
-    }
+        None => (None, None),
+    };
     Ok(TrainingData {
         train,
         val,

@@ -9,12 +9,16 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::config::{BaseLoss, Device, LossConfig, StudentConfig, TrainConfig, TrainingRecord};
+use super::config::{
+    Architecture, BaseLoss, Device, LossConfig, StudentConfig, TrainConfig, TrainingRecord,
+};
 use super::data::{self, Rows, TrainingData};
+use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
+use crate::ml::student::{SplitInputs, Student};
 use crate::api::{StageContext, StageError, StageSummary};
 use crate::ml::loss;
 use crate::ml::optim::{GroupedAdamW, cosine_lr};
@@ -121,10 +125,6 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-fn tensor<B: Backend>(data: Vec<f32>, rows: usize, dim: usize, device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(data, [rows, dim]), device)
-}
-
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data()
         .convert::<f64>()
@@ -148,24 +148,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
         .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
 }
 
-/// Unit-length embeddings of a split, in chunks, without gradients.
-fn embed_split<B: Backend>(
-    model: &FeatureHeads<B>,
-    split: &data::Split,
+/// Unit-length cross-modal embeddings (images, captions, dim) of a split, in chunks, without
+/// gradients.
+pub fn embed_split<B: Backend, S: Student<B>>(
+    model: &S,
+    inputs: &S::Inputs,
     device: &B::Device,
 ) -> (Vec<f32>, Vec<f32>, usize) {
-    let chunk = 1024;
-    let encode = |rows: &Rows, images: bool| -> (Vec<f32>, usize) {
+    let chunk = 512;
+    let encode = |n: usize, images: bool| -> (Vec<f32>, usize) {
         let mut out = Vec::new();
         let mut dim = 0;
-        let n = rows.len();
         for start in (0..n).step_by(chunk) {
             let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
-            let x = tensor::<B>(rows.gather(&idx), idx.len(), rows.dim, device);
             let (f, _) = if images {
-                model.encode_images(x)
+                model.encode_images(inputs, &idx, device)
             } else {
-                model.encode_texts(x)
+                model.encode_texts(inputs, &idx, device)
             };
             let f = loss::l2_normalize(f);
             dim = f.dims()[1];
@@ -178,17 +177,17 @@ fn embed_split<B: Backend>(
         }
         (out, dim)
     };
-    let (i, dim) = encode(&split.images, true);
-    let (t, _) = encode(&split.captions, false);
+    let (i, dim) = encode(inputs.images(), true);
+    let (t, _) = encode(inputs.captions(), false);
     (i, t, dim)
 }
 
-fn validate<B: Backend>(
-    model: &FeatureHeads<B>,
-    split: &data::Split,
+fn validate<B: Backend, S: Student<B>>(
+    model: &S,
+    split: &data::Split<S::Inputs>,
     device: &B::Device,
 ) -> Recalls {
-    let (images, captions, dim) = embed_split(model, split, device);
+    let (images, captions, dim) = embed_split(model, &split.inputs, device);
     retrieval::recalls(
         &Matrix { data: &images, dim },
         &Matrix {
@@ -199,57 +198,47 @@ fn validate<B: Backend>(
     )
 }
 
-/// One batch's inputs, as flat rows (built from the training data or, in the benchmark, from
-/// generated vectors).
+/// One batch: which captions and images of the split's inputs, and their teacher vectors.
 pub struct StepBatch {
-    /// Image identity per row (multi-positive targets).
-    pub image_ids: Vec<u64>,
-    pub images: Vec<f32>,
-    pub captions: Vec<f32>,
-    /// Teacher vectors (image, text) per row, for CSA/USA.
-    pub teacher: Option<(Vec<f32>, Vec<f32>)>,
-}
-
-/// Row widths of a [`StepBatch`].
-#[derive(Debug, Clone, Copy)]
-pub struct StepDims {
-    pub image: usize,
-    pub text: usize,
-    pub teacher_image: usize,
-    pub teacher_text: usize,
+    /// Caption rows; the batch's i-th pair is (caption_rows[i], image_rows[i]).
+    pub caption_rows: Vec<usize>,
+    /// Image row of each pair (equal rows = the same image: multi-positive targets).
+    pub image_rows: Vec<usize>,
+    /// Teacher vectors (image, text) per pair, for CSA/USA.
+    pub teacher: Option<(Rows, Rows)>,
 }
 
 /// One optimisation step: clamp the temperatures, forward, the configured loss terms,
 /// backward, AdamW. Returns the model, the total loss and the (base, α·CSA, β·USA) terms.
 #[allow(clippy::too_many_arguments)]
-pub fn step_once<B: AutodiffBackend>(
-    model: FeatureHeads<B>,
-    optim: &mut GroupedAdamW<FeatureHeads<B>, B>,
+pub fn step_once<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
+    model: S,
+    optim: &mut GroupedAdamW<S, B>,
     losses: &LossConfig,
     reduction: loss::Reduction,
     lr: f64,
+    inputs: &S::Inputs,
     batch: &StepBatch,
-    dims: StepDims,
     device: &B::Device,
-) -> (FeatureHeads<B>, f64, [f64; 3]) {
-    let b = batch.image_ids.len();
-    let x_i = tensor::<B>(batch.images.clone(), b, dims.image, device);
-    let x_t = tensor::<B>(batch.captions.clone(), b, dims.text, device);
+) -> (S, f64, [f64; 3]) {
+    let b = batch.caption_rows.len();
+    let image_ids: Vec<u64> = batch.image_rows.iter().map(|&r| r as u64).collect();
     let model = model.clamped();
-    let emb = model.forward(x_i, x_t);
-    let temps = &model.temperatures;
+    let (f_i, g_i) = model.encode_images(inputs, &batch.image_rows, device);
+    let (f_t, g_t) = model.encode_texts(inputs, &batch.caption_rows, device);
+    let temps = model.temperatures();
     let base = match losses.base {
         BaseLoss::Infonce => loss::infonce(
-            emb.f_i.clone(),
-            emb.f_t.clone(),
+            f_i.clone(),
+            f_t.clone(),
             temps.tau.val(),
-            loss::multi_positive_targets::<B>(&batch.image_ids, device),
+            loss::multi_positive_targets::<B>(&image_ids, device),
             reduction,
         ),
         BaseLoss::Vse => loss::vse_hardest(
-            emb.f_i.clone(),
-            emb.f_t.clone(),
-            loss::same_image::<B>(&batch.image_ids, device),
+            f_i.clone(),
+            f_t.clone(),
+            loss::same_image::<B>(&image_ids, device),
             losses.margin,
         ),
     };
@@ -258,14 +247,13 @@ pub fn step_once<B: AutodiffBackend>(
     if let Some((ti, tc)) = &batch.teacher
         && (losses.csa.is_some() || losses.usa.is_some())
     {
-        let u = tensor::<B>(ti.clone(), b, dims.teacher_image, device);
-        let v = tensor::<B>(tc.clone(), b, dims.teacher_text, device);
-        let p_image = loss::soft_labels(u, 1.0);
-        let p_text = loss::soft_labels(v, 1.0);
+        let all: Vec<usize> = (0..b).collect();
+        let p_image = loss::soft_labels(ti.tensor::<B>(&all, device), 1.0);
+        let p_text = loss::soft_labels(tc.tensor::<B>(&all, device), 1.0);
         if let Some(csa) = losses.csa {
             let l = loss::csa(
-                emb.f_i.clone(),
-                emb.f_t.clone(),
+                f_i.clone(),
+                f_t.clone(),
                 temps.tau_c.val(),
                 p_image.clone(),
                 p_text.clone(),
@@ -273,7 +261,7 @@ pub fn step_once<B: AutodiffBackend>(
             term[1] = scalar(l.clone().detach());
             total = total + l;
         }
-        if let (Some(usa), Some(g_i), Some(g_t)) = (losses.usa, emb.g_i, emb.g_t) {
+        if let (Some(usa), Some(g_i), Some(g_t)) = (losses.usa, g_i, g_t) {
             let l = loss::usa(
                 g_i,
                 g_t,
@@ -291,54 +279,141 @@ pub fn step_once<B: AutodiffBackend>(
     (optim.step(lr, model, grads), value, term)
 }
 
+/// Reads the data, builds the configured student and trains it.
 fn train_on<B: AutodiffBackend>(
     c: &TrainConfig,
     ctx: &StageContext<'_>,
     device: B::Device,
     backend: &str,
 ) -> Result<StageSummary, StageError> {
-    let StudentConfig::FeatureHeads {
-        image_features,
-        text_features,
-        hidden,
-        dim,
-    } = &c.student;
-    let data: TrainingData = data::load(
-        ctx,
-        &c.dataset,
-        &c.split,
-        &c.val_split,
-        image_features,
-        text_features,
-        c.softlabels.as_deref(),
-    )?;
-    let (train, val) = (&data.train, &data.val);
     let uni_heads = c.loss.usa.is_some();
-    let shape = FeatureHeadsShape {
-        image_dim: train.images.dim,
-        text_dim: train.captions.dim,
-        hidden: *hidden,
-        dim: *dim,
-        uni_heads,
-    };
+    match &c.student {
+        StudentConfig::FeatureHeads {
+            image_features,
+            text_features,
+            hidden,
+            dim,
+        } => {
+            let data = data::load_features(
+                ctx,
+                &c.dataset,
+                &c.split,
+                &c.val_split,
+                image_features,
+                text_features,
+                c.softlabels.as_deref(),
+            )?;
+            let shape = FeatureHeadsShape {
+                image_dim: data.train.inputs.images.dim,
+                text_dim: data.train.inputs.captions.dim,
+                hidden: *hidden,
+                dim: *dim,
+                uni_heads,
+            };
+            ctx.log.line(format!(
+                "student feature-heads {}→{hidden}→{dim} / {}→{hidden}→{dim}{}",
+                shape.image_dim,
+                shape.text_dim,
+                if uni_heads { ", uni heads" } else { "" }
+            ));
+            fit::<B, FeatureHeads<B>>(
+                c,
+                ctx,
+                &data,
+                |d| FeatureHeads::new(shape, d),
+                Architecture::FeatureHeads(shape),
+                device,
+                backend,
+            )
+        }
+        StudentConfig::ScenesSmall {
+            images,
+            image_size,
+            channels,
+            width,
+            layers,
+            heads,
+            max_words,
+            min_count,
+            dim,
+        } => {
+            let dataset = ctx.resolve(&c.dataset);
+            let root = images.as_deref().map(|p| ctx.resolve(p));
+            let vocab = data::vocabulary(&dataset, &c.split, *min_count, *max_words)?;
+            let train =
+                data::pixel_word_split(&dataset, root.as_deref(), &c.split, *image_size, &vocab)?;
+            let val =
+                data::pixel_word_split(&dataset, root.as_deref(), &c.val_split, *image_size, &vocab)?;
+            let data = data::with_soft_labels(
+                ctx,
+                &dataset,
+                train,
+                val,
+                &c.split,
+                c.softlabels.as_deref(),
+            )?;
+            let shape = ScenesSmallShape {
+                image_size: *image_size,
+                channels: channels.clone(),
+                vocab: vocab.len(),
+                max_words: *max_words,
+                width: *width,
+                layers: *layers,
+                heads: *heads,
+                dim: *dim,
+                uni_heads,
+            };
+            ctx.log.line(format!(
+                "student scenes-small: CNN {image_size}px {channels:?}, transformer {layers}×{width} ({heads} heads) over {} words, dim {dim}{}",
+                vocab.len(),
+                if uni_heads { ", uni heads" } else { "" }
+            ));
+            std::fs::write(
+                ctx.out_dir.join("vocab.json"),
+                serde_json::to_string_pretty(&vocab).unwrap_or_default() + "\n",
+            )
+            .map_err(|e| StageError::io("writing vocab.json", e))?;
+            let init_shape = shape.clone();
+            fit::<B, ScenesSmall<B>>(
+                c,
+                ctx,
+                &data,
+                move |d| ScenesSmall::new(&init_shape, d),
+                Architecture::ScenesSmall(shape),
+                device,
+                backend,
+            )
+        }
+    }
+}
+
+/// The training loop proper, for any student.
+fn fit<B, S>(
+    c: &TrainConfig,
+    ctx: &StageContext<'_>,
+    data: &TrainingData<S::Inputs>,
+    init: impl FnOnce(&B::Device) -> S,
+    architecture: Architecture,
+    device: B::Device,
+    backend: &str,
+) -> Result<StageSummary, StageError>
+where
+    B: AutodiffBackend,
+    S: Student<B> + AutodiffModule<B>,
+    S::InnerModule: Student<B::InnerBackend, Inputs = S::Inputs>,
+{
+    let (train, val) = (&data.train, &data.val);
     ctx.log.line(format!(
-        "train: {} captions of {} images; val: {} captions of {} images; student feature-heads {}→{}→{} / {}→{}→{}{}",
+        "train: {} captions of {} images; val: {} captions of {} images",
         train.caption_ids.len(),
         train.image_ids.len(),
         val.caption_ids.len(),
         val.image_ids.len(),
-        shape.image_dim,
-        hidden,
-        dim,
-        shape.text_dim,
-        hidden,
-        dim,
-        if uni_heads { ", uni heads" } else { "" }
     ));
-    let mut model: FeatureHeads<B> = {
+    let mut model: S = {
         let _turn = INIT.lock().unwrap_or_else(|p| p.into_inner());
         B::seed(&device, c.seed);
-        FeatureHeads::new(shape, &device)
+        init(&device)
     };
     let mut optim = GroupedAdamW::new(&model, c.weight_decay, c.decay_temperatures());
     let recorder = Recorder_::new();
@@ -407,24 +482,36 @@ fn train_on<B: AutodiffBackend>(
                 return Err(StageError::Cancelled);
             }
             let image_rows: Vec<usize> = chunk.iter().map(|&k| train.image_of[k]).collect();
+            let teacher = data
+                .teacher_images
+                .as_ref()
+                .zip(data.teacher_captions.as_ref())
+                .map(|(ti, tc)| {
+                    (
+                        Rows {
+                            data: ti.gather(&image_rows),
+                            dim: ti.dim,
+                        },
+                        Rows {
+                            data: tc.gather(chunk),
+                            dim: tc.dim,
+                        },
+                    )
+                });
             let batch = StepBatch {
-                image_ids: image_rows.iter().map(|&r| r as u64).collect(),
-                images: train.images.gather(&image_rows),
-                captions: train.captions.gather(chunk),
-                teacher: data
-                    .teacher_images
-                    .as_ref()
-                    .zip(data.teacher_captions.as_ref())
-                    .map(|(ti, tc)| (ti.gather(&image_rows), tc.gather(chunk))),
-            };
-            let dims = StepDims {
-                image: train.images.dim,
-                text: train.captions.dim,
-                teacher_image: data.teacher_images.as_ref().map_or(0, |t| t.dim),
-                teacher_text: data.teacher_captions.as_ref().map_or(0, |t| t.dim),
+                caption_rows: chunk.to_vec(),
+                image_rows,
+                teacher,
             };
             let (next, value, term) = step_once(
-                model, &mut optim, &c.loss, reduction, lr, &batch, dims, &device,
+                model,
+                &mut optim,
+                &c.loss,
+                reduction,
+                lr,
+                &train.inputs,
+                &batch,
+                &device,
             );
             model = next;
             if !value.is_finite() {
@@ -454,7 +541,7 @@ fn train_on<B: AutodiffBackend>(
             let m = model.clone().clamped();
             let recalls = validate(&m.valid(), val, &device);
             let seconds = started.elapsed().as_secs_f64();
-            let t = m.temperatures.values();
+            let t = m.temperatures().values();
             let mean = |k: usize| sums[k] / batches.max(1) as f64;
             let mut line = json!({
                 "epoch": epoch + 1,
@@ -506,12 +593,7 @@ fn train_on<B: AutodiffBackend>(
     )
     .map_err(|e| StageError::io("copying the best weights", e))?;
     let record = TrainingRecord {
-        student: "feature-heads".into(),
-        image_dim: shape.image_dim,
-        text_dim: shape.text_dim,
-        hidden: *hidden,
-        dim: *dim,
-        uni_heads,
+        student: architecture,
         base_loss: format!("{:?}", c.loss.base).to_lowercase(),
         reduction: format!("{reduction:?}").to_lowercase(),
         alpha: c.loss.csa.map(|x| x.alpha),

@@ -1,0 +1,269 @@
+//! `scenes-small`: a dual encoder trained from scratch, sized for the embedded scenes dataset
+//! on a laptop CPU.
+//!
+//! Images: `size`×`size` RGB, scaled to (v/255 − 0.5)/0.25, through one 3×3 stride-2
+//! convolution + GELU per entry of `channels` (48 px and [32, 64, 128, 256] → 3×3×256), then
+//! global average pooling. Captions: word ids of a [`WordVocab`] built from the training
+//! captions, token + learned position embeddings of width `width`, a pre-LayerNorm transformer
+//! encoder (`layers`, `heads`, feed-forward 2·width, GELU, no dropout: dropout draws from the
+//! backend's process-wide generator, which concurrent stages share, and would break
+//! same-seed-same-bytes), padding masked, mean over the real words. Both then go through the
+//! heads of METHOD.md ([`Heads`]).
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::{Embedding, EmbeddingConfig, PaddingConfig2d};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData, activation::gelu};
+
+use super::student::{Heads, SplitInputs, Student, Temperatures, renumber};
+use super::vocab::PAD;
+
+/// Decoded pictures and word ids of one split.
+pub struct PixelWordInputs {
+    /// `images × 3 × size × size` bytes (channel planes, RGB).
+    pub pixels: Vec<u8>,
+    pub size: usize,
+    /// Word ids of each caption (non-empty, at most `max_words`).
+    pub words: Vec<Vec<u32>>,
+}
+
+impl SplitInputs for PixelWordInputs {
+    fn images(&self) -> usize {
+        self.pixels.len() / (3 * self.size * self.size).max(1)
+    }
+    fn captions(&self) -> usize {
+        self.words.len()
+    }
+}
+
+/// Shape of a `scenes-small` student.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScenesSmallShape {
+    pub image_size: usize,
+    pub channels: Vec<usize>,
+    pub vocab: usize,
+    pub max_words: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub dim: usize,
+    pub uni_heads: bool,
+}
+
+/// Stride-2 convolutions, then global average pooling.
+#[derive(Module, Debug)]
+pub struct ConvEncoder<B: Backend> {
+    pub convs: Vec<Conv2d<B>>,
+}
+
+impl<B: Backend> ConvEncoder<B> {
+    pub fn new(channels: &[usize], device: &B::Device) -> Self {
+        let mut c_in = 3;
+        let convs = channels
+            .iter()
+            .map(|&c_out| {
+                let conv = Conv2dConfig::new([c_in, c_out], [3, 3])
+                    .with_stride([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device);
+                c_in = c_out;
+                conv
+            })
+            .collect();
+        Self { convs }
+    }
+
+    /// `[b, 3, s, s]` → `[b, channels.last]`.
+    pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
+        for conv in &self.convs {
+            x = gelu(conv.forward(x));
+        }
+        let [b, c, _, _] = x.dims();
+        x.mean_dim(3).mean_dim(2).reshape([b, c])
+    }
+}
+
+/// Word + position embeddings, a transformer encoder, mean over the real words.
+#[derive(Module, Debug)]
+pub struct WordTransformer<B: Backend> {
+    pub tokens: Embedding<B>,
+    pub positions: Embedding<B>,
+    pub encoder: TransformerEncoder<B>,
+}
+
+impl<B: Backend> WordTransformer<B> {
+    pub fn new(s: &ScenesSmallShape, device: &B::Device) -> Self {
+        Self {
+            tokens: EmbeddingConfig::new(s.vocab, s.width).init(device),
+            positions: EmbeddingConfig::new(s.max_words, s.width).init(device),
+            encoder: TransformerEncoderConfig::new(s.width, 2 * s.width, s.heads, s.layers)
+                .with_dropout(0.0)
+                .with_norm_first(true)
+                .init(device),
+        }
+    }
+
+    /// `ids` `[b, l]` with `pad` true on padding → `[b, width]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+        let [b, l] = ids.dims();
+        let width = self.tokens.weight.dims()[1];
+        let positions = self
+            .positions
+            .weight
+            .val()
+            .slice([0..l, 0..width])
+            .reshape([1, l, width]);
+        let x = self.tokens.forward(ids) + positions;
+        let h = self
+            .encoder
+            .forward(TransformerEncoderInput::new(x).mask_pad(pad.clone()));
+        let keep = pad.bool_not().float().reshape([b, l, 1]);
+        let count = keep.clone().sum_dim(1).reshape([b, 1]).clamp_min(1.0);
+        (h * keep).sum_dim(1).reshape([b, width]) / count
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ScenesSmall<B: Backend> {
+    pub image_backbone: ConvEncoder<B>,
+    pub text_backbone: WordTransformer<B>,
+    pub image_heads: Heads<B>,
+    pub text_heads: Heads<B>,
+    pub temperatures: Temperatures<B>,
+}
+
+impl<B: Backend> ScenesSmall<B> {
+    pub fn new(s: &ScenesSmallShape, device: &B::Device) -> Self {
+        let c_last = *s.channels.last().unwrap_or(&3);
+        renumber(Self {
+            image_backbone: ConvEncoder::new(&s.channels, device),
+            text_backbone: WordTransformer::new(s, device),
+            image_heads: Heads::new(c_last, s.dim, s.uni_heads, device),
+            text_heads: Heads::new(s.width, s.dim, s.uni_heads, device),
+            temperatures: Temperatures::new(device),
+        })
+    }
+}
+
+/// The pictures `rows` as a normalised `[rows, 3, size, size]` tensor.
+pub fn pixel_batch<B: Backend>(
+    inputs: &PixelWordInputs,
+    rows: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let s = inputs.size;
+    let per = 3 * s * s;
+    let mut data = Vec::with_capacity(rows.len() * per);
+    for &r in rows {
+        data.extend(
+            inputs.pixels[r * per..(r + 1) * per]
+                .iter()
+                .map(|&v| (v as f32 / 255.0 - 0.5) / 0.25),
+        );
+    }
+    Tensor::from_data(TensorData::new(data, [rows.len(), 3, s, s]), device)
+}
+
+/// The captions `rows` as padded ids and the padding mask.
+pub fn word_batch<B: Backend>(
+    inputs: &PixelWordInputs,
+    rows: &[usize],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+    let l = rows
+        .iter()
+        .map(|&r| inputs.words[r].len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = Vec::with_capacity(rows.len() * l);
+    let mut pad = Vec::with_capacity(rows.len() * l);
+    for &r in rows {
+        let w = &inputs.words[r];
+        for k in 0..l {
+            ids.push(w.get(k).copied().unwrap_or(PAD) as i64);
+            pad.push(k >= w.len());
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [rows.len(), l]), device),
+        Tensor::from_data(TensorData::new(pad, [rows.len(), l]), device),
+    )
+}
+
+impl<B: Backend> Student<B> for ScenesSmall<B> {
+    type Inputs = PixelWordInputs;
+
+    fn encode_images(
+        &self,
+        inputs: &PixelWordInputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let x = pixel_batch(inputs, rows, device);
+        self.image_heads.forward(self.image_backbone.forward(x))
+    }
+
+    fn encode_texts(
+        &self,
+        inputs: &PixelWordInputs,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let (ids, pad) = word_batch(inputs, rows, device);
+        self.text_heads.forward(self.text_backbone.forward(ids, pad))
+    }
+
+    fn temperatures(&self) -> &Temperatures<B> {
+        &self.temperatures
+    }
+
+    fn clamped(mut self) -> Self {
+        self.temperatures = self.temperatures.clamp();
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn padding_does_not_change_a_captions_embedding() {
+        let device = Default::default();
+        let shape = ScenesSmallShape {
+            image_size: 16,
+            channels: vec![4, 8],
+            vocab: 10,
+            max_words: 6,
+            width: 8,
+            layers: 1,
+            heads: 2,
+            dim: 4,
+            uni_heads: true,
+        };
+        let m = ScenesSmall::<B>::new(&shape, &device);
+        let inputs = PixelWordInputs {
+            pixels: (0..2 * 3 * 16 * 16).map(|i| (i % 251) as u8).collect(),
+            size: 16,
+            words: vec![vec![2, 3], vec![4, 5, 6, 7, 8]],
+        };
+        // Caption 0 alone (no padding) and beside a longer one (padded to 5 words).
+        let (alone, _) = m.encode_texts(&inputs, &[0], &device);
+        let (padded, g) = m.encode_texts(&inputs, &[0, 1], &device);
+        let a = alone.into_data().to_vec::<f32>().unwrap();
+        let p = padded.into_data().to_vec::<f32>().unwrap();
+        for (x, y) in a.iter().zip(&p[..4]) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {p:?}");
+        }
+        assert_eq!(g.expect("uni heads").dims(), [2, 4]);
+        let (f, _) = m.encode_images(&inputs, &[1, 0, 1], &device);
+        assert_eq!(f.dims(), [3, 4]);
+        assert_eq!(inputs.images(), 2);
+    }
+}

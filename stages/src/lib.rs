@@ -9,6 +9,7 @@ pub mod command;
 pub mod dataset;
 pub mod device;
 pub mod download;
+pub mod eval;
 pub mod features;
 pub mod ml;
 pub mod softlabel;
@@ -26,6 +27,7 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(command::CommandKind),
         Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
+        Arc::new(eval::EvalKind),
         Arc::new(softlabel::SoftlabelKind),
         Arc::new(teacher::TeacherKind),
         Arc::new(train::TrainKind),

@@ -8,6 +8,7 @@ mod cache_cmds;
 mod crash;
 mod dataset;
 mod download;
+mod eval;
 mod failures;
 mod incremental;
 mod parallel;

@@ -56,7 +56,20 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
         assert!(rsum > 250.0, "{stage}: {metrics}");
         assert!(metrics["best_epoch"].as_u64().unwrap() >= 1);
     }
+    // …and measured on the test split, with the scenes' exact extended positives.
+    for stage in ["eval_base", "eval_csa", "eval_usa", "eval_cusa"] {
+        let (code, path, _) = run(&["path", &format!("{stage}/metrics.json")]);
+        assert_eq!(code, 0);
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.trim()).unwrap()).unwrap();
+        assert_eq!((metrics["images"].as_u64(), metrics["captions"].as_u64()), (Some(300), Some(1500)));
+        assert!(metrics["rsum"].as_f64().unwrap() > 250.0, "{stage}: {metrics}");
+        for direction in ["i2t", "t2i"] {
+            let map = metrics["extended"][direction]["mAP@R"].as_f64().unwrap();
+            assert!(map > 10.0 && map <= 100.0, "{stage}: {metrics}");
+        }
+    }
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\"cached\"").count(), 17, "{out}");
+    assert_eq!(out.matches("\"cached\"").count(), 21, "{out}");
 }

@@ -11,7 +11,7 @@ use crate::support::{Project, read_features, sha256_hex, wait_child};
 
 /// The quickstart's downloads and teachers over a small scenes dataset, a softlabel stage and
 /// a train stage with extra `with:` lines.
-fn project(train_with: &str) -> Project {
+pub(crate) fn project(train_with: &str) -> Project {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let quickstart: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())

@@ -40,13 +40,18 @@ fn read_columns<const N: usize>(
                     StageError::failed(format!("{} has no text column `{name}`", path.display()))
                 })
         };
-        let splits = col("split")?;
+        // A table without splits (positives) is read whole.
+        let splits = if split == "all" {
+            None
+        } else {
+            Some(col("split")?)
+        };
         let cols = columns
             .iter()
             .map(|c| col(c))
             .collect::<Result<Vec<_>, _>>()?;
         for i in 0..batch.num_rows() {
-            if split == "all" || splits.value(i) == split {
+            if splits.as_ref().is_none_or(|s| s.value(i) == split) {
                 rows.push(std::array::from_fn(|k| cols[k].value(i).to_string()));
             }
         }
@@ -92,6 +97,15 @@ pub fn captions(dataset: &Path, split: &str) -> Result<Vec<CaptionRow>, StageErr
         text,
     })
     .collect())
+}
+
+/// The extended positives (`query_kind`, `query_id`, `positive_id`), when the dataset has them.
+pub fn positives(dataset: &Path) -> Result<Option<Vec<[String; 3]>>, StageError> {
+    let path = dataset.join("positives.parquet");
+    if !path.exists() {
+        return Ok(None);
+    }
+    read_columns(&path, "all", ["query_kind", "query_id", "positive_id"]).map(Some)
 }
 
 /// Image ids and paths (relative to the dataset's image root) of a split, in id order.

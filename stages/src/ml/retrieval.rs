@@ -47,96 +47,153 @@ fn rank_of(scores: &[f32], score: f32, own: &dyn Fn(usize) -> bool) -> usize {
         .count()
 }
 
-/// R@1/5/10 for `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
-/// image.
-pub fn recalls(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Recalls {
+/// 0-based rank of the first ground truth of every query: i2t per image (best over its
+/// captions), t2i per caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranks {
+    pub i2t: Vec<usize>,
+    pub t2i: Vec<usize>,
+    /// Top-1 gallery row of every query.
+    pub i2t_top1: Vec<usize>,
+    pub t2i_top1: Vec<usize>,
+}
+
+fn argmax(scores: &[f32]) -> usize {
+    // First maximum: a deterministic choice among ties.
+    let mut best = 0;
+    for (j, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// The ranks of `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
+/// image. One score row per query at a time (never the whole matrix).
+pub fn ranks(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Ranks {
     let (ni, nc) = (images.rows(), captions.rows());
     let mut captions_of: Vec<Vec<usize>> = vec![Vec::new(); ni];
     for (c, &i) in image_of.iter().enumerate() {
         captions_of[i].push(c);
     }
     // i2t: for each image, the best rank over its captions.
-    let i2t: Vec<usize> = (0..ni)
+    let (i2t, i2t_top1): (Vec<usize>, Vec<usize>) = (0..ni)
         .into_par_iter()
         .map(|i| {
             let q = images.row(i);
             let scores: Vec<f32> = (0..nc).map(|c| dot(q, captions.row(c))).collect();
             let own = |c: usize| image_of[c] == i;
-            captions_of[i]
+            let rank = captions_of[i]
                 .iter()
                 .map(|&c| rank_of(&scores, scores[c], &own))
                 .min()
-                .unwrap_or(usize::MAX)
+                .unwrap_or(usize::MAX);
+            (rank, argmax(&scores))
         })
-        .collect();
-    let t2i: Vec<usize> = (0..nc)
+        .unzip();
+    let (t2i, t2i_top1): (Vec<usize>, Vec<usize>) = (0..nc)
         .into_par_iter()
         .map(|c| {
             let q = captions.row(c);
             let scores: Vec<f32> = (0..ni).map(|i| dot(q, images.row(i))).collect();
             let own = |i: usize| i == image_of[c];
-            rank_of(&scores, scores[image_of[c]], &own)
+            (rank_of(&scores, scores[image_of[c]], &own), argmax(&scores))
         })
-        .collect();
-    let at = |ranks: &[usize], k: usize| {
-        100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len().max(1) as f64
-    };
-    let r = [
-        at(&i2t, 1),
-        at(&i2t, 5),
-        at(&i2t, 10),
-        at(&t2i, 1),
-        at(&t2i, 5),
-        at(&t2i, 10),
-    ];
-    Recalls {
-        i2t_r1: r[0],
-        i2t_r5: r[1],
-        i2t_r10: r[2],
-        t2i_r1: r[3],
-        t2i_r5: r[4],
-        t2i_r10: r[5],
-        rsum: r.iter().sum(),
+        .unzip();
+    Ranks {
+        i2t,
+        t2i,
+        i2t_top1,
+        t2i_top1,
     }
 }
 
-/// mAP@R and R-Precision (in %) of `queries` against `gallery` with positive sets
-/// `positives[q]` (gallery rows). Queries without positives are skipped.
-pub fn map_at_r(
-    queries: &Matrix<'_>,
-    gallery: &Matrix<'_>,
-    positives: &[Vec<usize>],
-) -> (f64, f64) {
-    let per_query: Vec<(f64, f64)> = (0..queries.rows())
+impl Ranks {
+    pub fn recalls(&self) -> Recalls {
+        let at = |ranks: &[usize], k: usize| {
+            100.0 * ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len().max(1) as f64
+        };
+        let r = [
+            at(&self.i2t, 1),
+            at(&self.i2t, 5),
+            at(&self.i2t, 10),
+            at(&self.t2i, 1),
+            at(&self.t2i, 5),
+            at(&self.t2i, 10),
+        ];
+        Recalls {
+            i2t_r1: r[0],
+            i2t_r5: r[1],
+            i2t_r10: r[2],
+            t2i_r1: r[3],
+            t2i_r5: r[4],
+            t2i_r10: r[5],
+            rsum: r.iter().sum(),
+        }
+    }
+}
+
+/// R@1/5/10 for `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
+/// image.
+pub fn recalls(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Recalls {
+    ranks(images, captions, image_of).recalls()
+}
+
+/// Retrieval against extended positive sets (in %), as ECCV Caption defines it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Extended {
+    #[serde(rename = "mAP@R")]
+    pub map_at_r: f64,
+    #[serde(rename = "R-P")]
+    pub r_precision: f64,
+    #[serde(rename = "R@1")]
+    pub r1: f64,
+    /// Queries with at least one positive (the others are skipped).
+    pub queries: usize,
+}
+
+/// mAP@R, R-Precision and R@1 of `queries` against `gallery` with positive sets
+/// `positives[q]` (gallery rows); queries without positives are skipped. With R = |positives|:
+/// AP@R = (1/R) Σ_{k≤R} P@k·rel(k), R-P = P@R, R@1 = rel(1).
+pub fn extended(queries: &Matrix<'_>, gallery: &Matrix<'_>, positives: &[Vec<usize>]) -> Extended {
+    let per_query: Vec<(f64, f64, f64)> = (0..queries.rows())
         .into_par_iter()
         .filter(|&q| !positives[q].is_empty())
         .map(|q| {
             let qv = queries.row(q);
-            let mut order: Vec<(f32, usize)> = (0..gallery.rows())
-                .map(|g| (dot(qv, gallery.row(g)), g))
-                .collect();
             let pos: std::collections::HashSet<usize> = positives[q].iter().copied().collect();
-            // Ties: negatives first (against the query).
-            order.sort_by(|a, b| {
-                b.0.total_cmp(&a.0)
-                    .then(pos.contains(&a.1).cmp(&pos.contains(&b.1)))
-            });
+            let mut order: Vec<(f32, bool)> = (0..gallery.rows())
+                .map(|g| (dot(qv, gallery.row(g)), pos.contains(&g)))
+                .collect();
             let r = pos.len();
+            // Only the top R matter: select, then sort them. Ties: negatives first (against
+            // the query).
+            let cmp = |a: &(f32, bool), b: &(f32, bool)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if r < order.len() {
+                order.select_nth_unstable_by(r - 1, cmp);
+                order.truncate(r);
+            }
+            order.sort_by(cmp);
             let (mut hits, mut ap) = (0usize, 0.0);
-            for (k, (_, g)) in order.iter().take(r).enumerate() {
-                if pos.contains(g) {
+            for (k, &(_, positive)) in order.iter().take(r).enumerate() {
+                if positive {
                     hits += 1;
                     ap += hits as f64 / (k + 1) as f64;
                 }
             }
-            (ap / r as f64, hits as f64 / r as f64)
+            let r1 = if order[0].1 { 1.0 } else { 0.0 };
+            (ap / r as f64, hits as f64 / r as f64, r1)
         })
         .collect();
     let n = per_query.len().max(1) as f64;
-    (
-        100.0 * per_query.iter().map(|x| x.0).sum::<f64>() / n,
-        100.0 * per_query.iter().map(|x| x.1).sum::<f64>() / n,
-    )
+    let mean = |f: fn(&(f64, f64, f64)) -> f64| 100.0 * per_query.iter().map(f).sum::<f64>() / n;
+    Extended {
+        map_at_r: mean(|x| x.0),
+        r_precision: mean(|x| x.1),
+        r1: mean(|x| x.2),
+        queries: per_query.len(),
+    }
 }
 
 #[cfg(test)]
@@ -183,11 +240,11 @@ mod tests {
         // R = 2, top-2 = g0 (hit, P@1 = 1), g1 (miss) → AP@R = (1 + 0)/2, R-Precision = 1/2.
         let q = [1.0, 0.0];
         let g = [0.9, 0.0, 0.8, 0.0, 0.7, 0.0, 0.1, 0.0];
-        let (map, rp) = map_at_r(
+        let e = extended(
             &Matrix { data: &q, dim: 2 },
             &Matrix { data: &g, dim: 2 },
             &[vec![0, 2]],
         );
-        assert_eq!((map, rp), (50.0, 50.0));
+        assert_eq!((e.map_at_r, e.r_precision, e.r1), (50.0, 50.0, 100.0));
     }
 }

@@ -1,15 +1,18 @@
-//! Step time of the loss variants on the same batches (features precomputed), for
-//! `cusa-pipe bench train`: the overhead of CSA/USA over the base loss, and throughput.
+//! Step time of the loss variants on the same batches (teacher vectors precomputed), for
+//! `cusa-pipe bench train`: the overhead of CSA/USA over the base loss, and throughput, with a
+//! `feature-heads` student (the loss dominates) and a `scenes-small` one (a trained backbone).
 
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::config::{BaseLoss, CsaConfig, LossConfig, UsaConfig};
 use super::run::{StepBatch, step_once};
 use crate::ml::loss::Reduction;
 use crate::ml::optim::GroupedAdamW;
-use crate::ml::student::{FeatureHeads, FeatureHeadsShape, FeatureInputs, Rows};
+use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall, ScenesSmallShape};
+use crate::ml::student::{FeatureHeads, FeatureHeadsShape, FeatureInputs, Rows, Student};
 
 /// One variant's figures.
 #[derive(Debug, Clone)]
@@ -39,51 +42,65 @@ fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
     out
 }
 
-/// Times `steps` steps (after `warmup`) of base, +CSA, +USA and +CUSA on the same batches,
-/// interleaved round-robin so drift in machine load hits every variant alike.
-pub fn step_times<B: AutodiffBackend>(
-    device: &B::Device,
-    batch: usize,
-    feature_dim: usize,
-    hidden: usize,
-    dim: usize,
-    steps: usize,
-    warmup: usize,
-) -> Vec<StepFigure> {
-    let variants: [(&'static str, Option<f64>, Option<f64>); 4] = [
-        ("base", None, None),
-        ("+csa", Some(0.1), None),
-        ("+usa", None, Some(0.5)),
-        ("+cusa", Some(0.1), Some(0.5)),
-    ];
-    // Four batches of fresh vectors; in each, row 5k+4 shows the image of row 5k:
-    // multi-positive targets as in real batches.
-    let rows_of = |seed: u64| Rows {
-        data: rows(batch, feature_dim, seed),
-        dim: feature_dim,
-    };
-    let batches: Vec<(FeatureInputs, StepBatch)> = (0..4)
+/// The four loss variants: (name, α, β).
+const VARIANTS: [(&str, Option<f64>, Option<f64>); 4] = [
+    ("base", None, None),
+    ("+csa", Some(0.1), None),
+    ("+usa", None, Some(0.5)),
+    ("+cusa", Some(0.1), Some(0.5)),
+];
+
+/// Teacher width in the benchmarks (MiniLM / DINOv2-small).
+const TEACHER_DIM: usize = 384;
+
+/// Four batches of `batch` pairs; in each, row 5k+4 shows the image
+/// of row 5k (multi-positive targets as in real batches), with fresh teacher vectors.
+fn step_batches(batch: usize) -> Vec<StepBatch> {
+    (0..4u64)
         .map(|k| {
-            let inputs = FeatureInputs {
-                images: rows_of(11 + k),
-                captions: rows_of(23 + k),
-            };
             let image_rows: Vec<usize> = (0..batch)
                 .map(|i| if i % 5 == 4 { i - 4 } else { i })
                 .collect();
             let teacher_images = Rows {
-                data: rows_of(37 + k).gather(&image_rows),
-                dim: feature_dim,
-            };
-            let step = StepBatch {
+                data: rows(batch, TEACHER_DIM, 37 + k),
+                dim: TEACHER_DIM,
+            }
+            .gather(&image_rows);
+            StepBatch {
                 caption_rows: (0..batch).collect(),
                 image_rows,
-                teacher: Some((teacher_images, rows_of(41 + k))),
-            };
-            (inputs, step)
+                teacher: Some((
+                    Rows {
+                        data: teacher_images,
+                        dim: TEACHER_DIM,
+                    },
+                    Rows {
+                        data: rows(batch, TEACHER_DIM, 41 + k),
+                        dim: TEACHER_DIM,
+                    },
+                )),
+            }
         })
-        .collect();
-    let mut states: Vec<_> = variants
+        .collect()
+}
+
+/// Times `steps` steps (after `warmup`) of base, +CSA, +USA and +CUSA on the same batches,
+/// interleaved round-robin so drift in machine load hits every variant alike. `student(uni)`
+/// builds a fresh student (with uni heads for USA); `inputs[k]` feeds batch k.
+fn time_variants<B, S>(
+    device: &B::Device,
+    batch: usize,
+    student: impl Fn(bool) -> S,
+    inputs: &[S::Inputs],
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure>
+where
+    B: AutodiffBackend,
+    S: Student<B> + AutodiffModule<B>,
+{
+    let batches = step_batches(batch);
+    let mut states: Vec<_> = VARIANTS
         .iter()
         .map(|&(name, alpha, beta)| {
             let losses = LossConfig {
@@ -93,21 +110,14 @@ pub fn step_times<B: AutodiffBackend>(
                 csa: alpha.map(|alpha| CsaConfig { alpha }),
                 usa: beta.map(|beta| UsaConfig { beta }),
             };
-            let shape = FeatureHeadsShape {
-                image_dim: feature_dim,
-                text_dim: feature_dim,
-                hidden,
-                dim,
-                uni_heads: beta.is_some(),
-            };
-            let model = FeatureHeads::<B>::new(shape, device);
+            let model = student(beta.is_some());
             let optim = GroupedAdamW::new(&model, 1e-4, false);
             (name, losses, Some(model), optim, Vec::new())
         })
         .collect();
     for i in 0..warmup + steps {
         for (_, losses, model, optim, times) in states.iter_mut() {
-            let (inputs, b) = &batches[i % batches.len()];
+            let k = i % batches.len();
             let started = Instant::now();
             let (next, _, _) = step_once(
                 model.take().expect("model"),
@@ -115,8 +125,8 @@ pub fn step_times<B: AutodiffBackend>(
                 losses,
                 Reduction::Mean,
                 1e-3,
-                inputs,
-                b,
+                &inputs[k],
+                &batches[k],
                 device,
             );
             *model = Some(next);
@@ -137,4 +147,79 @@ pub fn step_times<B: AutodiffBackend>(
             }
         })
         .collect()
+}
+
+/// The variants with a `feature-heads` student over `feature_dim`-wide features.
+pub fn feature_heads_step_times<B: AutodiffBackend>(
+    device: &B::Device,
+    batch: usize,
+    feature_dim: usize,
+    hidden: usize,
+    dim: usize,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    let inputs: Vec<FeatureInputs> = (0..4u64)
+        .map(|k| FeatureInputs {
+            images: Rows {
+                data: rows(batch, feature_dim, 11 + k),
+                dim: feature_dim,
+            },
+            captions: Rows {
+                data: rows(batch, feature_dim, 23 + k),
+                dim: feature_dim,
+            },
+        })
+        .collect();
+    let student = |uni_heads| {
+        FeatureHeads::<B>::new(
+            FeatureHeadsShape {
+                image_dim: feature_dim,
+                text_dim: feature_dim,
+                hidden,
+                dim,
+                uni_heads,
+            },
+            device,
+        )
+    };
+    time_variants(device, batch, student, &inputs, steps, warmup)
+}
+
+/// The variants with a `scenes-small` student (CNN over `shape.image_size`² pictures,
+/// transformer over 12-word captions): the overhead on a backbone that is trained.
+pub fn scenes_small_step_times<B: AutodiffBackend>(
+    device: &B::Device,
+    batch: usize,
+    shape: &ScenesSmallShape,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    let side = shape.image_size;
+    let inputs: Vec<PixelWordInputs> = (0..4u64)
+        .map(|k| PixelWordInputs {
+            pixels: rows(batch, 3 * side * side, 53 + k)
+                .iter()
+                .map(|x| ((x * 40.0 + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
+                .collect(),
+            size: side,
+            words: (0..batch)
+                .map(|i| {
+                    (0..12)
+                        .map(|w| 2 + ((i * 31 + w * 7 + k as usize) % (shape.vocab - 2)) as u32)
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    let student = |uni_heads| {
+        ScenesSmall::<B>::new(
+            &ScenesSmallShape {
+                uni_heads,
+                ..shape.clone()
+            },
+            device,
+        )
+    };
+    time_variants(device, batch, student, &inputs, steps, warmup)
 }

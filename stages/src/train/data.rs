@@ -183,16 +183,7 @@ pub fn pixel_word_split(
                     "run the dataset stage with `verify_images: true` to find unreadable images",
                 )
             })?;
-            let px = prep.pixels(&img);
-            let raw = px.as_raw();
-            let plane = raw.len() / 3;
-            let mut chw = vec![0u8; raw.len()];
-            for (i, p) in raw.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    chw[c * plane + i] = p[c];
-                }
-            }
-            Ok(chw)
+            Ok(prep.pixels(&img).into_raw())
         })
         .collect::<Result<_, StageError>>()?;
     let words = l.captions.iter().map(|c| vocab.encode(&c.text)).collect();

@@ -15,13 +15,13 @@
 //!   a training caption without a backbone feature is an error, never a zero vector.
 //!
 //! Output tree: `model.mpk` (best epoch, burn NamedMpk, full precision), `config.json` (the
-//! training config, burn `Config`), `log.jsonl` (one line per epoch: losses by term,
+//! architecture and training config, burn `Config`), `vocab.json` (scenes-small), `log.jsonl` (one line per epoch: losses by term,
 //! temperatures, learning rate, validation R@1/5/10 and RSUM, seconds), `metrics.json`.
 
 pub mod bench;
 pub mod config;
-mod data;
-mod run;
+pub(crate) mod data;
+pub(crate) mod run;
 
 use serde_json::Value;
 
@@ -38,7 +38,8 @@ impl StageKind for TrainKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: config.json records the architecture (`student: {kind, …}`); scenes-small.
+        2
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {

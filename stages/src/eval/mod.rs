@@ -1,0 +1,471 @@
+//! `eval`: the retrieval metrics of the paper on one split, from a trained student or from
+//! precomputed embeddings.
+//!
+//! The reference code needs hand-edited scripts to get its tables and picks its checkpoint on
+//! the test set. Here the student is whatever its `train` stage chose on validation, and this
+//! stage only measures it: cross-modal R@1/5/10 both ways and RSUM (i2t: the best rank over an
+//! image's captions), optionally the mean over `folds` contiguous folds of the images (COCO 1K
+//! with 5 folds of the 5K test split), and, when the dataset has extended positives (ECCV
+//! Caption on COCO, the exact positives of the scenes dataset), mAP@R, R-Precision and R@1 per
+//! direction as ECCV Caption defines them.
+//!
+//! Invariants:
+//! * every image and caption of the split must have an embedding; a missing one is an error
+//!   naming it, never a zero vector;
+//! * embeddings are compared by cosine (rows are L2-normalised here);
+//! * exact ties count against the query (a true item tied with a wrong one ranks after it), so
+//!   a collapsed model scores zero, never chance;
+//! * one score row per query at a time: memory grows with the gallery, not gallery × queries.
+//!
+//! Output tree: `metrics.json` (percentages, 0–100), `ranks.parquet` (per query: direction,
+//! query id, 1-based rank of the first ground truth, top-1 id), `image_embeddings.arrow` and
+//! `caption_embeddings.arrow` (the unit vectors measured, `id` + `embedding`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, StringArray, UInt32Array};
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::{
+    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
+};
+use crate::features;
+use crate::ml::retrieval::{self, Matrix, Ranks};
+use crate::ml::scenes_small::ScenesSmall;
+use crate::ml::student::{FeatureHeads, Rows};
+use crate::ml::vocab::WordVocab;
+use crate::teacher::Precision;
+use crate::train::config::Architecture;
+use crate::train::data;
+use crate::train::run::embed_split;
+
+/// `with:` of an eval stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// A `dataset` stage's output folder.
+    pub dataset: String,
+    /// The split measured [default: test].
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// A `train` stage's output folder.
+    pub model: Option<String>,
+    /// The features a `feature-heads` model reads (the ones it was trained on).
+    pub image_features: Option<String>,
+    pub text_features: Option<String>,
+    /// Where the dataset's image paths are relative to, when it was imported with `images:`.
+    pub images: Option<String>,
+    /// Precomputed embeddings (Arrow IPC, `id` + `embedding`) instead of a model.
+    pub image_embeddings: Option<String>,
+    pub text_embeddings: Option<String>,
+    /// Also report the mean over this many contiguous folds of the images (COCO 1K: 5).
+    pub folds: Option<usize>,
+}
+
+fn default_split() -> String {
+    "test".into()
+}
+
+impl EvalConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let embeddings = self.image_embeddings.is_some() || self.text_embeddings.is_some();
+        match (&self.model, embeddings) {
+            (Some(_), true) => Err(ConfigError::new(
+                "model",
+                "give either `model:` or `image_embeddings:` + `text_embeddings:`, not both",
+            )),
+            (None, false) => Err(ConfigError::new(
+                "model",
+                "missing: give `model:` (a train stage's output) or `image_embeddings:` + `text_embeddings:`",
+            )),
+            (None, true)
+                if self.image_embeddings.is_none() || self.text_embeddings.is_none() =>
+            {
+                Err(ConfigError::new(
+                    if self.image_embeddings.is_none() {
+                        "image_embeddings"
+                    } else {
+                        "text_embeddings"
+                    },
+                    "missing: precomputed embeddings need both `image_embeddings:` and `text_embeddings:`",
+                ))
+            }
+            _ if self.folds == Some(0) => Err(ConfigError::new("folds", "must be at least 1")),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub struct EvalKind;
+
+impl StageKind for EvalKind {
+    fn name(&self) -> &'static str {
+        "eval"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let c: EvalConfig = parse_config(with)?;
+        c.validate()?;
+        Ok(Checked::default())
+    }
+
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        let c: EvalConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        evaluate(&c, ctx)
+    }
+}
+
+/// Unit-length embeddings of a split's images and captions, with the ids and the caption →
+/// image map.
+struct Embedded {
+    image_ids: Vec<String>,
+    caption_ids: Vec<String>,
+    image_of: Vec<usize>,
+    images: Vec<f32>,
+    captions: Vec<f32>,
+    dim: usize,
+}
+
+type Inference = burn::backend::NdArray<f32>;
+
+fn weights_error(dir: &Path, e: impl std::fmt::Display) -> StageError {
+    StageError::failed_with_hint(
+        format!("cannot load the weights in {}: {e}", dir.display()),
+        "`model:` must be a train stage's output (model.mpk + config.json)",
+    )
+}
+
+/// Embeds the split with the trained student in `dir`, on the CPU.
+fn embed_with_model(
+    c: &EvalConfig,
+    ctx: &StageContext<'_>,
+    dataset: &Path,
+    dir: &Path,
+) -> Result<Embedded, StageError> {
+    let config: Value = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            StageError::failed_with_hint(
+                format!("{} has no readable config.json", dir.display()),
+                "`model:` must be a train stage's output",
+            )
+        })?;
+    let architecture: Architecture = serde_json::from_value(config["student"].clone())
+        .map_err(|e| weights_error(dir, format!("config.json: `student`: {e}")))?;
+    let device = Default::default();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let weights = dir.join("model");
+    let (split, (images, captions, dim)) = match architecture {
+        Architecture::FeatureHeads(shape) => {
+            let (Some(fi), Some(ft)) = (&c.image_features, &c.text_features) else {
+                return Err(StageError::failed_with_hint(
+                    format!(
+                        "{} is a feature-heads student: it reads precomputed features",
+                        dir.display()
+                    ),
+                    "give `image_features:` and `text_features:` (the teachers' features.arrow it was trained on, covering this split)",
+                ));
+            };
+            let (pi, pt) = (ctx.resolve(fi), ctx.resolve(ft));
+            let (fi, ft) = (features::read(&pi)?, features::read(&pt)?);
+            let split = data::feature_split(dataset, &c.split, (&fi, &pi), (&ft, &pt))?;
+            if split.inputs.images.dim != shape.image_dim
+                || split.inputs.captions.dim != shape.text_dim
+            {
+                return Err(StageError::failed_with_hint(
+                    format!(
+                        "the features have dimensions {} / {}, the model was trained on {} / {}",
+                        split.inputs.images.dim,
+                        split.inputs.captions.dim,
+                        shape.image_dim,
+                        shape.text_dim
+                    ),
+                    "give the features the model was trained on",
+                ));
+            }
+            let model = FeatureHeads::<Inference>::new(shape, &device)
+                .load_file(weights, &recorder, &device)
+                .map_err(|e| weights_error(dir, e))?;
+            let embedded = embed_split(&model, &split.inputs, &device);
+            (
+                (split.image_ids, split.caption_ids, split.image_of),
+                embedded,
+            )
+        }
+        Architecture::ScenesSmall(shape) => {
+            let vocab: WordVocab = std::fs::read(dir.join("vocab.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| weights_error(dir, "no readable vocab.json"))?;
+            let root = c.images.as_deref().map(|p| ctx.resolve(p));
+            let split =
+                data::pixel_word_split(dataset, root.as_deref(), &c.split, shape.image_size, &vocab)?;
+            let model = ScenesSmall::<Inference>::new(&shape, &device)
+                .load_file(weights, &recorder, &device)
+                .map_err(|e| weights_error(dir, e))?;
+            let embedded = embed_split(&model, &split.inputs, &device);
+            (
+                (split.image_ids, split.caption_ids, split.image_of),
+                embedded,
+            )
+        }
+    };
+    let (image_ids, caption_ids, image_of) = split;
+    Ok(Embedded {
+        image_ids,
+        caption_ids,
+        image_of,
+        images,
+        captions,
+        dim,
+    })
+}
+
+fn normalized(mut rows: Rows) -> Rows {
+    for row in rows.data.chunks_mut(rows.dim.max(1)) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    rows
+}
+
+/// Reads precomputed embeddings for the split.
+fn embed_precomputed(
+    c: &EvalConfig,
+    ctx: &StageContext<'_>,
+    dataset: &Path,
+) -> Result<Embedded, StageError> {
+    let pi = ctx.resolve(c.image_embeddings.as_deref().unwrap_or_default());
+    let pt = ctx.resolve(c.text_embeddings.as_deref().unwrap_or_default());
+    let (fi, ft) = (features::read(&pi)?, features::read(&pt)?);
+    if fi.dim != ft.dim {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "the image embeddings ({}) have dimension {}, the caption embeddings ({}) {}",
+                pi.display(),
+                fi.dim,
+                pt.display(),
+                ft.dim
+            ),
+            "both galleries must live in the same embedding space",
+        ));
+    }
+    let split = data::feature_split(dataset, &c.split, (&fi, &pi), (&ft, &pt))?;
+    let images = normalized(split.inputs.images);
+    let captions = normalized(split.inputs.captions);
+    Ok(Embedded {
+        image_ids: split.image_ids,
+        caption_ids: split.caption_ids,
+        image_of: split.image_of,
+        images: images.data,
+        captions: captions.data,
+        dim: fi.dim,
+    })
+}
+
+/// Positive gallery rows per query (i2t: caption rows per image, t2i: image rows per
+/// caption), for the ids of this split; `None` without positives for it.
+fn positive_sets(dataset: &Path, e: &Embedded) -> Result<Option<[Vec<Vec<usize>>; 2]>, StageError> {
+    let Some(rows) = crate::dataset::read::positives(dataset)? else {
+        return Ok(None);
+    };
+    let index = |ids: &[String]| -> HashMap<String, usize> {
+        ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect()
+    };
+    let (images, captions) = (index(&e.image_ids), index(&e.caption_ids));
+    let mut i2t = vec![Vec::new(); e.image_ids.len()];
+    let mut t2i = vec![Vec::new(); e.caption_ids.len()];
+    let mut any = false;
+    for [kind, query, positive] in rows {
+        match kind.as_str() {
+            "image" => {
+                if let (Some(&q), Some(&p)) = (images.get(&query), captions.get(&positive)) {
+                    i2t[q].push(p);
+                    any = true;
+                }
+            }
+            "caption" => {
+                if let (Some(&q), Some(&p)) = (captions.get(&query), images.get(&positive)) {
+                    t2i[q].push(p);
+                    any = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(any.then_some([i2t, t2i]))
+}
+
+fn directions(r: &retrieval::Recalls) -> Value {
+    json!({
+        "i2t": {"R@1": r.i2t_r1, "R@5": r.i2t_r5, "R@10": r.i2t_r10},
+        "t2i": {"R@1": r.t2i_r1, "R@5": r.t2i_r5, "R@10": r.t2i_r10},
+        "rsum": r.rsum,
+    })
+}
+
+/// Mean recalls over `folds` contiguous folds of the images (each with its captions).
+fn fold_recalls(e: &Embedded, folds: usize) -> Value {
+    let ni = e.image_ids.len();
+    let size = ni.div_ceil(folds);
+    let mut sums = [0.0f64; 7];
+    let mut n = 0;
+    for f in 0..folds {
+        let range = f * size..((f + 1) * size).min(ni);
+        if range.is_empty() {
+            continue;
+        }
+        let captions: Vec<usize> = (0..e.caption_ids.len())
+            .filter(|&c| range.contains(&e.image_of[c]))
+            .collect();
+        let cap_data: Vec<f32> = captions
+            .iter()
+            .flat_map(|&c| e.captions[c * e.dim..(c + 1) * e.dim].iter().copied())
+            .collect();
+        let image_of: Vec<usize> = captions.iter().map(|&c| e.image_of[c] - range.start).collect();
+        let r = retrieval::recalls(
+            &Matrix {
+                data: &e.images[range.start * e.dim..range.end * e.dim],
+                dim: e.dim,
+            },
+            &Matrix {
+                data: &cap_data,
+                dim: e.dim,
+            },
+            &image_of,
+        );
+        for (s, v) in sums.iter_mut().zip([
+            r.i2t_r1, r.i2t_r5, r.i2t_r10, r.t2i_r1, r.t2i_r5, r.t2i_r10, r.rsum,
+        ]) {
+            *s += v;
+        }
+        n += 1;
+    }
+    let m: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
+    json!({
+        "folds": n,
+        "i2t": {"R@1": m[0], "R@5": m[1], "R@10": m[2]},
+        "t2i": {"R@1": m[3], "R@5": m[4], "R@10": m[5]},
+        "rsum": m[6],
+    })
+}
+
+fn write_ranks(path: &Path, e: &Embedded, ranks: &Ranks) -> Result<(), StageError> {
+    let n = ranks.i2t.len() + ranks.t2i.len();
+    let mut direction = Vec::with_capacity(n);
+    let mut query = Vec::with_capacity(n);
+    let mut rank = Vec::with_capacity(n);
+    let mut top1 = Vec::with_capacity(n);
+    for (i, (&r, &t)) in ranks.i2t.iter().zip(&ranks.i2t_top1).enumerate() {
+        direction.push("i2t");
+        query.push(e.image_ids[i].as_str());
+        rank.push(r as u32 + 1);
+        top1.push(e.caption_ids[t].as_str());
+    }
+    for (c, (&r, &t)) in ranks.t2i.iter().zip(&ranks.t2i_top1).enumerate() {
+        direction.push("t2i");
+        query.push(e.caption_ids[c].as_str());
+        rank.push(r as u32 + 1);
+        top1.push(e.image_ids[t].as_str());
+    }
+    let strings = |v: Vec<&str>| -> ArrayRef { Arc::new(StringArray::from_iter_values(v)) };
+    crate::dataset::normal::write_batch(
+        path,
+        vec![
+            ("direction", strings(direction), false),
+            ("query_id", strings(query), false),
+            ("rank", Arc::new(UInt32Array::from(rank)) as ArrayRef, false),
+            ("top1_id", strings(top1), false),
+        ],
+    )
+}
+
+fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+    let dataset = ctx.resolve(&c.dataset);
+    let e = match &c.model {
+        Some(dir) => embed_with_model(c, ctx, &dataset, &ctx.resolve(dir))?,
+        None => embed_precomputed(c, ctx, &dataset)?,
+    };
+    ctx.log.line(format!(
+        "split `{}`: {} images, {} captions, dimension {}",
+        c.split,
+        e.image_ids.len(),
+        e.caption_ids.len(),
+        e.dim
+    ));
+    let images = Matrix {
+        data: &e.images,
+        dim: e.dim,
+    };
+    let captions = Matrix {
+        data: &e.captions,
+        dim: e.dim,
+    };
+    let ranks = retrieval::ranks(&images, &captions, &e.image_of);
+    let recalls = ranks.recalls();
+    let mut metrics = directions(&recalls);
+    metrics["split"] = json!(c.split);
+    metrics["images"] = json!(e.image_ids.len());
+    metrics["captions"] = json!(e.caption_ids.len());
+    if let Some(folds) = c.folds {
+        metrics["folds"] = fold_recalls(&e, folds);
+    }
+    let mut note_extended = String::new();
+    if let Some([i2t, t2i]) = positive_sets(&dataset, &e)? {
+        let a = retrieval::extended(&images, &captions, &i2t);
+        let b = retrieval::extended(&captions, &images, &t2i);
+        note_extended = format!(
+            "; extended mAP@R i2t {:.1}, t2i {:.1}",
+            a.map_at_r, b.map_at_r
+        );
+        metrics["extended"] = json!({"i2t": a, "t2i": b});
+    }
+    let out = ctx.out_dir;
+    std::fs::write(
+        out.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| StageError::io("writing metrics.json", e))?;
+    write_ranks(&out.join("ranks.parquet"), &e, &ranks)?;
+    fn ids(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let image_of: Vec<&str> = e.image_of.iter().map(|&i| e.image_ids[i].as_str()).collect();
+    features::write(
+        &out.join("image_embeddings.arrow"),
+        &ids(&e.image_ids),
+        vec![],
+        &e.images,
+        e.dim,
+        Precision::F32,
+        HashMap::new(),
+    )?;
+    features::write(
+        &out.join("caption_embeddings.arrow"),
+        &ids(&e.caption_ids),
+        vec![("image_id", &image_of)],
+        &e.captions,
+        e.dim,
+        Precision::F32,
+        HashMap::new(),
+    )?;
+    let mut summary = StageSummary::default();
+    summary.notes.push(format!(
+        "{}: RSUM {:.1} (R@1 i2t {:.1}, t2i {:.1}){note_extended}",
+        c.split, recalls.rsum, recalls.i2t_r1, recalls.t2i_r1
+    ));
+    summary.metrics.insert("rsum".into(), json!(recalls.rsum));
+    Ok(summary)
+}

@@ -1,0 +1,155 @@
+//! `eval` end to end: a trained student measured on the test split of a small scenes dataset
+//! (R@K, folds, the exact extended positives), the same numbers again from the embeddings it
+//! wrote, and the mistakes a user makes with it.
+
+use arrow_array::{Array, StringArray, UInt32Array};
+
+use crate::support::Project;
+use crate::train::project;
+
+/// `project` (teachers, soft labels, a short CUSA training) plus the given eval stages.
+fn with_stages(p: &Project, stages: &str) {
+    let mut doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
+    let extra: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(stages).unwrap();
+    for (k, v) in extra {
+        doc["stages"][k.as_str().unwrap()] = v;
+    }
+    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+}
+
+const EVAL: &str = r#"
+eval:
+  kind: eval
+  inputs: {dataset: "${scenes}", model: "${train}", image: "${image_teacher/features.arrow}", text: "${text_teacher/features.arrow}"}
+  with:
+    dataset: ${inputs.dataset}
+    model: ${inputs.model}
+    image_features: ${inputs.image}
+    text_features: ${inputs.text}
+    folds: 2
+again:
+  kind: eval
+  inputs: {dataset: "${scenes}", images: "${eval/image_embeddings.arrow}", captions: "${eval/caption_embeddings.arrow}"}
+  with:
+    dataset: ${inputs.dataset}
+    image_embeddings: ${inputs.images}
+    text_embeddings: ${inputs.captions}
+    folds: 2
+"#;
+
+fn metrics(p: &Project, stage: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p.output(stage).join("metrics.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn eval_measures_a_trained_student_on_the_test_split_and_agrees_with_its_own_embeddings() {
+    let p = project("    epochs: 4\n");
+    with_stages(&p, EVAL);
+    let r = p.run(&["run", "-j", "1", "again"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = metrics(&p, "eval");
+    assert_eq!(m["split"], "test");
+    assert_eq!((m["images"].as_u64(), m["captions"].as_u64()), (Some(10), Some(50)));
+    let recall = |d: &str, k: &str| m[d][k].as_f64().unwrap();
+    let sum: f64 = ["i2t", "t2i"]
+        .iter()
+        .flat_map(|d| ["R@1", "R@5", "R@10"].map(|k| recall(d, k)))
+        .sum();
+    assert!((sum - m["rsum"].as_f64().unwrap()).abs() < 1e-9);
+    // 10 test images: R@10 of t2i is 100 % by construction.
+    assert_eq!(recall("t2i", "R@10"), 100.0);
+    assert_eq!(m["folds"]["folds"], 2);
+    // Extended positives of the scenes: every query has at least its own ground truth.
+    for d in ["i2t", "t2i"] {
+        let e = &m["extended"][d];
+        assert_eq!(e["queries"], if d == "i2t" { 10 } else { 50 }, "{m}");
+        for k in ["mAP@R", "R-P", "R@1"] {
+            let v = e[k].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+        }
+    }
+    // The embeddings it wrote give the same numbers.
+    let again = metrics(&p, "again");
+    for k in ["i2t", "t2i", "rsum", "extended", "folds"] {
+        assert_eq!(again[k], m[k], "{k}");
+    }
+    // One rank per query, 1-based.
+    let file = std::fs::File::open(p.output("eval").join("ranks.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (mut rows, mut first_t2i) = (0, 0);
+    for batch in reader {
+        let batch = batch.unwrap();
+        let direction = batch
+            .column_by_name("direction")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .clone();
+        let rank = batch
+            .column_by_name("rank")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .unwrap()
+            .clone();
+        for i in 0..batch.num_rows() {
+            assert!(rank.value(i) >= 1);
+            if direction.value(i) == "t2i" && rank.value(i) == 1 {
+                first_t2i += 1;
+            }
+        }
+        rows += batch.num_rows();
+    }
+    assert_eq!(rows, 60);
+    assert!((recall("t2i", "R@1") - 100.0 * first_t2i as f64 / 50.0).abs() < 1e-9);
+}
+
+#[test]
+fn eval_mistakes_name_the_key_or_the_missing_ids() {
+    let p = project("    epochs: 1\n");
+    with_stages(&p, EVAL);
+    // Both a model and embeddings: refused before anything runs.
+    let r = p.run(&[
+        "run",
+        "eval",
+        "--set",
+        "eval.with.image_embeddings=x.arrow",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("give either `model:` or `image_embeddings:` + `text_embeddings:`, not both"),
+        "{}",
+        r.stderr
+    );
+    // A feature-heads model without its features.
+    let r = p.run(&["run", "-j", "1", "eval", "--set", "eval.with.image_features=null"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is a feature-heads student: it reads precomputed features"),
+        "{}",
+        r.stderr
+    );
+    // Embeddings of the validation split asked to cover the test split.
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "again",
+        "--set",
+        "eval.with.split=val",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("10 of 10 images of split `test` have no feature in"),
+        "{}",
+        r.stderr
+    );
+}

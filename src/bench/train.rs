@@ -5,7 +5,9 @@
 //! `scenes-small` CNN + transformer trained from pixels and words.
 
 use cusa_stages::ml::scenes_small::ScenesSmallShape;
-use cusa_stages::train::bench::{StepFigure, feature_heads_step_times, scenes_small_step_times};
+use cusa_stages::train::bench::{
+    StepFigure, feature_heads_step_times_cpu, scenes_small_step_times_cpu,
+};
 
 fn table(figures: &[StepFigure]) {
     let base = figures[0].seconds_per_step;
@@ -25,16 +27,13 @@ fn table(figures: &[StepFigure]) {
 }
 
 pub fn train(batch: usize, steps: usize) -> anyhow::Result<i32> {
-    type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-    let device = Default::default();
     let (feature_dim, hidden, dim) = (384, 512, 256);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "burn ndarray on {cores} cores, batch {batch}, {steps} timed steps per variant (median), teachers 384-d"
     );
     println!("\nfeature-heads student {feature_dim}→{hidden}→{dim} per modality:");
-    table(&feature_heads_step_times::<B>(
-        &device,
+    table(&feature_heads_step_times_cpu(
         batch,
         feature_dim,
         hidden,
@@ -57,8 +56,7 @@ pub fn train(batch: usize, steps: usize) -> anyhow::Result<i32> {
         "\nscenes-small student (CNN 48 px {:?}, transformer 2×128 over 12 words, dim 256):",
         shape.channels
     );
-    table(&scenes_small_step_times::<B>(
-        &device,
+    table(&scenes_small_step_times_cpu(
         batch,
         &shape,
         (steps / 4).max(3),

@@ -223,3 +223,39 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
     };
     time_variants(device, batch, student, &inputs, steps, warmup)
 }
+
+/// The CPU backend the benchmarks run on.
+pub type Cpu = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+/// [`feature_heads_step_times`] on the CPU, instantiated here: generic code is compiled in the
+/// crate that names the concrete backend, and this crate is the one built with optimisations
+/// in the dev profile (the binary's own crate is not).
+pub fn feature_heads_step_times_cpu(
+    batch: usize,
+    feature_dim: usize,
+    hidden: usize,
+    dim: usize,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    feature_heads_step_times::<Cpu>(
+        &Default::default(),
+        batch,
+        feature_dim,
+        hidden,
+        dim,
+        steps,
+        warmup,
+    )
+}
+
+/// [`scenes_small_step_times`] on the CPU, instantiated here (see
+/// [`feature_heads_step_times_cpu`]).
+pub fn scenes_small_step_times_cpu(
+    batch: usize,
+    shape: &ScenesSmallShape,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    scenes_small_step_times::<Cpu>(&Default::default(), batch, shape, steps, warmup)
+}

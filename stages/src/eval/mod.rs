@@ -15,7 +15,9 @@
 //! * embeddings are compared by cosine (rows are L2-normalised here);
 //! * exact ties count against the query (a true item tied with a wrong one ranks after it), so
 //!   a collapsed model scores zero, never chance;
-//! * one score row per query at a time: memory grows with the gallery, not gallery × queries.
+//! * one score row per query at a time: memory grows with the gallery, not gallery × queries;
+//! * a trained student embeds the split on the CPU (burn ndarray), from the same inputs it was
+//!   trained on (features for `feature-heads`, pixels and `vocab.json` for `scenes-small`).
 //!
 //! Output tree: `metrics.json` (percentages, 0–100), `ranks.parquet` (per query: direction,
 //! query id, 1-based rank of the first ground truth, top-1 id), `image_embeddings.arrow` and

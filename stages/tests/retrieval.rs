@@ -24,8 +24,7 @@ fn close(a: f64, b: f64, what: &str) {
 
 #[test]
 fn metrics_equal_numpy_and_eccv_caption_on_random_and_tied_embeddings() {
-    let fixture: Value =
-        serde_json::from_str(include_str!("fixtures/retrieval.json")).unwrap();
+    let fixture: Value = serde_json::from_str(include_str!("fixtures/retrieval.json")).unwrap();
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let dim = case["dim"].as_u64().unwrap() as usize;
@@ -43,13 +42,15 @@ fn metrics_equal_numpy_and_eccv_caption_on_random_and_tied_embeddings() {
         assert_eq!(ranks.t2i, want_t2i, "{name}: t2i ranks");
         let r = ranks.recalls();
         let want: Vec<f64> = serde_json::from_value(case["recalls"].clone()).unwrap();
-        let got = [
-            r.i2t_r1, r.i2t_r5, r.i2t_r10, r.t2i_r1, r.t2i_r5, r.t2i_r10,
-        ];
+        let got = [r.i2t_r1, r.i2t_r5, r.i2t_r10, r.t2i_r1, r.t2i_r5, r.t2i_r10];
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             close(*g, *w, &format!("{name}: recall {k}"));
         }
-        close(r.rsum, case["rsum"].as_f64().unwrap(), &format!("{name}: rsum"));
+        close(
+            r.rsum,
+            case["rsum"].as_f64().unwrap(),
+            &format!("{name}: rsum"),
+        );
         for (direction, q, g, positives) in [
             ("i2t", &im, &cap, lists(&case["positives_i2t"])),
             ("t2i", &cap, &im, lists(&case["positives_t2i"])),

@@ -9,8 +9,7 @@ use crate::train::project;
 
 /// `project` (teachers, soft labels, a short CUSA training) plus the given eval stages.
 fn with_stages(p: &Project, stages: &str) {
-    let mut doc: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
     let extra: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(stages).unwrap();
     for (k, v) in extra {
         doc["stages"][k.as_str().unwrap()] = v;
@@ -51,7 +50,10 @@ fn eval_measures_a_trained_student_on_the_test_split_and_agrees_with_its_own_emb
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = metrics(&p, "eval");
     assert_eq!(m["split"], "test");
-    assert_eq!((m["images"].as_u64(), m["captions"].as_u64()), (Some(10), Some(50)));
+    assert_eq!(
+        (m["images"].as_u64(), m["captions"].as_u64()),
+        (Some(10), Some(50))
+    );
     let recall = |d: &str, k: &str| m[d][k].as_f64().unwrap();
     let sum: f64 = ["i2t", "t2i"]
         .iter()
@@ -115,12 +117,7 @@ fn eval_mistakes_name_the_key_or_the_missing_ids() {
     let p = project("    epochs: 1\n");
     with_stages(&p, EVAL);
     // Both a model and embeddings: refused before anything runs.
-    let r = p.run(&[
-        "run",
-        "eval",
-        "--set",
-        "eval.with.image_embeddings=x.arrow",
-    ]);
+    let r = p.run(&["run", "eval", "--set", "eval.with.image_embeddings=x.arrow"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
         r.stderr
@@ -129,22 +126,23 @@ fn eval_mistakes_name_the_key_or_the_missing_ids() {
         r.stderr
     );
     // A feature-heads model without its features.
-    let r = p.run(&["run", "-j", "1", "eval", "--set", "eval.with.image_features=null"]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("is a feature-heads student: it reads precomputed features"),
-        "{}",
-        r.stderr
-    );
-    // Embeddings of the validation split asked to cover the test split.
     let r = p.run(&[
         "run",
         "-j",
         "1",
-        "again",
+        "eval",
         "--set",
-        "eval.with.split=val",
+        "eval.with.image_features=null",
     ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("is a feature-heads student: it reads precomputed features"),
+        "{}",
+        r.stderr
+    );
+    // Embeddings of the validation split asked to cover the test split.
+    let r = p.run(&["run", "-j", "1", "again", "--set", "eval.with.split=val"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.stderr

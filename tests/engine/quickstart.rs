@@ -62,8 +62,14 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
         assert_eq!(code, 0);
         let metrics: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path.trim()).unwrap()).unwrap();
-        assert_eq!((metrics["images"].as_u64(), metrics["captions"].as_u64()), (Some(300), Some(1500)));
-        assert!(metrics["rsum"].as_f64().unwrap() > 250.0, "{stage}: {metrics}");
+        assert_eq!(
+            (metrics["images"].as_u64(), metrics["captions"].as_u64()),
+            (Some(300), Some(1500))
+        );
+        assert!(
+            metrics["rsum"].as_f64().unwrap() > 250.0,
+            "{stage}: {metrics}"
+        );
         for direction in ["i2t", "t2i"] {
             let map = metrics["extended"][direction]["mAP@R"].as_f64().unwrap();
             assert!(map > 10.0 && map <= 100.0, "{stage}: {metrics}");

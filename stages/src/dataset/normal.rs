@@ -334,7 +334,10 @@ fn writer_props() -> WriterProperties {
         .build()
 }
 
-pub(crate) fn write_batch(path: &Path, columns: Vec<(&str, ArrayRef, bool)>) -> Result<(), StageError> {
+pub(crate) fn write_batch(
+    path: &Path,
+    columns: Vec<(&str, ArrayRef, bool)>,
+) -> Result<(), StageError> {
     let schema = Arc::new(Schema::new(
         columns
             .iter()

@@ -85,9 +85,7 @@ impl EvalConfig {
                 "model",
                 "missing: give `model:` (a train stage's output) or `image_embeddings:` + `text_embeddings:`",
             )),
-            (None, true)
-                if self.image_embeddings.is_none() || self.text_embeddings.is_none() =>
-            {
+            (None, true) if self.image_embeddings.is_none() || self.text_embeddings.is_none() => {
                 Err(ConfigError::new(
                     if self.image_embeddings.is_none() {
                         "image_embeddings"
@@ -210,8 +208,13 @@ fn embed_with_model(
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .ok_or_else(|| weights_error(dir, "no readable vocab.json"))?;
             let root = c.images.as_deref().map(|p| ctx.resolve(p));
-            let split =
-                data::pixel_word_split(dataset, root.as_deref(), &c.split, shape.image_size, &vocab)?;
+            let split = data::pixel_word_split(
+                dataset,
+                root.as_deref(),
+                &c.split,
+                shape.image_size,
+                &vocab,
+            )?;
             let model = ScenesSmall::<Inference>::new(&shape, &device)
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
@@ -284,7 +287,10 @@ fn positive_sets(dataset: &Path, e: &Embedded) -> Result<Option<[Vec<Vec<usize>>
         return Ok(None);
     };
     let index = |ids: &[String]| -> HashMap<String, usize> {
-        ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect()
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i))
+            .collect()
     };
     let (images, captions) = (index(&e.image_ids), index(&e.caption_ids));
     let mut i2t = vec![Vec::new(); e.image_ids.len()];
@@ -336,7 +342,10 @@ fn fold_recalls(e: &Embedded, folds: usize) -> Value {
             .iter()
             .flat_map(|&c| e.captions[c * e.dim..(c + 1) * e.dim].iter().copied())
             .collect();
-        let image_of: Vec<usize> = captions.iter().map(|&c| e.image_of[c] - range.start).collect();
+        let image_of: Vec<usize> = captions
+            .iter()
+            .map(|&c| e.image_of[c] - range.start)
+            .collect();
         let r = retrieval::recalls(
             &Matrix {
                 data: &e.images[range.start * e.dim..range.end * e.dim],
@@ -444,7 +453,11 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     fn ids(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
     }
-    let image_of: Vec<&str> = e.image_of.iter().map(|&i| e.image_ids[i].as_str()).collect();
+    let image_of: Vec<&str> = e
+        .image_of
+        .iter()
+        .map(|&i| e.image_ids[i].as_str())
+        .collect();
     features::write(
         &out.join("image_embeddings.arrow"),
         &ids(&e.image_ids),

@@ -11,7 +11,9 @@
 //! heads of METHOD.md ([`Heads`]).
 
 use burn::module::Module;
-use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::transformer::{
+    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
+};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Slice, Tensor, TensorData, activation::gelu};
@@ -250,7 +252,8 @@ impl<B: Backend> Student<B> for ScenesSmall<B> {
         device: &B::Device,
     ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
         let (ids, pad) = word_batch(inputs, rows, device);
-        self.text_heads.forward(self.text_backbone.forward(ids, pad))
+        self.text_heads
+            .forward(self.text_backbone.forward(ids, pad))
     }
 
     fn temperatures(&self) -> &Temperatures<B> {

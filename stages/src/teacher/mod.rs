@@ -285,7 +285,8 @@ impl StageKind for TeacherKind {
                     .expect("checked at load")
                     .resolve()
                     .map_err(|e| StageError::failed(e.message))?;
-                let root = crate::dataset::read::image_root(&dataset, c.images.as_deref().map(path))?;
+                let root =
+                    crate::dataset::read::image_root(&dataset, c.images.as_deref().map(path))?;
                 let items: Vec<image::Item> = crate::dataset::read::images(&dataset, &c.split)?
                     .into_iter()
                     .map(|(id, rel)| image::Item {

@@ -240,7 +240,10 @@ impl TrainConfig {
         {
             let key = |k: &str| format!("student.{k}");
             if !(8..=1024).contains(image_size) {
-                return Err(ConfigError::new(key("image_size"), "must be between 8 and 1024"));
+                return Err(ConfigError::new(
+                    key("image_size"),
+                    "must be between 8 and 1024",
+                ));
             }
             if channels.is_empty() || channels.contains(&0) {
                 return Err(ConfigError::new(

@@ -10,9 +10,9 @@ use rayon::prelude::*;
 use crate::api::{StageContext, StageError};
 use crate::dataset::read::CaptionRow;
 use crate::features::{self, Features};
-pub use crate::ml::student::Rows;
 use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::FeatureInputs;
+pub use crate::ml::student::Rows;
 use crate::ml::vocab::WordVocab;
 
 /// One split: its images and captions, with the caption → image map, and what the student
@@ -138,7 +138,11 @@ pub fn vocabulary(
     max_words: usize,
 ) -> Result<WordVocab, StageError> {
     let captions = crate::dataset::read::captions(dataset, name)?;
-    let vocab = WordVocab::build(captions.iter().map(|c| c.text.as_str()), min_count, max_words);
+    let vocab = WordVocab::build(
+        captions.iter().map(|c| c.text.as_str()),
+        min_count,
+        max_words,
+    );
     if vocab.is_empty() {
         return Err(StageError::failed_with_hint(
             format!(

@@ -8,8 +8,8 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -17,13 +17,13 @@ use super::config::{
     Architecture, BaseLoss, Device, LossConfig, StudentConfig, TrainConfig, TrainingRecord,
 };
 use super::data::{self, Rows, TrainingData};
-use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
-use crate::ml::student::{SplitInputs, Student};
 use crate::api::{StageContext, StageError, StageSummary};
 use crate::ml::loss;
 use crate::ml::optim::{GroupedAdamW, cosine_lr};
 use crate::ml::retrieval::{self, Matrix, Recalls};
+use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
+use crate::ml::student::{SplitInputs, Student};
 
 /// Backends seed one process-wide generator: initialisations of concurrent train stages take
 /// turns so each sees only its own seed.
@@ -342,8 +342,13 @@ fn train_on<B: AutodiffBackend>(
             let vocab = data::vocabulary(&dataset, &c.split, *min_count, *max_words)?;
             let train =
                 data::pixel_word_split(&dataset, root.as_deref(), &c.split, *image_size, &vocab)?;
-            let val =
-                data::pixel_word_split(&dataset, root.as_deref(), &c.val_split, *image_size, &vocab)?;
+            let val = data::pixel_word_split(
+                &dataset,
+                root.as_deref(),
+                &c.val_split,
+                *image_size,
+                &vocab,
+            )?;
             let data = data::with_soft_labels(
                 ctx,
                 &dataset,

@@ -1,21 +1,12 @@
 //! `eval` end to end: a trained student measured on the test split of a small scenes dataset
 //! (R@K, folds, the exact extended positives), the same numbers again from the embeddings it
-//! wrote, and the mistakes a user makes with it.
+//! wrote, and the mistakes a user makes with it. `EVAL` is added to `train::project` (teachers,
+//! soft labels, a short CUSA training).
 
 use arrow_array::{Array, StringArray, UInt32Array};
 
 use crate::support::Project;
 use crate::train::project;
-
-/// `project` (teachers, soft labels, a short CUSA training) plus the given eval stages.
-fn with_stages(p: &Project, stages: &str) {
-    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
-    let extra: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(stages).unwrap();
-    for (k, v) in extra {
-        doc["stages"][k.as_str().unwrap()] = v;
-    }
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
-}
 
 const EVAL: &str = r#"
 eval:
@@ -45,7 +36,7 @@ fn metrics(p: &Project, stage: &str) -> serde_json::Value {
 #[test]
 fn eval_measures_a_trained_student_on_the_test_split_and_agrees_with_its_own_embeddings() {
     let p = project("    epochs: 4\n");
-    with_stages(&p, EVAL);
+    p.add_stages(EVAL);
     let r = p.run(&["run", "-j", "1", "again"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let m = metrics(&p, "eval");
@@ -115,7 +106,7 @@ fn eval_measures_a_trained_student_on_the_test_split_and_agrees_with_its_own_emb
 #[test]
 fn eval_mistakes_name_the_key_or_the_missing_ids() {
     let p = project("    epochs: 1\n");
-    with_stages(&p, EVAL);
+    p.add_stages(EVAL);
     // Both a model and embeddings: refused before anything runs.
     let r = p.run(&["run", "eval", "--set", "eval.with.image_embeddings=x.arrow"]);
     assert_eq!(r.code, 2, "{}", r.stderr);

@@ -41,6 +41,36 @@ impl Project {
         std::fs::write(p, content).unwrap();
     }
 
+    /// Writes `pipeline.yaml` made of some of the quickstart's stages (as declared in the
+    /// root pipeline.yaml) and `ours` (a YAML mapping of further stages).
+    pub fn write_pipeline(&self, from_quickstart: &[&str], ours: &str) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let quickstart: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
+                .unwrap();
+        let mut stages = serde_yaml_ng::Mapping::new();
+        for name in from_quickstart {
+            stages.insert((*name).into(), quickstart["stages"][*name].clone());
+        }
+        stages.extend(serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(ours).unwrap());
+        let mut doc = serde_yaml_ng::Mapping::new();
+        doc.insert("version".into(), 1.into());
+        doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
+        self.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    }
+
+    /// Adds (or replaces) the stages of the YAML mapping `stages` in `pipeline.yaml`.
+    pub fn add_stages(&self, stages: &str) {
+        let mut doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&self.read("pipeline.yaml")).unwrap();
+        let extra: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(stages).unwrap();
+        let map = doc["stages"].as_mapping_mut().expect("a `stages:` mapping");
+        for (name, stage) in extra {
+            map.insert(name, stage);
+        }
+        self.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    }
+
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path().join(rel))
             .unwrap_or_else(|e| panic!("reading {rel}: {e}"))

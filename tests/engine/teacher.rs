@@ -28,26 +28,8 @@ fn teacher_project(teacher_with: &str) -> (Project, serde_json::Value) {
         "caps:\n  kind: dataset\n  inputs: {{t: caps.csv, images: images}}\n  with: {{format: table, annotations: \"${{inputs.t}}\", images: \"${{inputs.images}}\", clean: none, columns: {{image: image, caption: caption, caption_id: cid}}}}\ntext:\n  kind: teacher\n  inputs: {{dataset: \"${{caps}}\", model: \"${{minilm/model.onnx}}\", tokenizer: \"${{minilm_tokenizer/tokenizer.json}}\", onnxruntime: \"${{onnxruntime/libonnxruntime.so.1.32.0}}\"}}\n  with:\n    modality: text\n    dataset: ${{inputs.dataset}}\n    model: ${{inputs.model}}\n    tokenizer: ${{inputs.tokenizer}}\n    onnxruntime: ${{inputs.onnxruntime}}\n{teacher_with}"
     );
     // The download stages exactly as the quickstart declares them.
-    write_pipeline(&p, &["onnxruntime", "minilm", "minilm_tokenizer"], &ours);
+    p.write_pipeline(&["onnxruntime", "minilm", "minilm_tokenizer"], &ours);
     (p, fixture)
-}
-
-/// Writes a pipeline made of some of the quickstart's stages (as declared there) and `ours`
-/// (a YAML mapping of further stages).
-fn write_pipeline(p: &Project, from_quickstart: &[&str], ours: &str) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let quickstart: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
-            .unwrap();
-    let mut stages = serde_yaml_ng::Mapping::new();
-    for name in from_quickstart {
-        stages.insert((*name).into(), quickstart["stages"][*name].clone());
-    }
-    stages.extend(serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(ours).unwrap());
-    let mut doc = serde_yaml_ng::Mapping::new();
-    doc.insert("version".into(), 1.into());
-    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
 }
 
 fn relative_l2(a: &[f32], b: &[f64]) -> f64 {
@@ -209,7 +191,7 @@ fn image_project_with(
     );
     let mut from_quickstart = vec!["onnxruntime", "image_model"];
     from_quickstart.extend_from_slice(extra_quickstart);
-    write_pipeline(&p, &from_quickstart, &ours);
+    p.write_pipeline(&from_quickstart, &ours);
     (p, fixture)
 }
 
@@ -440,16 +422,9 @@ fn a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_before_inference
 fn an_onnxruntime_older_than_1_22_is_refused_with_its_version() {
     let (p, _) = teacher_project("");
     // onnxruntime 1.21.1 from PyPI: the last release before the C API version ort needs.
-    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.read("pipeline.yaml")).unwrap();
-    doc["stages"].as_mapping_mut().unwrap().insert(
-        "old_onnxruntime".into(),
-        serde_yaml_ng::from_str(
-            "kind: download\nwith:\n  pip: onnxruntime==1.21.1\n  member: onnxruntime/capi/libonnxruntime.so.1.21.1\n  platform: manylinux_2_28_x86_64\n  python_version: '3.11'\n  implementation: cp\n  abi: cp311\n  sha256: 3c8416b0e39ea0bac523265f681f6db6ec101d9441e12a1472dbc7c4a18bc1ac\n",
-        )
-        .unwrap(),
+    p.add_stages(
+        "old_onnxruntime:\n  kind: download\n  with:\n    pip: onnxruntime==1.21.1\n    member: onnxruntime/capi/libonnxruntime.so.1.21.1\n    platform: manylinux_2_28_x86_64\n    python_version: '3.11'\n    implementation: cp\n    abi: cp311\n    sha256: 3c8416b0e39ea0bac523265f681f6db6ec101d9441e12a1472dbc7c4a18bc1ac\n",
     );
-    let yaml = serde_yaml_ng::to_string(&doc).unwrap();
-    p.write("pipeline.yaml", &yaml);
     let r = p.run(&[
         "run",
         "-j",

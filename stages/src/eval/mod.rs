@@ -328,8 +328,7 @@ fn directions(r: &retrieval::Recalls) -> Value {
 fn fold_recalls(e: &Embedded, folds: usize) -> Value {
     let ni = e.image_ids.len();
     let size = ni.div_ceil(folds);
-    let mut sums = [0.0f64; 7];
-    let mut n = 0;
+    let mut per_fold = Vec::with_capacity(folds);
     for f in 0..folds {
         let range = f * size..((f + 1) * size).min(ni);
         if range.is_empty() {
@@ -346,7 +345,7 @@ fn fold_recalls(e: &Embedded, folds: usize) -> Value {
             .iter()
             .map(|&c| e.image_of[c] - range.start)
             .collect();
-        let r = retrieval::recalls(
+        per_fold.push(retrieval::recalls(
             &Matrix {
                 data: &e.images[range.start * e.dim..range.end * e.dim],
                 dim: e.dim,
@@ -356,21 +355,11 @@ fn fold_recalls(e: &Embedded, folds: usize) -> Value {
                 dim: e.dim,
             },
             &image_of,
-        );
-        for (s, v) in sums.iter_mut().zip([
-            r.i2t_r1, r.i2t_r5, r.i2t_r10, r.t2i_r1, r.t2i_r5, r.t2i_r10, r.rsum,
-        ]) {
-            *s += v;
-        }
-        n += 1;
+        ));
     }
-    let m: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
-    json!({
-        "folds": n,
-        "i2t": {"R@1": m[0], "R@5": m[1], "R@10": m[2]},
-        "t2i": {"R@1": m[3], "R@5": m[4], "R@10": m[5]},
-        "rsum": m[6],
-    })
+    let mut out = directions(&retrieval::Recalls::mean(&per_fold));
+    out["folds"] = json!(per_fold.len());
+    out
 }
 
 fn write_ranks(path: &Path, e: &Embedded, ranks: &Ranks) -> Result<(), StageError> {

@@ -38,6 +38,23 @@ pub struct Recalls {
     pub rsum: f64,
 }
 
+impl Recalls {
+    /// The element-wise mean of `all` (zeros when empty).
+    pub fn mean(all: &[Recalls]) -> Recalls {
+        let n = all.len().max(1) as f64;
+        let avg = |f: fn(&Recalls) -> f64| all.iter().map(f).sum::<f64>() / n;
+        Recalls {
+            i2t_r1: avg(|r| r.i2t_r1),
+            i2t_r5: avg(|r| r.i2t_r5),
+            i2t_r10: avg(|r| r.i2t_r10),
+            t2i_r1: avg(|r| r.t2i_r1),
+            t2i_r5: avg(|r| r.t2i_r5),
+            t2i_r10: avg(|r| r.t2i_r10),
+            rsum: avg(|r| r.rsum),
+        }
+    }
+}
+
 /// Number of items scoring at least `score` other than those in `own` (0 = ranked first).
 fn rank_of(scores: &[f32], score: f32, own: &dyn Fn(usize) -> bool) -> usize {
     scores

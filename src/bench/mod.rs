@@ -11,6 +11,7 @@
 //! read from this output, never from timed tests.
 
 mod dataset;
+mod eval;
 mod teacher;
 mod train;
 
@@ -34,6 +35,8 @@ pub enum Suite {
     Teacher,
     /// Step time of +CSA/+USA/+CUSA vs the base loss; training pairs/s
     Train,
+    /// Retrieval metrics on 5K × 25K embeddings vs numpy + eccv-caption
+    Eval,
 }
 
 #[derive(Args)]
@@ -64,7 +67,13 @@ pub struct BenchArgs {
     /// Timed steps per variant in the train suite
     #[arg(long, default_value_t = 40)]
     steps: usize,
-    /// A Python with pandas and pyarrow, for the dataset suite's peer
+    /// Images of the eval suite (5 captions each)
+    #[arg(long, default_value_t = 5000)]
+    images: usize,
+    /// Embedding dimension of the eval suite
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// The Python of the peers (pandas + pyarrow for dataset, numpy + eccv-caption for eval)
     #[arg(long, default_value = "python3")]
     python: PathBuf,
 }
@@ -75,6 +84,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
         Suite::Teacher => teacher::teacher(&args.dir, &args.python),
         Suite::Train => train::train(args.batch, args.steps),
+        Suite::Eval => eval::eval(
+            &args.dir,
+            &args.python,
+            args.images,
+            5,
+            args.dim,
+            args.repeat,
+        ),
     }
 }
 

@@ -15,7 +15,8 @@
 //! * embeddings are compared by cosine (rows are L2-normalised here);
 //! * exact ties count against the query (a true item tied with a wrong one ranks after it), so
 //!   a collapsed model scores zero, never chance;
-//! * one score row per query at a time: memory grows with the gallery, not gallery × queries;
+//! * scores come from blocked matrix products (a bounded block of queries against the whole
+//!   gallery at a time): memory grows with the gallery, never gallery × queries;
 //! * a trained student embeds the split on the CPU (burn ndarray), from the same inputs it was
 //!   trained on (features for `feature-heads`, pixels and `vocab.json` for `scenes-small`).
 //!
@@ -413,7 +414,8 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         data: &e.captions,
         dim: e.dim,
     };
-    let ranks = retrieval::ranks(&images, &captions, &e.image_of);
+    let positives = positive_sets(&dataset, &e)?;
+    let (ranks, extended) = retrieval::measure(&images, &captions, &e.image_of, positives.as_ref());
     let recalls = ranks.recalls();
     let mut metrics = directions(&recalls);
     metrics["split"] = json!(c.split);
@@ -423,9 +425,7 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         metrics["folds"] = fold_recalls(&e, folds);
     }
     let mut note_extended = String::new();
-    if let Some([i2t, t2i]) = positive_sets(&dataset, &e)? {
-        let a = retrieval::extended(&images, &captions, &i2t);
-        let b = retrieval::extended(&captions, &images, &t2i);
+    if let Some([a, b]) = extended {
         note_extended = format!(
             "; extended mAP@R i2t {:.1}, t2i {:.1}",
             a.map_at_r, b.map_at_r

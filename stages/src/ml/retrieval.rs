@@ -17,13 +17,61 @@ impl Matrix<'_> {
     fn rows(&self) -> usize {
         self.data.len() / self.dim
     }
-    fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.dim..(i + 1) * self.dim]
-    }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// Most memory one block of scores may take (the rest of a direction's work is per row).
+const BLOCK_BYTES: usize = 32 << 20;
+
+/// Calls `visit(q, scores)` for every query row, with its scores against every gallery row,
+/// in query order. Scores come from a matrix product of `block` queries at a time against the
+/// whole gallery (blocks in parallel), so memory is bounded by [`BLOCK_BYTES`] per thread,
+/// never queries × gallery.
+fn per_query<T: Send>(
+    queries: &Matrix<'_>,
+    gallery: &Matrix<'_>,
+    visit: impl Fn(usize, &[f32]) -> T + Sync,
+) -> Vec<T> {
+    let (nq, ng, dim) = (queries.rows(), gallery.rows(), queries.dim);
+    assert_eq!(dim, gallery.dim, "queries and gallery differ in dimension");
+    if nq == 0 {
+        return Vec::new();
+    }
+    let block = (BLOCK_BYTES / (4 * ng.max(1))).clamp(1, 1024);
+    let starts: Vec<usize> = (0..nq).step_by(block).collect();
+    starts
+        .into_par_iter()
+        .flat_map_iter(|start| {
+            let rows = block.min(nq - start);
+            let mut scores = vec![0.0f32; rows * ng];
+            if ng > 0 && dim > 0 {
+                let a = &queries.data[start * dim..(start + rows) * dim];
+                // SAFETY: `a` is rows × dim (row stride dim), the gallery is ng × dim read as
+                // its transpose dim × ng (row stride 1, column stride dim), `scores` is
+                // rows × ng (row stride ng); all three slices have exactly those lengths.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        dim,
+                        ng,
+                        1.0,
+                        a.as_ptr(),
+                        dim as isize,
+                        1,
+                        gallery.data.as_ptr(),
+                        1,
+                        dim as isize,
+                        0.0,
+                        scores.as_mut_ptr(),
+                        ng as isize,
+                        1,
+                    );
+                }
+            }
+            (0..rows)
+                .map(|r| visit(start + r, &scores[r * ng..(r + 1) * ng]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// R@K of both directions (in %), and their sum.
@@ -55,15 +103,6 @@ impl Recalls {
     }
 }
 
-/// Number of items scoring at least `score` other than those in `own` (0 = ranked first).
-fn rank_of(scores: &[f32], score: f32, own: &dyn Fn(usize) -> bool) -> usize {
-    scores
-        .iter()
-        .enumerate()
-        .filter(|(j, s)| !own(*j) && **s >= score)
-        .count()
-}
-
 /// 0-based rank of the first ground truth of every query: i2t per image (best over its
 /// captions), t2i per caption.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +112,14 @@ pub struct Ranks {
     /// Top-1 gallery row of every query.
     pub i2t_top1: Vec<usize>,
     pub t2i_top1: Vec<usize>,
+}
+
+/// What one query yields: the rank of its best ground truth, its top-1 gallery row, and
+/// (AP@R, R-P, R@1) against its extended positives when it has some.
+struct QueryOutcome {
+    rank: usize,
+    top1: usize,
+    extended: Option<(f64, f64, f64)>,
 }
 
 fn argmax(scores: &[f32]) -> usize {
@@ -86,44 +133,119 @@ fn argmax(scores: &[f32]) -> usize {
     best
 }
 
-/// The ranks of `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
-/// image. One score row per query at a time (never the whole matrix).
-pub fn ranks(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Ranks {
-    let (ni, nc) = (images.rows(), captions.rows());
-    let mut captions_of: Vec<Vec<usize>> = vec![Vec::new(); ni];
+/// Rank of the best of `truth` in `scores`: the number of other items scoring at least its
+/// score (ties against the query); the gallery size when `truth` is empty.
+fn rank_of_best(scores: &[f32], truth: &[usize]) -> usize {
+    let Some(best) = truth.iter().map(|&g| scores[g]).reduce(f32::max) else {
+        return scores.len();
+    };
+    let at_least = scores.iter().filter(|&&s| s >= best).count();
+    let true_at_least = truth.iter().filter(|&&g| scores[g] >= best).count();
+    at_least - true_at_least
+}
+
+/// (AP@R, R-Precision, R@1) of one query against its positive set (R = |positives| > 0).
+///
+/// Only the top R of the ranking matter, and they all score at least the R-th largest score
+/// `t`: the candidates are the items scoring ≥ t (R of them, more with ties), sorted by score
+/// with wrong items first among exact ties (against the query). O(gallery) per query, with a
+/// membership test only for the few candidates.
+fn extended_of(scores: &[f32], positives: &[usize]) -> (f64, f64, f64) {
+    let mut sorted_positives = positives.to_vec();
+    sorted_positives.sort_unstable();
+    sorted_positives.dedup();
+    let r = sorted_positives.len().min(scores.len());
+    let mut copy = scores.to_vec();
+    let (_, &mut t, _) = copy.select_nth_unstable_by(r - 1, |a, b| b.total_cmp(a));
+    let mut order: Vec<(f32, bool)> = scores
+        .iter()
+        .enumerate()
+        .filter(|&(_, &s)| s >= t)
+        .map(|(g, &s)| (s, sorted_positives.binary_search(&g).is_ok()))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let r = sorted_positives.len();
+    let (mut hits, mut ap) = (0usize, 0.0);
+    for (k, &(_, positive)) in order.iter().take(r).enumerate() {
+        if positive {
+            hits += 1;
+            ap += hits as f64 / (k + 1) as f64;
+        }
+    }
+    let r1 = if order[0].1 { 1.0 } else { 0.0 };
+    (ap / r as f64, hits as f64 / r as f64, r1)
+}
+
+/// One direction in one pass over the scores: ranks and top-1 against `truth[q]`, and the
+/// extended metrics against `positives[q]` when given.
+fn direction(
+    queries: &Matrix<'_>,
+    gallery: &Matrix<'_>,
+    truth: &[Vec<usize>],
+    positives: Option<&[Vec<usize>]>,
+) -> (Vec<usize>, Vec<usize>, Option<Extended>) {
+    let outcomes = per_query(queries, gallery, |q, scores| QueryOutcome {
+        rank: rank_of_best(scores, &truth[q]),
+        top1: argmax(scores),
+        extended: positives
+            .map(|p| &p[q])
+            .filter(|p| !p.is_empty())
+            .map(|p| extended_of(scores, p)),
+    });
+    let extended = positives.map(|_| {
+        let per_query: Vec<(f64, f64, f64)> = outcomes.iter().filter_map(|o| o.extended).collect();
+        let n = per_query.len().max(1) as f64;
+        let mean =
+            |f: fn(&(f64, f64, f64)) -> f64| 100.0 * per_query.iter().map(f).sum::<f64>() / n;
+        Extended {
+            map_at_r: mean(|x| x.0),
+            r_precision: mean(|x| x.1),
+            r1: mean(|x| x.2),
+            queries: per_query.len(),
+        }
+    });
+    let (ranks, top1) = outcomes.into_iter().map(|o| (o.rank, o.top1)).unzip();
+    (ranks, top1, extended)
+}
+
+/// Everything measured on one split: ranks both ways, and the extended metrics per direction
+/// when positive sets are given (`[i2t, t2i]`: caption rows per image, image rows per caption).
+pub fn measure(
+    images: &Matrix<'_>,
+    captions: &Matrix<'_>,
+    image_of: &[usize],
+    positives: Option<&[Vec<Vec<usize>>; 2]>,
+) -> (Ranks, Option<[Extended; 2]>) {
+    let mut captions_of: Vec<Vec<usize>> = vec![Vec::new(); images.rows()];
     for (c, &i) in image_of.iter().enumerate() {
         captions_of[i].push(c);
     }
-    // i2t: for each image, the best rank over its captions.
-    let (i2t, i2t_top1): (Vec<usize>, Vec<usize>) = (0..ni)
-        .into_par_iter()
-        .map(|i| {
-            let q = images.row(i);
-            let scores: Vec<f32> = (0..nc).map(|c| dot(q, captions.row(c))).collect();
-            let own = |c: usize| image_of[c] == i;
-            let rank = captions_of[i]
-                .iter()
-                .map(|&c| rank_of(&scores, scores[c], &own))
-                .min()
-                .unwrap_or(usize::MAX);
-            (rank, argmax(&scores))
-        })
-        .unzip();
-    let (t2i, t2i_top1): (Vec<usize>, Vec<usize>) = (0..nc)
-        .into_par_iter()
-        .map(|c| {
-            let q = captions.row(c);
-            let scores: Vec<f32> = (0..ni).map(|i| dot(q, images.row(i))).collect();
-            let own = |i: usize| i == image_of[c];
-            (rank_of(&scores, scores[image_of[c]], &own), argmax(&scores))
-        })
-        .unzip();
-    Ranks {
+    let image_truth: Vec<Vec<usize>> = image_of.iter().map(|&i| vec![i]).collect();
+    let (i2t, i2t_top1, ext_i2t) = direction(
+        images,
+        captions,
+        &captions_of,
+        positives.map(|p| p[0].as_slice()),
+    );
+    let (t2i, t2i_top1, ext_t2i) = direction(
+        captions,
+        images,
+        &image_truth,
+        positives.map(|p| p[1].as_slice()),
+    );
+    let ranks = Ranks {
         i2t,
         t2i,
         i2t_top1,
         t2i_top1,
-    }
+    };
+    (ranks, ext_i2t.zip(ext_t2i).map(|(a, b)| [a, b]))
+}
+
+/// The ranks of `images` and `captions` (unit rows) with `image_of[c]` = row of caption c's
+/// image.
+pub fn ranks(images: &Matrix<'_>, captions: &Matrix<'_>, image_of: &[usize]) -> Ranks {
+    measure(images, captions, image_of, None).0
 }
 
 impl Ranks {
@@ -174,43 +296,9 @@ pub struct Extended {
 /// `positives[q]` (gallery rows); queries without positives are skipped. With R = |positives|:
 /// AP@R = (1/R) Σ_{k≤R} P@k·rel(k), R-P = P@R, R@1 = rel(1).
 pub fn extended(queries: &Matrix<'_>, gallery: &Matrix<'_>, positives: &[Vec<usize>]) -> Extended {
-    let per_query: Vec<(f64, f64, f64)> = (0..queries.rows())
-        .into_par_iter()
-        .filter(|&q| !positives[q].is_empty())
-        .map(|q| {
-            let qv = queries.row(q);
-            let pos: std::collections::HashSet<usize> = positives[q].iter().copied().collect();
-            let mut order: Vec<(f32, bool)> = (0..gallery.rows())
-                .map(|g| (dot(qv, gallery.row(g)), pos.contains(&g)))
-                .collect();
-            let r = pos.len();
-            // Only the top R matter: select, then sort them. Ties: negatives first (against
-            // the query).
-            let cmp = |a: &(f32, bool), b: &(f32, bool)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-            if r < order.len() {
-                order.select_nth_unstable_by(r - 1, cmp);
-                order.truncate(r);
-            }
-            order.sort_by(cmp);
-            let (mut hits, mut ap) = (0usize, 0.0);
-            for (k, &(_, positive)) in order.iter().take(r).enumerate() {
-                if positive {
-                    hits += 1;
-                    ap += hits as f64 / (k + 1) as f64;
-                }
-            }
-            let r1 = if order[0].1 { 1.0 } else { 0.0 };
-            (ap / r as f64, hits as f64 / r as f64, r1)
-        })
-        .collect();
-    let n = per_query.len().max(1) as f64;
-    let mean = |f: fn(&(f64, f64, f64)) -> f64| 100.0 * per_query.iter().map(f).sum::<f64>() / n;
-    Extended {
-        map_at_r: mean(|x| x.0),
-        r_precision: mean(|x| x.1),
-        r1: mean(|x| x.2),
-        queries: per_query.len(),
-    }
+    let no_truth = vec![Vec::new(); queries.rows()];
+    let (_, _, e) = direction(queries, gallery, &no_truth, Some(positives));
+    e.expect("positives were given")
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod cache;
 mod dag;
+mod metrics;
 mod path;
 mod run;
 mod status;
@@ -43,6 +44,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Print the stage graph
     Dag(dag::DagArgs),
+    /// One table of what the pipeline's stages measured (eval results), with deltas
+    Metrics(metrics::MetricsArgs),
     /// Print where a stage's committed output (or a path inside it) is
     Path(path::PathArgs),
     /// Inspect and maintain the cache
@@ -94,6 +97,7 @@ pub fn main() -> i32 {
         Command::Status(a) => status::status(a, cli.cache_dir),
         Command::Dag(a) => dag::dag(a),
         Command::Path(a) => path::path(a, cli.cache_dir),
+        Command::Metrics(a) => metrics::metrics(a, cli.cache_dir),
         Command::Cache(c) => cache::cache(c, cli.cache_dir),
         Command::Bench(a) => crate::bench::bench(a).map_err(CliError::Other),
     };

@@ -743,6 +743,7 @@ fn run_and_commit(
         seconds,
         notes: summary.notes.clone(),
         metrics: summary.metrics,
+        results: summary.results,
         log: Some(log_rel),
         tool: concat!("cusa-pipe ", env!("CARGO_PKG_VERSION")).to_string(),
     };

@@ -83,6 +83,9 @@ pub struct RunRecord {
     pub notes: Vec<String>,
     #[serde(default)]
     pub metrics: BTreeMap<String, Value>,
+    /// What the stage measured (`cusa-pipe metrics` reads these), in the stage's order.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub results: serde_json::Map<String, Value>,
     /// The execution's log, relative to the cache root.
     pub log: Option<String>,
     /// The cusa-pipe version that committed it.
@@ -504,6 +507,20 @@ impl Store {
         serde_json::from_slice::<RunRecord>(&bytes)
             .ok()
             .filter(|r| &r.fingerprint == fp)
+    }
+
+    /// Every readable run record in the store, oldest first.
+    pub fn records(&self) -> Vec<RunRecord> {
+        let mut out: Vec<RunRecord> = walkdir::WalkDir::new(self.root.join("runs-v1"))
+            .min_depth(2)
+            .max_depth(2)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice::<RunRecord>(&fs::read(e.path()).ok()?).ok())
+            .collect();
+        out.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        out
     }
 
     /// Writes a run record: the commit point.

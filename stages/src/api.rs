@@ -157,8 +157,11 @@ pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
 pub struct StageSummary {
     /// One line each, shown after the stage's outcome and kept in its run record.
     pub notes: Vec<String>,
-    /// Small numbers worth keeping in the run record (bytes downloaded, rows, metrics).
+    /// Small numbers worth keeping in the run record (bytes downloaded, rows, timings).
     pub metrics: BTreeMap<String, Value>,
+    /// What the stage measured of a model, as numbers, in display order: the columns of
+    /// `cusa-pipe metrics` (e.g. `i2t R@1`, `rsum`). Empty for stages that measure nothing.
+    pub results: serde_json::Map<String, Value>,
 }
 
 /// Why a stage failed.

@@ -142,3 +142,93 @@ fn eval_mistakes_name_the_key_or_the_missing_ids() {
         r.stderr
     );
 }
+
+#[test]
+fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
+    let p = project("    epochs: 1\n");
+    p.add_stages(EVAL);
+    let r = p.run(&["run", "-j", "1", "again"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The numbers come from a trained model: the layout is the snapshot, the values are
+    // checked against metrics.json below.
+    let numbers = regex::Regex::new(r"[-+]?\d+\.\d").unwrap();
+    let table = p.transcript(&["metrics", "--baseline", "again"]);
+    let masked = numbers.replace_all(&table, |c: &regex::Captures| "#".repeat(c[0].len()));
+    insta::assert_snapshot!(masked, @r"
+    $ cusa-pipe metrics --baseline again
+    stage         split  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P
+    eval           test     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+      Δ vs again            ####     ####      ####     ####     ####      ####   ####         ####       ####       ####     ####     ####
+    again          test     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+    [exit 0]
+    ");
+    let m = metrics(&p, "eval");
+    let r = p.run(&["metrics", "--baseline", "eval", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["stage"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["eval", "again"]
+    );
+    let results = &rows[0]["results"];
+    assert_eq!(results["split"], "test");
+    assert_eq!(results["i2t R@1"], m["i2t"]["R@1"]);
+    assert_eq!(results["rsum"], m["rsum"]);
+    assert_eq!(results["rsum 2-fold"], m["folds"]["rsum"]);
+    assert_eq!(results["t2i mAP@R"], m["extended"]["t2i"]["mAP@R"]);
+    // The same embeddings measured twice: every delta is zero.
+    for (k, d) in rows[1]["delta"].as_object().unwrap() {
+        assert_eq!(d.as_f64(), Some(0.0), "{k}");
+    }
+    // Another configuration: the table follows the pipeline as it is now, `--all` keeps both.
+    let r = p.run(&["run", "-j", "1", "eval", "--set", "eval.with.split=val"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let stale = p.run(&["metrics", "--set", "eval.with.folds=3"]);
+    assert!(
+        stale
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("eval *") && l.contains(" val ")),
+        "{}",
+        stale.stdout
+    );
+    assert!(
+        stale
+            .stdout
+            .contains("* measured with an older configuration"),
+        "{}",
+        stale.stdout
+    );
+    let r = p.run(&["metrics", "--all", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let runs: Vec<(String, String, String)> = doc["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap().into(),
+                r["state"].as_str().unwrap().into(),
+                r["results"]["split"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let mut sorted = runs.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("again".into(), "current".into(), "test".into()),
+            ("eval".into(), "cached".into(), "val".into()),
+            ("eval".into(), "current".into(), "test".into()),
+        ],
+        "{runs:?}"
+    );
+    // A baseline that does not exist is a usage error with a suggestion.
+    let r = p.run(&["metrics", "--baseline", "evl"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("did you mean `eval`?"), "{}", r.stderr);
+}

@@ -110,7 +110,8 @@ impl StageKind for EvalKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: results in the run record (for `cusa-pipe metrics`).
+        2
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
@@ -363,6 +364,33 @@ fn fold_recalls(e: &Embedded, folds: usize) -> Value {
     out
 }
 
+/// The run record's results: the numbers of `metrics.json` a comparison table shows, flat and
+/// in the paper's order (split, R@K both ways, RSUM, the k-fold RSUM, the extended metrics).
+fn results_row(metrics: &Value) -> serde_json::Map<String, Value> {
+    let mut row = serde_json::Map::new();
+    row.insert("split".into(), metrics["split"].clone());
+    for d in ["i2t", "t2i"] {
+        for k in ["R@1", "R@5", "R@10"] {
+            row.insert(format!("{d} {k}"), metrics[d][k].clone());
+        }
+    }
+    row.insert("rsum".into(), metrics["rsum"].clone());
+    if let Some(folds) = metrics["folds"]["folds"].as_u64() {
+        row.insert(
+            format!("rsum {folds}-fold"),
+            metrics["folds"]["rsum"].clone(),
+        );
+    }
+    for k in ["mAP@R", "R-P"] {
+        for d in ["i2t", "t2i"] {
+            if let Some(v) = metrics["extended"][d].get(k) {
+                row.insert(format!("{d} {k}"), v.clone());
+            }
+        }
+    }
+    row
+}
+
 fn write_ranks(path: &Path, e: &Embedded, ranks: &Ranks) -> Result<(), StageError> {
     let n = ranks.i2t.len() + ranks.t2i.len();
     let mut direction = Vec::with_capacity(n);
@@ -471,5 +499,6 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         c.split, recalls.rsum, recalls.i2t_r1, recalls.t2i_r1
     ));
     summary.metrics.insert("rsum".into(), json!(recalls.rsum));
+    summary.results = results_row(&metrics);
     Ok(summary)
 }

@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod device;
 pub mod download;
 pub mod eval;
+pub mod export;
 pub mod features;
 pub mod ml;
 pub mod softlabel;
@@ -28,6 +29,7 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
         Arc::new(eval::EvalKind),
+        Arc::new(export::ExportKind),
         Arc::new(softlabel::SoftlabelKind),
         Arc::new(teacher::TeacherKind),
         Arc::new(train::TrainKind),

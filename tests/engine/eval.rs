@@ -8,7 +8,7 @@ use arrow_array::{Array, StringArray, UInt32Array};
 use crate::support::Project;
 use crate::train::project;
 
-const EVAL: &str = r#"
+pub(crate) const EVAL: &str = r#"
 eval:
   kind: eval
   inputs: {dataset: "${scenes}", model: "${train}", image: "${image_teacher/features.arrow}", text: "${text_teacher/features.arrow}"}

@@ -9,6 +9,7 @@ mod crash;
 mod dataset;
 mod download;
 mod eval;
+mod export;
 mod failures;
 mod incremental;
 mod parallel;

@@ -75,7 +75,30 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
             assert!(map > 10.0 && map <= 100.0, "{stage}: {metrics}");
         }
     }
+    // The best of the four on validation exported, and the ablation table from the cache.
+    let (code, path, _) = run(&["path", "export/export.json"]);
+    assert_eq!(code, 0);
+    let export: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.trim()).unwrap()).unwrap();
+    let best = export["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by(|a, b| {
+            a["val_rsum"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["val_rsum"].as_f64().unwrap())
+        })
+        .unwrap();
+    assert_eq!(export["chosen"], best["name"], "{export}");
+    let (code, table, err) = run(&["metrics", "pipeline.yaml", "--baseline", "eval_base"]);
+    assert_eq!(code, 0, "{err}");
+    for stage in ["eval_base", "eval_csa", "eval_usa", "eval_cusa"] {
+        assert!(table.lines().any(|l| l.starts_with(stage)), "{table}");
+    }
+    assert_eq!(table.matches("  Δ vs eval_base").count(), 3, "{table}");
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("\"cached\"").count(), 21, "{out}");
+    assert_eq!(out.matches("\"cached\"").count(), 22, "{out}");
 }

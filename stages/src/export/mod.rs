@@ -1,0 +1,357 @@
+//! `export`: the model worth shipping out of a comparison, in formats other tools read, and a
+//! report people open.
+//!
+//! The stage takes the compared runs (each a `train` output and the `eval` output that measured
+//! it), chooses the one with the best **validation** RSUM (what its training chose its epoch
+//! on; the test split only reports), and writes:
+//!
+//! | path                              | what                                                   |
+//! |-----------------------------------|--------------------------------------------------------|
+//! | `model/model.safetensors`         | the chosen weights, PyTorch layout (Linear `[out, in]`, LayerNorm `weight`/`bias`), names = module paths, the training config in the metadata |
+//! | `model/config.json`               | the training config (architecture, losses, best epoch) |
+//! | `model/vocab.json`                | the word vocabulary, for students that read words      |
+//! | `model/metrics.json`, `log.jsonl` | its validation record and per-epoch log                |
+//! | `galleries/{image,caption}_embeddings.{arrow,parquet}` | the test embeddings of the chosen model |
+//! | `report.html`                     | one self-contained page (no network): choice, metrics with deltas, curves, example retrievals |
+//! | `export.json`                     | which run was chosen and every run's validation and test RSUM |
+//!
+//! Invariants: the choice never reads test numbers; every run must have a readable training
+//! record and evaluation, or the stage fails naming it; the report embeds everything it shows
+//! (SVG inline, thumbnails as data URLs), so it opens offline and can be mailed.
+
+mod report;
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::{
+    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
+};
+use crate::ml::scenes_small::ScenesSmall;
+use crate::ml::student::FeatureHeads;
+use crate::train::config::Architecture;
+
+/// One compared run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// A label for tables and plots (`base`, `cusa`).
+    pub name: String,
+    /// A `train` stage's output folder.
+    pub model: String,
+    /// The `eval` stage's output folder that measured it.
+    pub eval: String,
+}
+
+/// `with:` of an export stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// The `dataset` stage's output the runs were trained and measured on (captions, pictures
+    /// and extended positives of the example retrievals).
+    pub dataset: String,
+    /// Where the dataset's image paths are relative to, when it was imported with `images:`.
+    pub images: Option<String>,
+    /// The compared runs, in table order.
+    pub runs: Vec<RunConfig>,
+    /// The run every other is compared with [default: the first].
+    pub baseline: Option<String>,
+    /// Caption queries shown with their top-5 images in the report [default: 4; 0: none].
+    #[serde(default = "default_examples")]
+    pub examples: usize,
+    /// A title for the report [default: the stage's name].
+    pub title: Option<String>,
+}
+
+fn default_examples() -> usize {
+    4
+}
+
+impl ExportConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.runs.is_empty() {
+            return Err(ConfigError::new(
+                "runs",
+                "give at least one run: `- {name: …, model: <train output>, eval: <eval output>}`",
+            ));
+        }
+        for (i, r) in self.runs.iter().enumerate() {
+            if self.runs[..i].iter().any(|o| o.name == r.name) {
+                return Err(ConfigError::new(
+                    format!("runs.{i}.name"),
+                    format!("`{}` names two runs: names label the table rows", r.name),
+                ));
+            }
+        }
+        if let Some(b) = &self.baseline
+            && !self.runs.iter().any(|r| &r.name == b)
+        {
+            let names: Vec<&str> = self.runs.iter().map(|r| r.name.as_str()).collect();
+            return Err(ConfigError::new(
+                "baseline",
+                format!("no run is named `{b}` (runs: {})", names.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct ExportKind;
+
+impl StageKind for ExportKind {
+    fn name(&self) -> &'static str {
+        "export"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let c: ExportConfig = parse_config(with)?;
+        c.validate()?;
+        Ok(Checked::default())
+    }
+
+    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        let c: ExportConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        export(&c, ctx)
+    }
+}
+
+/// What the stage reads of one run.
+pub(crate) struct Run {
+    pub name: String,
+    pub model_dir: PathBuf,
+    pub eval_dir: PathBuf,
+    /// The training's config.json.
+    pub config: Value,
+    /// Per-epoch records of log.jsonl.
+    pub log: Vec<Value>,
+    /// Validation RSUM of the chosen epoch (train metrics.json).
+    pub val_rsum: f64,
+    /// The eval's metrics.json (test split, usually).
+    pub test: Value,
+}
+
+fn read_json(path: &Path, what: &str) -> Result<Value, StageError> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            StageError::failed_with_hint(
+                format!("{} has no readable {what}", path.display()),
+                "`model:` must be a train stage's output and `eval:` the eval stage's output",
+            )
+        })
+}
+
+fn read_run(r: &RunConfig, ctx: &StageContext<'_>) -> Result<Run, StageError> {
+    let model_dir = ctx.resolve(&r.model);
+    let eval_dir = ctx.resolve(&r.eval);
+    let config = read_json(&model_dir.join("config.json"), "config.json")?;
+    let metrics = read_json(&model_dir.join("metrics.json"), "metrics.json")?;
+    let val_rsum = metrics["val"]["rsum"].as_f64().ok_or_else(|| {
+        StageError::failed(format!(
+            "run `{}`: {} has no validation RSUM (`val.rsum`)",
+            r.name,
+            model_dir.join("metrics.json").display()
+        ))
+    })?;
+    let log = std::fs::read_to_string(model_dir.join("log.jsonl"))
+        .map_err(|e| {
+            StageError::io(
+                format!("reading {}", model_dir.join("log.jsonl").display()),
+                e,
+            )
+        })?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let test = read_json(&eval_dir.join("metrics.json"), "metrics.json")?;
+    Ok(Run {
+        name: r.name.clone(),
+        model_dir,
+        eval_dir,
+        config,
+        log,
+        val_rsum,
+        test,
+    })
+}
+
+/// Writes the weights in `dir` as safetensors at `path`, with the training config as metadata.
+fn write_safetensors(dir: &Path, config: &Value, path: &Path) -> Result<usize, StageError> {
+    type B = burn::backend::NdArray<f32>;
+    let architecture: Architecture =
+        serde_json::from_value(config["student"].clone()).map_err(|e| {
+            StageError::failed(format!(
+                "{}: `student`: {e}",
+                dir.join("config.json").display()
+            ))
+        })?;
+    let device = Default::default();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let weights = dir.join("model");
+    let bad = |e: &dyn std::fmt::Display| {
+        StageError::failed(format!("cannot load the weights in {}: {e}", dir.display()))
+    };
+    // PyTorch's layout, what other tools expect of safetensors: Linear weights [out, in],
+    // LayerNorm `weight`/`bias`.
+    let mut store = SafetensorsStore::from_file(path)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .metadata("config", config.to_string())
+        .metadata("producer", "cusa-pipe");
+    let saved = match architecture {
+        Architecture::FeatureHeads(shape) => {
+            let model = FeatureHeads::<B>::new(shape, &device)
+                .load_file(weights, &recorder, &device)
+                .map_err(|e| bad(&e))?;
+            model.save_into(&mut store).map(|_| model.num_params())
+        }
+        Architecture::ScenesSmall(shape) => {
+            let model = ScenesSmall::<B>::new(&shape, &device)
+                .load_file(weights, &recorder, &device)
+                .map_err(|e| bad(&e))?;
+            model.save_into(&mut store).map(|_| model.num_params())
+        }
+    };
+    saved.map_err(|e| StageError::failed(format!("writing {}: {e}", path.display())))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| StageError::io(format!("copying {} to {}", from.display(), to.display()), e))
+}
+
+/// Arrow IPC → Parquet, same columns.
+fn arrow_to_parquet(from: &Path, to: &Path) -> Result<(), StageError> {
+    let io = |e: &dyn std::fmt::Display| {
+        StageError::failed(format!("{} → {}: {e}", from.display(), to.display()))
+    };
+    let file = std::fs::File::open(from)
+        .map_err(|e| StageError::io(format!("opening {}", from.display()), e))?;
+    let reader = arrow_ipc::reader::FileReader::try_new(file, None).map_err(|e| io(&e))?;
+    let schema = reader.schema();
+    let out = std::fs::File::create(to)
+        .map_err(|e| StageError::io(format!("creating {}", to.display()), e))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| io(&e))?;
+    for batch in reader {
+        writer
+            .write(&batch.map_err(|e| io(&e))?)
+            .map_err(|e| io(&e))?;
+    }
+    writer.close().map_err(|e| io(&e))?;
+    Ok(())
+}
+
+fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+    let runs: Vec<Run> = c
+        .runs
+        .iter()
+        .map(|r| read_run(r, ctx))
+        .collect::<Result<_, _>>()?;
+    // The choice: best validation RSUM, the first among equals.
+    let chosen = runs.iter().enumerate().fold(0, |best, (i, r)| {
+        if r.val_rsum > runs[best].val_rsum {
+            i
+        } else {
+            best
+        }
+    });
+    let baseline = c
+        .baseline
+        .as_ref()
+        .and_then(|b| runs.iter().position(|r| &r.name == b))
+        .unwrap_or(0);
+    let best = &runs[chosen];
+    ctx.log.line(format!(
+        "chosen on validation RSUM: `{}` ({:.1}; {})",
+        best.name,
+        best.val_rsum,
+        runs.iter()
+            .map(|r| format!("{} {:.1}", r.name, r.val_rsum))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let out = ctx.out_dir;
+    let model_out = out.join("model");
+    let galleries = out.join("galleries");
+    for d in [&model_out, &galleries] {
+        std::fs::create_dir_all(d)
+            .map_err(|e| StageError::io(format!("creating {}", d.display()), e))?;
+    }
+    let params = write_safetensors(
+        &best.model_dir,
+        &best.config,
+        &model_out.join("model.safetensors"),
+    )?;
+    for f in ["config.json", "metrics.json", "log.jsonl", "vocab.json"] {
+        let from = best.model_dir.join(f);
+        if from.exists() {
+            copy(&from, &model_out.join(f))?;
+        }
+    }
+    for g in ["image_embeddings", "caption_embeddings"] {
+        let from = best.eval_dir.join(format!("{g}.arrow"));
+        copy(&from, &galleries.join(format!("{g}.arrow")))?;
+        arrow_to_parquet(&from, &galleries.join(format!("{g}.parquet")))?;
+    }
+
+    let dataset = ctx.resolve(&c.dataset);
+    let images_root = c.images.as_deref().map(|p| ctx.resolve(p));
+    let title = c.title.clone().unwrap_or_else(|| ctx.stage.to_string());
+    let html = report::render(&report::Inputs {
+        title: &title,
+        runs: &runs,
+        chosen,
+        baseline,
+        dataset: &dataset,
+        images_root,
+        examples: c.examples,
+    })?;
+    std::fs::write(out.join("report.html"), html)
+        .map_err(|e| StageError::io("writing report.html", e))?;
+
+    let summary_doc = json!({
+        "chosen": best.name,
+        "chosen_on": "validation RSUM",
+        "baseline": runs[baseline].name,
+        "parameters": params,
+        "runs": runs.iter().map(|r| json!({
+            "name": r.name,
+            "val_rsum": r.val_rsum,
+            "test_rsum": r.test["rsum"],
+            "split": r.test["split"],
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("export.json"),
+        serde_json::to_string_pretty(&summary_doc).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| StageError::io("writing export.json", e))?;
+
+    let mut summary = StageSummary::default();
+    summary.notes.push(format!(
+        "exported `{}` (best validation RSUM {:.1}; test RSUM {:.1}, {:+.1} vs `{}`), {params} parameters; report.html",
+        best.name,
+        best.val_rsum,
+        best.test["rsum"].as_f64().unwrap_or(f64::NAN),
+        best.test["rsum"].as_f64().unwrap_or(f64::NAN)
+            - runs[baseline].test["rsum"].as_f64().unwrap_or(f64::NAN),
+        runs[baseline].name
+    ));
+    summary.metrics.insert("parameters".into(), json!(params));
+    Ok(summary)
+}

@@ -65,3 +65,21 @@ fn metrics_equal_numpy_and_eccv_caption_on_random_and_tied_embeddings() {
         }
     }
 }
+
+#[test]
+fn label_r1_equals_numpy_with_unlabelled_rows_singleton_classes_and_ties() {
+    let fixture: Value = serde_json::from_str(include_str!("fixtures/retrieval.json")).unwrap();
+    for case in fixture["label_cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let dim = case["dim"].as_u64().unwrap() as usize;
+        let rows = floats(&case["rows"]);
+        let labels: Vec<Option<u32>> = serde_json::from_value(case["labels"].clone()).unwrap();
+        let (r1, queries) = retrieval::label_r1(&Matrix { data: &rows, dim }, &labels);
+        close(
+            r1,
+            case["label_r1"].as_f64().unwrap(),
+            &format!("{name}: label R@1"),
+        );
+        assert_eq!(queries as u64, case["queries"].as_u64().unwrap(), "{name}");
+    }
+}

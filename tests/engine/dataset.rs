@@ -62,7 +62,7 @@ fn png() -> Vec<u8> {
     buf.into_inner()
 }
 
-fn images(p: &Project, names: &[&str]) {
+pub(crate) fn images(p: &Project, names: &[&str]) {
     for n in names {
         let path = p.path().join("images").join(n);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -232,3 +232,89 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("did you mean `eval`?"), "{}", r.stderr);
 }
+
+#[test]
+fn eval_measures_uni_modal_label_retrieval_when_the_dataset_has_labels() {
+    // Six pictures in three classes; the embeddings are chosen so that one bird's nearest
+    // neighbour is a dog: label R@1 = 5/6. Captions sit on their own image.
+    let p = Project::new();
+    let names = [
+        "x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.jpg", "x/5.jpg", "x/6.jpg",
+    ];
+    crate::dataset::images(&p, &names);
+    let labels = ["dog", "dog", "cat", "cat", "bird", "bird"];
+    let mut csv = String::from("filepath,sentence,split,label\n");
+    for (n, l) in names.iter().zip(labels) {
+        csv.push_str(&format!("{n},a {l},test,{l}\n"));
+    }
+    p.write("list.csv", &csv);
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nstages:\n  d:\n    kind: dataset\n    inputs: {t: list.csv, images: images}\n    with: {format: table, annotations: \"${inputs.t}\", images: \"${inputs.images}\", columns: {image: filepath, caption: sentence, split: split, label: label}}\n",
+    );
+    let r = p.run(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = p.output("d");
+    let image_ids = crate::dataset::column(&out.join("images.parquet"), "image_id");
+    let image_paths = crate::dataset::column(&out.join("images.parquet"), "path");
+    let caption_ids = crate::dataset::column(&out.join("captions.parquet"), "caption_id");
+    let caption_images = crate::dataset::column(&out.join("captions.parquet"), "image_id");
+    let vector = |path: &str| -> [f32; 3] {
+        match path.rsplit('/').next().unwrap() {
+            "1.jpg" => [1.0, 0.0, 0.0],
+            "2.jpg" => [0.9, 0.1, 0.0],
+            "3.jpg" => [0.0, 1.0, 0.0],
+            "4.jpg" => [0.1, 0.9, 0.0],
+            "5.jpg" => [0.0, 0.1, 1.0],
+            _ => [0.97, 0.0, 0.2], // a bird closest to the first dog
+        }
+    };
+    let path_of: std::collections::HashMap<&str, &str> = image_ids
+        .iter()
+        .map(String::as_str)
+        .zip(image_paths.iter().map(String::as_str))
+        .collect();
+    let write = |file: &str, ids: &[String], of: &dyn Fn(usize) -> [f32; 3]| {
+        let data: Vec<f32> = (0..ids.len()).flat_map(of).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        cusa_stages::features::write(
+            &p.path().join(file),
+            &ids,
+            vec![],
+            &data,
+            3,
+            cusa_stages::teacher::Precision::F32,
+            Default::default(),
+        )
+        .unwrap();
+    };
+    write("images.arrow", &image_ids, &|i| {
+        vector(path_of[image_ids[i].as_str()])
+    });
+    write("captions.arrow", &caption_ids, &|c| {
+        vector(path_of[caption_images[c].as_str()])
+    });
+    p.add_stages(
+        "  e:\n    kind: eval\n    inputs: {dataset: \"${d}\", i: images.arrow, t: captions.arrow}\n    with: {dataset: \"${inputs.dataset}\", image_embeddings: \"${inputs.i}\", text_embeddings: \"${inputs.t}\"}\n",
+    );
+    let r = p.run(&["run", "e"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = metrics(&p, "e");
+    let uni = &m["uni"]["image"];
+    assert!(
+        (uni["label R@1"].as_f64().unwrap() - 500.0 / 6.0).abs() < 1e-9,
+        "{m}"
+    );
+    assert_eq!(
+        (uni["queries"].as_u64(), uni["classes"].as_u64()),
+        (Some(6), Some(3))
+    );
+    // Precomputed embeddings have no uni head: the embeddings given are measured.
+    assert_eq!(uni["head"], "cross");
+    let r = p.run(&["metrics", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        doc["rows"][0]["results"]["image label R@1"],
+        uni["label R@1"]
+    );
+}

@@ -83,6 +83,31 @@ pub struct CaptionRow {
     pub text: String,
 }
 
+/// Class labels of a split's images (`images.parquet`'s optional `label` column), by image
+/// id; `None` when the dataset has no labels. Images without a label are left out.
+pub fn image_labels(
+    dataset: &Path,
+    split: &str,
+) -> Result<Option<std::collections::HashMap<String, String>>, StageError> {
+    let path = dataset.join("images.parquet");
+    let has_label = File::open(&path)
+        .ok()
+        .and_then(|f| {
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).ok()
+        })
+        .is_some_and(|b| b.schema().column_with_name("label").is_some());
+    if !has_label {
+        return Ok(None);
+    }
+    let rows = read_columns(&path, split, ["image_id", "label"])?;
+    Ok(Some(
+        rows.into_iter()
+            .filter(|[_, label]| !label.is_empty())
+            .map(|[id, label]| (id, label))
+            .collect(),
+    ))
+}
+
 /// Captions of a split with their image, in caption-id order.
 pub fn captions(dataset: &Path, split: &str) -> Result<Vec<CaptionRow>, StageError> {
     Ok(read_columns(

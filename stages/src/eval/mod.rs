@@ -7,7 +7,9 @@
 //! image's captions), optionally the mean over `folds` contiguous folds of the images (COCO 1K
 //! with 5 folds of the 5K test split), and, when the dataset has extended positives (ECCV
 //! Caption on COCO, the exact positives of the scenes dataset), mAP@R, R-Precision and R@1 per
-//! direction as ECCV Caption defines them.
+//! direction as ECCV Caption defines them; when the dataset's images carry class labels
+//! (`label` column), uni-modal image retrieval R@1 (query excluded) through the student's uni
+//! image head, or through the embeddings given when there is none.
 //!
 //! Invariants:
 //! * every image and caption of the split must have an embedding; a missing one is an error
@@ -45,7 +47,7 @@ use crate::ml::vocab::WordVocab;
 use crate::teacher::Precision;
 use crate::train::config::Architecture;
 use crate::train::data;
-use crate::train::run::embed_split;
+use crate::train::run::{embed_split, embed_uni_images};
 
 /// `with:` of an eval stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +137,8 @@ struct Embedded {
     images: Vec<f32>,
     captions: Vec<f32>,
     dim: usize,
+    /// The images through the student's uni image head (when it has one), unit rows.
+    uni_images: Option<(Vec<f32>, usize)>,
 }
 
 type Inference = burn::backend::NdArray<f32>;
@@ -167,7 +171,7 @@ fn embed_with_model(
     let device = Default::default();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let weights = dir.join("model");
-    let (split, (images, captions, dim)) = match architecture {
+    let (split, ((images, captions, dim), uni_images)) = match architecture {
         Architecture::FeatureHeads(shape) => {
             let (Some(fi), Some(ft)) = (&c.image_features, &c.text_features) else {
                 return Err(StageError::failed_with_hint(
@@ -199,9 +203,10 @@ fn embed_with_model(
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
+            let uni = embed_uni_images(&model, &split.inputs, &device);
             (
                 (split.image_ids, split.caption_ids, split.image_of),
-                embedded,
+                (embedded, uni),
             )
         }
         Architecture::ScenesSmall(shape) => {
@@ -221,9 +226,10 @@ fn embed_with_model(
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
+            let uni = embed_uni_images(&model, &split.inputs, &device);
             (
                 (split.image_ids, split.caption_ids, split.image_of),
-                embedded,
+                (embedded, uni),
             )
         }
     };
@@ -235,6 +241,7 @@ fn embed_with_model(
         images,
         captions,
         dim,
+        uni_images,
     })
 }
 
@@ -279,6 +286,7 @@ fn embed_precomputed(
         images: images.data,
         captions: captions.data,
         dim: fi.dim,
+        uni_images: None,
     })
 }
 
@@ -364,6 +372,35 @@ fn fold_recalls(e: &Embedded, folds: usize) -> Value {
     out
 }
 
+/// Uni-modal image retrieval R@1 from the dataset's class labels, through the uni image head
+/// when the student has one (else the embeddings measured); `None` without labels.
+fn label_retrieval(dataset: &Path, split: &str, e: &Embedded) -> Result<Option<Value>, StageError> {
+    let Some(labels) = crate::dataset::read::image_labels(dataset, split)? else {
+        return Ok(None);
+    };
+    if labels.is_empty() {
+        return Ok(None);
+    }
+    let mut classes: HashMap<&str, u32> = HashMap::new();
+    let of: Vec<Option<u32>> = e
+        .image_ids
+        .iter()
+        .map(|id| {
+            let label = labels.get(id)?;
+            let next = classes.len() as u32;
+            Some(*classes.entry(label.as_str()).or_insert(next))
+        })
+        .collect();
+    let (rows, dim, head) = match &e.uni_images {
+        Some((rows, dim)) => (rows.as_slice(), *dim, "uni"),
+        None => (e.images.as_slice(), e.dim, "cross"),
+    };
+    let (r1, queries) = retrieval::label_r1(&Matrix { data: rows, dim }, &of);
+    Ok(Some(
+        json!({"image": {"label R@1": r1, "queries": queries, "classes": classes.len(), "head": head}}),
+    ))
+}
+
 /// The run record's results: the numbers of `metrics.json` a comparison table shows, flat and
 /// in the paper's order (split, R@K both ways, RSUM, the k-fold RSUM, the extended metrics).
 fn results_row(metrics: &Value) -> serde_json::Map<String, Value> {
@@ -387,6 +424,9 @@ fn results_row(metrics: &Value) -> serde_json::Map<String, Value> {
                 row.insert(format!("{d} {k}"), v.clone());
             }
         }
+    }
+    if let Some(v) = metrics["uni"]["image"].get("label R@1") {
+        row.insert("image label R@1".into(), v.clone());
     }
     row
 }
@@ -451,6 +491,9 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     metrics["captions"] = json!(e.caption_ids.len());
     if let Some(folds) = c.folds {
         metrics["folds"] = fold_recalls(&e, folds);
+    }
+    if let Some(uni) = label_retrieval(&dataset, &c.split, &e)? {
+        metrics["uni"] = uni;
     }
     let mut note_extended = String::new();
     if let Some([a, b]) = extended {

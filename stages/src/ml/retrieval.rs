@@ -301,6 +301,46 @@ pub fn extended(queries: &Matrix<'_>, gallery: &Matrix<'_>, positives: &[Vec<usi
     e.expect("positives were given")
 }
 
+/// Uni-modal retrieval R@1 (in %) from class labels: every labelled row queries all other
+/// labelled rows (itself excluded) and scores a hit when its nearest neighbour shares its
+/// label. Ties count against the query: a hit needs a same-label row scoring strictly above
+/// every other-label row. Rows without a label neither query nor appear in a gallery; queries
+/// whose label no other row has are counted (they cannot hit). Returns (R@1, queries).
+pub fn label_r1(rows: &Matrix<'_>, labels: &[Option<u32>]) -> (f64, usize) {
+    let labelled: Vec<usize> = (0..rows.rows()).filter(|&i| labels[i].is_some()).collect();
+    if labelled.len() < 2 {
+        return (0.0, labelled.len());
+    }
+    let data: Vec<f32> = labelled
+        .iter()
+        .flat_map(|&i| rows.data[i * rows.dim..(i + 1) * rows.dim].iter().copied())
+        .collect();
+    let m = Matrix {
+        data: &data,
+        dim: rows.dim,
+    };
+    let label_of: Vec<u32> = labelled.iter().map(|&i| labels[i].unwrap_or(0)).collect();
+    let hits = per_query(&m, &m, |q, scores| {
+        let (mut same, mut other) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        for (g, &s) in scores.iter().enumerate() {
+            if g == q {
+                continue;
+            }
+            if label_of[g] == label_of[q] {
+                same = same.max(s);
+            } else {
+                other = other.max(s);
+            }
+        }
+        same > other
+    });
+    let n = hits.len();
+    (
+        100.0 * hits.iter().filter(|&&h| h).count() as f64 / n as f64,
+        n,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

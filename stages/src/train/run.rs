@@ -182,6 +182,29 @@ pub fn embed_split<B: Backend, S: Student<B>>(
     (i, t, dim)
 }
 
+/// Unit-length embeddings of a split's images through the uni image head, `None` when the
+/// student has no uni heads (trained without USA).
+pub fn embed_uni_images<B: Backend, S: Student<B>>(
+    model: &S,
+    inputs: &S::Inputs,
+    device: &B::Device,
+) -> Option<(Vec<f32>, usize)> {
+    let (mut out, mut dim) = (Vec::new(), 0);
+    let n = inputs.images();
+    for start in (0..n).step_by(512) {
+        let idx: Vec<usize> = (start..(start + 512).min(n)).collect();
+        let g = loss::l2_normalize(model.encode_images(inputs, &idx, device).1?);
+        dim = g.dims()[1];
+        let values = g.into_data().convert::<f32>();
+        out.extend_from_slice(
+            values
+                .as_slice::<f32>()
+                .expect("converted to f32 just above"),
+        );
+    }
+    Some((out, dim))
+}
+
 fn validate<B: Backend, S: Student<B>>(
     model: &S,
     split: &data::Split<S::Inputs>,

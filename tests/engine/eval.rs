@@ -132,6 +132,22 @@ fn eval_mistakes_name_the_key_or_the_missing_ids() {
         "{}",
         r.stderr
     );
+    // STS needs a student that reads sentences.
+    let r = p.run(&["run", "-j", "1", "eval", "--set", "eval.with.sts=sts.tsv"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("is a feature-heads student, it reads precomputed features, not sentences"),
+        "{}",
+        r.stderr
+    );
+    let r = p.run(&["run", "again", "--set", "again.with.sts=sts.tsv"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("STS embeds sentences with a student"),
+        "{}",
+        r.stderr
+    );
     // Embeddings of the validation split asked to cover the test split.
     let r = p.run(&["run", "-j", "1", "again", "--set", "eval.with.split=val"]);
     assert_eq!(r.code, 1, "{}", r.stderr);

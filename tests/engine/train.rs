@@ -295,6 +295,66 @@ small:
     assert_eq!(r.code, 0, "{}", r.stderr);
     let again = sha256_hex(&std::fs::read(p.output("small").join("model.mpk")).unwrap());
     assert_eq!(first, again);
+
+    // A student that reads words measures semantic textual similarity through its uni text
+    // head: an STS-B-like TSV (quotes taken literally, as STS-B needs).
+    p.write(
+        "sts.tsv",
+        "genre\tsentence1\tsentence2\tscore\n\
+         a\ta red circle on the left\ta red circle on the left\t5.0\n\
+         a\ta red circle on the left\ta red round shape at the left\t4.2\n\
+         a\ttwo shapes on a dark background\ttwo objects on a black background\t4.0\n\
+         a\ta blue square\ta blue \"box\"\t3.8\n\
+         a\ta yellow triangle at the top\ta yellow triangle at the bottom\t2.4\n\
+         a\ta green diamond\ta violet circle\t0.8\n\
+         a\tthree shapes on a light background\tone shape on a dark background\t0.6\n\
+         a\ta small red square above a big circle\tsomething blue on the right\t0.2\n",
+    );
+    p.write("bad.csv", "sentence1,sentence2,gold\na,b,1\n");
+    p.add_stages(
+        r#"
+small_eval:
+  kind: eval
+  inputs: {dataset: "${scenes}", model: "${small}", sts: sts.tsv}
+  with: {dataset: "${inputs.dataset}", model: "${inputs.model}", sts: "${inputs.sts}"}
+"#,
+    );
+    let r = p.run(&["run", "-j", "1", "small_eval"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output("small_eval").join("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let sts = &m["uni"]["text"];
+    assert_eq!(
+        (sts["pairs"].as_u64(), sts["head"].as_str()),
+        (Some(8), Some("uni")),
+        "{m}"
+    );
+    let rho = sts["STS Spearman"].as_f64().unwrap();
+    assert!((-100.0..=100.0).contains(&rho), "{rho}");
+    let r = p.run(&["metrics", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        doc["rows"][0]["results"]["STS Spearman"],
+        sts["STS Spearman"]
+    );
+    // A file without a `score` column is named, with the columns it has.
+    let r = p.run(&[
+        "run",
+        "-j",
+        "1",
+        "small_eval",
+        "--set",
+        "small_eval.inputs.sts=bad.csv",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("bad.csv has no `score` column (columns: sentence1, sentence2, gold)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -9,7 +9,9 @@
 //! Caption on COCO, the exact positives of the scenes dataset), mAP@R, R-Precision and R@1 per
 //! direction as ECCV Caption defines them; when the dataset's images carry class labels
 //! (`label` column), uni-modal image retrieval R@1 (query excluded) through the student's uni
-//! image head, or through the embeddings given when there is none.
+//! image head, or through the embeddings given when there is none; with `sts:`, semantic
+//! textual similarity (Spearman × 100 of the uni text head's cosine against gold scores, as
+//! SentEval reports STS-B / SICK-R) for students that read text.
 //!
 //! Invariants:
 //! * every image and caption of the split must have an embedding; a missing one is an error
@@ -41,13 +43,13 @@ use crate::api::{
 };
 use crate::features;
 use crate::ml::retrieval::{self, Matrix, Ranks};
-use crate::ml::scenes_small::ScenesSmall;
-use crate::ml::student::{FeatureHeads, Rows};
+use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall};
+use crate::ml::student::{FeatureHeads, Rows, SplitInputs, Student};
 use crate::ml::vocab::WordVocab;
 use crate::teacher::Precision;
 use crate::train::config::Architecture;
 use crate::train::data;
-use crate::train::run::{embed_split, embed_uni_images};
+use crate::train::run::{embed_split, embed_uni};
 
 /// `with:` of an eval stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +72,10 @@ pub struct EvalConfig {
     pub text_embeddings: Option<String>,
     /// Also report the mean over this many contiguous folds of the images (COCO 1K: 5).
     pub folds: Option<usize>,
+    /// Semantic textual similarity: a TSV or CSV of sentence pairs with gold scores (columns
+    /// `sentence1`, `sentence2`, `score`: the STS-B layout), measured as Spearman × 100 of the
+    /// cosine through the student's uni text head. Needs a student that reads text.
+    pub sts: Option<String>,
 }
 
 fn default_split() -> String {
@@ -99,6 +105,10 @@ impl EvalConfig {
                 ))
             }
             _ if self.folds == Some(0) => Err(ConfigError::new("folds", "must be at least 1")),
+            (None, true) if self.sts.is_some() => Err(ConfigError::new(
+                "sts",
+                "STS embeds sentences with a student: give `model:` (a train stage's output), not precomputed embeddings",
+            )),
             _ => Ok(()),
         }
     }
@@ -139,6 +149,8 @@ struct Embedded {
     dim: usize,
     /// The images through the student's uni image head (when it has one), unit rows.
     uni_images: Option<(Vec<f32>, usize)>,
+    /// `metrics.json`'s `uni.text` when `sts:` was given.
+    sts: Option<Value>,
 }
 
 type Inference = burn::backend::NdArray<f32>;
@@ -171,6 +183,7 @@ fn embed_with_model(
     let device = Default::default();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let weights = dir.join("model");
+    let mut sts_result = None;
     let (split, ((images, captions, dim), uni_images)) = match architecture {
         Architecture::FeatureHeads(shape) => {
             let (Some(fi), Some(ft)) = (&c.image_features, &c.text_features) else {
@@ -199,11 +212,20 @@ fn embed_with_model(
                     "give the features the model was trained on",
                 ));
             }
+            if let Some(sts) = &c.sts {
+                return Err(StageError::failed_with_hint(
+                    format!(
+                        "`sts: {sts}`: {} is a feature-heads student, it reads precomputed features, not sentences",
+                        dir.display()
+                    ),
+                    "measure STS with a student that reads text (scenes-small), or drop `sts:`",
+                ));
+            }
             let model = FeatureHeads::<Inference>::new(shape, &device)
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_uni_images(&model, &split.inputs, &device);
+            let uni = embed_uni(&model, &split.inputs, &device, true);
             (
                 (split.image_ids, split.caption_ids, split.image_of),
                 (embedded, uni),
@@ -226,7 +248,21 @@ fn embed_with_model(
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_uni_images(&model, &split.inputs, &device);
+            let uni = embed_uni(&model, &split.inputs, &device, true);
+            if let Some(sts) = &c.sts {
+                let path = ctx.resolve(sts);
+                let pairs = read_sts(&path)?;
+                let words = pairs
+                    .iter()
+                    .flat_map(|(a, b, _)| [vocab.encode(a), vocab.encode(b)])
+                    .collect();
+                let sentences = PixelWordInputs {
+                    pixels: Vec::new(),
+                    size: shape.image_size,
+                    words,
+                };
+                sts_result = Some(measure_sts(&model, &sentences, &pairs, &device, &path));
+            }
             (
                 (split.image_ids, split.caption_ids, split.image_of),
                 (embedded, uni),
@@ -242,6 +278,123 @@ fn embed_with_model(
         captions,
         dim,
         uni_images,
+        sts: sts_result,
+    })
+}
+
+/// Sentence pairs and gold scores of an STS file (`sentence1`, `sentence2`, `score` columns;
+/// tab-separated for `.tsv`/`.txt`, taken literally as STS-B's quotes are, else CSV).
+fn read_sts(path: &Path) -> Result<Vec<(String, String, f64)>, StageError> {
+    let tsv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv") || e.eq_ignore_ascii_case("txt"));
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(if tsv { b'\t' } else { b',' })
+        .quoting(!tsv)
+        .flexible(true)
+        .from_path(path)
+        .map_err(|e| {
+            StageError::failed(format!("cannot read the STS file {}: {e}", path.display()))
+        })?;
+    let headers = reader
+        .headers()
+        .map_err(|e| StageError::failed(format!("{}: {e}", path.display())))?
+        .clone();
+    let column = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                StageError::failed_with_hint(
+                    format!(
+                        "{} has no `{name}` column (columns: {})",
+                        path.display(),
+                        headers.iter().collect::<Vec<_>>().join(", ")
+                    ),
+                    "an STS file has a header row with `sentence1`, `sentence2` and `score` (the STS-B layout)",
+                )
+            })
+    };
+    let (s1, s2, score) = (column("sentence1")?, column("sentence2")?, column("score")?);
+    let mut pairs = Vec::new();
+    for (n, record) in reader.records().enumerate() {
+        let line = n + 2;
+        let record = record
+            .map_err(|e| StageError::failed(format!("{} line {line}: {e}", path.display())))?;
+        let field = |i: usize, name: &str| {
+            record.get(i).ok_or_else(|| {
+                StageError::failed(format!("{} line {line}: no `{name}` field", path.display()))
+            })
+        };
+        let value = field(score, "score")?;
+        let gold: f64 = value.trim().parse().map_err(|_| {
+            StageError::failed(format!(
+                "{} line {line}: the score `{value}` is not a number",
+                path.display()
+            ))
+        })?;
+        pairs.push((
+            field(s1, "sentence1")?.to_string(),
+            field(s2, "sentence2")?.to_string(),
+            gold,
+        ));
+    }
+    if pairs.len() < 2 {
+        return Err(StageError::failed(format!(
+            "{} has {} sentence pair(s): a correlation needs at least 2",
+            path.display(),
+            pairs.len()
+        )));
+    }
+    Ok(pairs)
+}
+
+/// Spearman × 100 between the gold scores and the cosine of each pair through the uni text
+/// head (the cross head when the student has none).
+fn measure_sts<B: burn::tensor::backend::Backend, S: Student<B>>(
+    model: &S,
+    sentences: &S::Inputs,
+    pairs: &[(String, String, f64)],
+    device: &B::Device,
+    path: &Path,
+) -> Value {
+    let (rows, dim, head) = match embed_uni(model, sentences, device, false) {
+        Some((rows, dim)) => (rows, dim, "uni"),
+        None => {
+            let mut rows = Vec::new();
+            let mut dim = 0;
+            let n = sentences.captions();
+            for start in (0..n).step_by(512) {
+                let idx: Vec<usize> = (start..(start + 512).min(n)).collect();
+                let f =
+                    crate::ml::loss::l2_normalize(model.encode_texts(sentences, &idx, device).0);
+                dim = f.dims()[1];
+                rows.extend_from_slice(
+                    f.into_data()
+                        .convert::<f32>()
+                        .as_slice::<f32>()
+                        .expect("f32 just above"),
+                );
+            }
+            (rows, dim, "cross")
+        }
+    };
+    let cosine: Vec<f64> = (0..pairs.len())
+        .map(|k| {
+            let (a, b) = (
+                &rows[2 * k * dim..(2 * k + 1) * dim],
+                &rows[(2 * k + 1) * dim..(2 * k + 2) * dim],
+            );
+            a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum()
+        })
+        .collect();
+    let gold: Vec<f64> = pairs.iter().map(|p| p.2).collect();
+    let rho = crate::ml::stats::spearman(&cosine, &gold);
+    json!({
+        "STS Spearman": if rho.is_finite() { json!(100.0 * rho) } else { Value::Null },
+        "pairs": pairs.len(),
+        "head": head,
+        "file": path.file_name().map(|f| f.to_string_lossy().into_owned()),
     })
 }
 
@@ -287,6 +440,7 @@ fn embed_precomputed(
         captions: captions.data,
         dim: fi.dim,
         uni_images: None,
+        sts: None,
     })
 }
 
@@ -428,6 +582,9 @@ fn results_row(metrics: &Value) -> serde_json::Map<String, Value> {
     if let Some(v) = metrics["uni"]["image"].get("label R@1") {
         row.insert("image label R@1".into(), v.clone());
     }
+    if let Some(v) = metrics["uni"]["text"].get("STS Spearman") {
+        row.insert("STS Spearman".into(), v.clone());
+    }
     row
 }
 
@@ -492,8 +649,11 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     if let Some(folds) = c.folds {
         metrics["folds"] = fold_recalls(&e, folds);
     }
-    if let Some(uni) = label_retrieval(&dataset, &c.split, &e)? {
-        metrics["uni"] = uni;
+    if let Some(image) = label_retrieval(&dataset, &c.split, &e)? {
+        metrics["uni"]["image"] = image;
+    }
+    if let Some(text) = &e.sts {
+        metrics["uni"]["text"] = text.clone();
     }
     let mut note_extended = String::new();
     if let Some([a, b]) = extended {

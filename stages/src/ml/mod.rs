@@ -9,5 +9,6 @@ pub mod loss;
 pub mod optim;
 pub mod retrieval;
 pub mod scenes_small;
+pub mod stats;
 pub mod student;
 pub mod vocab;

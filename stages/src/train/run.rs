@@ -182,18 +182,28 @@ pub fn embed_split<B: Backend, S: Student<B>>(
     (i, t, dim)
 }
 
-/// Unit-length embeddings of a split's images through the uni image head, `None` when the
-/// student has no uni heads (trained without USA).
-pub fn embed_uni_images<B: Backend, S: Student<B>>(
+/// Unit-length embeddings of a split's images (`images`) or captions through the student's
+/// uni head; `None` when the student has no uni heads (trained without USA).
+pub fn embed_uni<B: Backend, S: Student<B>>(
     model: &S,
     inputs: &S::Inputs,
     device: &B::Device,
+    images: bool,
 ) -> Option<(Vec<f32>, usize)> {
     let (mut out, mut dim) = (Vec::new(), 0);
-    let n = inputs.images();
+    let n = if images {
+        inputs.images()
+    } else {
+        inputs.captions()
+    };
     for start in (0..n).step_by(512) {
         let idx: Vec<usize> = (start..(start + 512).min(n)).collect();
-        let g = loss::l2_normalize(model.encode_images(inputs, &idx, device).1?);
+        let (_, uni) = if images {
+            model.encode_images(inputs, &idx, device)
+        } else {
+            model.encode_texts(inputs, &idx, device)
+        };
+        let g = loss::l2_normalize(uni?);
         dim = g.dims()[1];
         let values = g.into_data().convert::<f32>();
         out.extend_from_slice(

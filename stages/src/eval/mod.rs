@@ -551,7 +551,7 @@ fn label_retrieval(dataset: &Path, split: &str, e: &Embedded) -> Result<Option<V
     };
     let (r1, queries) = retrieval::label_r1(&Matrix { data: rows, dim }, &of);
     Ok(Some(
-        json!({"image": {"label R@1": r1, "queries": queries, "classes": classes.len(), "head": head}}),
+        json!({"label R@1": r1, "queries": queries, "classes": classes.len(), "head": head}),
     ))
 }
 

@@ -352,6 +352,49 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
             - runs[baseline].test["rsum"].as_f64().unwrap_or(f64::NAN),
         runs[baseline].name
     ));
+    summary
+        .notes
+        .extend(ablation_lines(&runs, chosen, baseline));
     summary.metrics.insert("parameters".into(), json!(params));
     Ok(summary)
+}
+
+/// The comparison in a few lines for the run's output (the full table is in the report and
+/// `cusa-pipe metrics`): per run, validation RSUM, test RSUM and mAP@R, deltas to the baseline.
+fn ablation_lines(runs: &[Run], chosen: usize, baseline: usize) -> Vec<String> {
+    let width = runs
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let base = &runs[baseline];
+    let figure = |r: &Run, path: &[&str]| -> String {
+        let get = |m: &Value| path.iter().fold(m, |v, k| &v[*k]).as_f64();
+        match (get(&r.test), get(&base.test)) {
+            (Some(v), Some(b)) if !std::ptr::eq(r, base) => format!("{v:5.1} ({:+5.1})", v - b),
+            (Some(v), _) => format!("{v:5.1}        "),
+            (None, _) => "    –        ".into(),
+        }
+    };
+    let split = base.test["split"].as_str().unwrap_or("test");
+    let mut lines = vec![format!(
+        "{:width$}  val RSUM  {split} RSUM        mAP@R i2t      mAP@R t2i",
+        ""
+    )];
+    for (k, r) in runs.iter().enumerate() {
+        lines.push(
+            format!(
+                "{:width$}  {:8.1}  {}  {}  {}{}",
+                r.name,
+                r.val_rsum,
+                figure(r, &["rsum"]),
+                figure(r, &["extended", "i2t", "mAP@R"]),
+                figure(r, &["extended", "t2i", "mAP@R"]),
+                if k == chosen { "  ← exported" } else { "" }
+            )
+            .trim_end()
+            .to_string(),
+        );
+    }
+    lines
 }

@@ -44,12 +44,12 @@ use crate::api::{
 use crate::features;
 use crate::ml::retrieval::{self, Matrix, Ranks};
 use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall};
-use crate::ml::student::{FeatureHeads, Rows, SplitInputs, Student};
+use crate::ml::student::{FeatureHeads, Rows, Student};
 use crate::ml::vocab::WordVocab;
 use crate::teacher::Precision;
 use crate::train::config::Architecture;
 use crate::train::data;
-use crate::train::run::{embed_split, embed_uni};
+use crate::train::run::{Head, embed_rows, embed_split};
 
 /// `with:` of an eval stage.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,7 +225,7 @@ fn embed_with_model(
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_uni(&model, &split.inputs, &device, true);
+            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
             (
                 (split.image_ids, split.caption_ids, split.image_of),
                 (embedded, uni),
@@ -248,7 +248,7 @@ fn embed_with_model(
                 .load_file(weights, &recorder, &device)
                 .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_uni(&model, &split.inputs, &device, true);
+            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
             if let Some(sts) = &c.sts {
                 let path = ctx.resolve(sts);
                 let pairs = read_sts(&path)?;
@@ -358,24 +358,11 @@ fn measure_sts<B: burn::tensor::backend::Backend, S: Student<B>>(
     device: &B::Device,
     path: &Path,
 ) -> Value {
-    let (rows, dim, head) = match embed_uni(model, sentences, device, false) {
+    let (rows, dim, head) = match embed_rows(model, sentences, device, false, Head::Uni) {
         Some((rows, dim)) => (rows, dim, "uni"),
         None => {
-            let mut rows = Vec::new();
-            let mut dim = 0;
-            let n = sentences.captions();
-            for start in (0..n).step_by(512) {
-                let idx: Vec<usize> = (start..(start + 512).min(n)).collect();
-                let f =
-                    crate::ml::loss::l2_normalize(model.encode_texts(sentences, &idx, device).0);
-                dim = f.dims()[1];
-                rows.extend_from_slice(
-                    f.into_data()
-                        .convert::<f32>()
-                        .as_slice::<f32>()
-                        .expect("f32 just above"),
-                );
-            }
+            let (rows, dim) = embed_rows(model, sentences, device, false, Head::Cross)
+                .expect("every student has cross heads");
             (rows, dim, "cross")
         }
     };

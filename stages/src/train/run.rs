@@ -148,47 +148,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
         .map_err(|e| StageError::io(format!("writing {}", path.display()), e))
 }
 
-/// Unit-length cross-modal embeddings (images, captions, dim) of a split, in chunks, without
-/// gradients.
-pub fn embed_split<B: Backend, S: Student<B>>(
-    model: &S,
-    inputs: &S::Inputs,
-    device: &B::Device,
-) -> (Vec<f32>, Vec<f32>, usize) {
-    let chunk = 512;
-    let encode = |n: usize, images: bool| -> (Vec<f32>, usize) {
-        let mut out = Vec::new();
-        let mut dim = 0;
-        for start in (0..n).step_by(chunk) {
-            let idx: Vec<usize> = (start..(start + chunk).min(n)).collect();
-            let (f, _) = if images {
-                model.encode_images(inputs, &idx, device)
-            } else {
-                model.encode_texts(inputs, &idx, device)
-            };
-            let f = loss::l2_normalize(f);
-            dim = f.dims()[1];
-            let values = f.into_data().convert::<f32>();
-            out.extend_from_slice(
-                values
-                    .as_slice::<f32>()
-                    .expect("converted to f32 just above"),
-            );
-        }
-        (out, dim)
-    };
-    let (i, dim) = encode(inputs.images(), true);
-    let (t, _) = encode(inputs.captions(), false);
-    (i, t, dim)
+/// Which of a student's heads embeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The cross-modal heads (retrieval).
+    Cross,
+    /// The uni-modal heads (USA), which a student trained without USA does not have.
+    Uni,
 }
 
-/// Unit-length embeddings of a split's images (`images`) or captions through the student's
-/// uni head; `None` when the student has no uni heads (trained without USA).
-pub fn embed_uni<B: Backend, S: Student<B>>(
+/// Unit-length embeddings (rows, dim) of all of a split's images (`images`) or captions through
+/// `head`, in chunks of 512, without gradients; `None` when the student has no such head.
+pub fn embed_rows<B: Backend, S: Student<B>>(
     model: &S,
     inputs: &S::Inputs,
     device: &B::Device,
     images: bool,
+    head: Head,
 ) -> Option<(Vec<f32>, usize)> {
     let (mut out, mut dim) = (Vec::new(), 0);
     let n = if images {
@@ -198,14 +174,17 @@ pub fn embed_uni<B: Backend, S: Student<B>>(
     };
     for start in (0..n).step_by(512) {
         let idx: Vec<usize> = (start..(start + 512).min(n)).collect();
-        let (_, uni) = if images {
+        let (cross, uni) = if images {
             model.encode_images(inputs, &idx, device)
         } else {
             model.encode_texts(inputs, &idx, device)
         };
-        let g = loss::l2_normalize(uni?);
-        dim = g.dims()[1];
-        let values = g.into_data().convert::<f32>();
+        let rows = loss::l2_normalize(match head {
+            Head::Cross => cross,
+            Head::Uni => uni?,
+        });
+        dim = rows.dims()[1];
+        let values = rows.into_data().convert::<f32>();
         out.extend_from_slice(
             values
                 .as_slice::<f32>()
@@ -213,6 +192,20 @@ pub fn embed_uni<B: Backend, S: Student<B>>(
         );
     }
     Some((out, dim))
+}
+
+/// Unit-length cross-modal embeddings (images, captions, dim) of a split.
+pub fn embed_split<B: Backend, S: Student<B>>(
+    model: &S,
+    inputs: &S::Inputs,
+    device: &B::Device,
+) -> (Vec<f32>, Vec<f32>, usize) {
+    let cross = |images| {
+        embed_rows(model, inputs, device, images, Head::Cross)
+            .expect("every student has cross heads")
+    };
+    let ((i, dim), (t, _)) = (cross(true), cross(false));
+    (i, t, dim)
 }
 
 fn validate<B: Backend, S: Student<B>>(

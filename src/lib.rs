@@ -15,6 +15,7 @@ pub mod canonical;
 pub mod cli;
 pub mod fingerprint;
 pub mod graph;
+pub mod remote;
 pub mod runner;
 pub mod spec;
 pub mod store;

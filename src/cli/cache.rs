@@ -32,6 +32,20 @@ pub enum CacheCommand {
         /// The pipeline file whose results are kept
         #[arg(long, default_value = "pipeline.yaml")]
         pipeline: PathBuf,
+        /// Collect the team cache instead of the local one: the pipeline's remote, or the one
+        /// named. Dry run unless `--delete` is given
+        #[arg(long, value_name = "NAME|URL", num_args = 0..=1, default_missing_value = "")]
+        remote: Option<String>,
+        /// With `--remote`: delete (the default only shows what would go)
+        #[arg(long, requires = "remote")]
+        delete: bool,
+        /// With `--remote`: keep every result of these stages (repeatable or comma-separated)
+        #[arg(long, value_name = "STAGE", requires = "remote")]
+        keep: Vec<String>,
+        /// With `--remote`: never delete what is younger than this [default: the remote's
+        /// `grace`, 24h]
+        #[arg(long, value_name = "DURATION", requires = "remote")]
+        grace: Option<humantime::Duration>,
     },
     /// Show how much space the cache uses
     Du {
@@ -41,7 +55,7 @@ pub enum CacheCommand {
     },
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -115,9 +129,27 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             Ok(if report.is_clean() || repair { 0 } else { 1 })
         }
         CacheCommand::Gc {
+            remote: Some(remote),
             dry_run,
             keep_runs,
             pipeline,
+            delete,
+            keep,
+            grace,
+        } => remote_gc(RemoteGc {
+            remote,
+            delete: delete && !dry_run,
+            keep_runs,
+            pipeline,
+            keep,
+            grace: grace.map(Into::into),
+            cache_dir,
+        }),
+        CacheCommand::Gc {
+            dry_run,
+            keep_runs,
+            pipeline,
+            ..
         } => {
             let store = open(&pipeline, cache_dir)?;
             let _lock = store.lock(true, || eprintln!("  waiting  for running cusa-pipe processes to finish (gc needs the cache alone)"))?;
@@ -177,4 +209,102 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             Ok(0)
         }
     }
+}
+
+struct RemoteGc {
+    remote: String,
+    delete: bool,
+    keep_runs: usize,
+    pipeline: PathBuf,
+    keep: Vec<String>,
+    grace: Option<std::time::Duration>,
+    cache_dir: Option<PathBuf>,
+}
+
+/// `cache gc --remote`: roots are the pipeline's current keys (assessed locally), the named
+/// stages, the last N pushing runs, and everything younger than the grace period.
+fn remote_gc(a: RemoteGc) -> Result<i32, CliError> {
+    let engine = super::engine(&a.pipeline, &[], a.cache_dir)?;
+    let args = super::RemoteArgs {
+        remote: (!a.remote.is_empty()).then_some(a.remote.clone()),
+        no_remote: false,
+    };
+    let remote = super::connect_remote(&engine.pipeline, &args, Box::new(|w| eprintln!("{w}")))?
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "no remote: {} has no `remote:` and none was named (`--remote NAME|URL`)",
+                a.pipeline.display()
+            ))
+        })?;
+    let keep_stages: BTreeSet<String> = super::stage_indices(&engine.pipeline, &a.keep)?
+        .into_iter()
+        .map(|i| engine.pipeline.stages[i].name.clone())
+        .collect();
+    // The pipeline's current keys: from local results, else from the remote's records (so a
+    // machine without the results still computes downstream keys).
+    let mut fingerprints = BTreeSet::new();
+    let mut ups = std::collections::HashMap::new();
+    for &i in &engine.dag.order {
+        let up = match engine.assess(i, &ups, false) {
+            Ok(a) => match (a.fresh, a.fingerprint) {
+                (Some(c), _) => {
+                    fingerprints.insert(c.fingerprint.clone());
+                    crate::runner::Upstream::Done(c)
+                }
+                (None, Some(fp)) => {
+                    fingerprints.insert(fp.clone());
+                    match remote.remote_result(&fp) {
+                        Ok(Some((record, manifest))) => {
+                            crate::runner::Upstream::Done(crate::runner::Committed {
+                                fingerprint: fp,
+                                digest: record.output,
+                                dir: PathBuf::new(),
+                                manifest: std::sync::Arc::new(manifest),
+                            })
+                        }
+                        Ok(None) => crate::runner::Upstream::Pending,
+                        Err(e) => {
+                            return Err(CliError::Other(anyhow::anyhow!(
+                                "{}: {e}",
+                                remote.describe()
+                            )));
+                        }
+                    }
+                }
+                (None, None) => crate::runner::Upstream::Pending,
+            },
+            Err(_) => crate::runner::Upstream::Broken,
+        };
+        ups.insert(engine.pipeline.stages[i].name.clone(), up);
+    }
+    let roots = crate::remote::gc::GcRoots {
+        fingerprints,
+        stages: keep_stages,
+        runs: a.keep_runs,
+        grace: a.grace.unwrap_or(remote.settings.grace),
+    };
+    let report = remote
+        .gc(&roots, a.delete)
+        .map_err(|e| CliError::Other(anyhow::anyhow!("{}: {e}", remote.describe())))?;
+    let verb = if a.delete { "deleted" } else { "would delete" };
+    for r in &report.records {
+        println!("{verb}: {r}");
+    }
+    println!(
+        "{verb} {} result(s), {} object(s) ({}), {} log(s), {} history entr{} on {}; kept {} result(s); {} unreferenced object(s) younger than {} left",
+        report.records.len(),
+        report.objects,
+        human(report.bytes),
+        report.logs,
+        report.histories,
+        if report.histories == 1 { "y" } else { "ies" },
+        remote.describe(),
+        report.kept_records,
+        report.young,
+        humantime::format_duration(roots.grace),
+    );
+    if !a.delete {
+        println!("dry run: nothing deleted; add `--delete` to delete");
+    }
+    Ok(0)
 }

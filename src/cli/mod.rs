@@ -5,6 +5,7 @@ mod cache;
 mod dag;
 mod metrics;
 mod path;
+mod remote;
 mod run;
 mod status;
 
@@ -48,6 +49,10 @@ enum Command {
     Metrics(metrics::MetricsArgs),
     /// Print where a stage's committed output (or a path inside it) is
     Path(path::PathArgs),
+    /// Upload the stages' committed results to the team cache (all, or the named ones)
+    Push(remote::PushArgs),
+    /// Restore the stages' results from the team cache without running anything
+    Pull(remote::PullArgs),
     /// Inspect and maintain the cache
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -98,6 +103,8 @@ pub fn main() -> i32 {
         Command::Dag(a) => dag::dag(a),
         Command::Path(a) => path::path(a, cli.cache_dir),
         Command::Metrics(a) => metrics::metrics(a, cli.cache_dir),
+        Command::Push(a) => remote::push(a, cli.cache_dir),
+        Command::Pull(a) => remote::pull(a, cli.cache_dir),
         Command::Cache(c) => cache::cache(c, cli.cache_dir),
         Command::Bench(a) => crate::bench::bench(a).map_err(CliError::Other),
     };
@@ -154,6 +161,38 @@ pub(crate) fn engine(
     let (pipeline, dag) = load(file, overrides)?;
     let store = Store::open(&cache_root(cache_dir, &pipeline.dir))?;
     Ok(Engine::new(pipeline, dag, store))
+}
+
+/// `--remote NAME|URL` / `--no-remote`, shared by the commands that use the team cache.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct RemoteArgs {
+    /// The team cache to use: a name from ~/.config/cusa-pipe/config.yaml or a URL
+    /// [default: the pipeline's `remote:`, else the config file's `default`]
+    #[arg(long, value_name = "NAME|URL", env = "CUSA_PIPE_REMOTE")]
+    pub remote: Option<String>,
+    /// Use no remote, whatever the pipeline or the config file says
+    #[arg(long, conflicts_with = "remote")]
+    pub no_remote: bool,
+}
+
+/// Connects to the remote a command should use, if any; warnings go through `warn`.
+pub(crate) fn connect_remote(
+    pipeline: &Pipeline,
+    args: &RemoteArgs,
+    warn: Box<dyn Fn(&str) + Send + Sync>,
+) -> Result<Option<std::sync::Arc<crate::remote::Remote>>, CliError> {
+    let settings = crate::remote::config::resolve(
+        pipeline.remote.as_ref(),
+        args.remote.as_deref(),
+        args.no_remote,
+    )
+    .map_err(CliError::Usage)?;
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let remote = crate::remote::Remote::connect(settings, warn)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(Some(std::sync::Arc::new(remote)))
 }
 
 /// Stage names → indices, or a usage error with a suggestion.

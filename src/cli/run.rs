@@ -1,4 +1,4 @@
-//! `cusa-pipe run [PIPELINE] [STAGE…] [--dry-run] [--force STAGE…|--force-all] [--set K=V…] [-j N] [--gpus N] [--json]`
+//! `cusa-pipe run [PIPELINE] [STAGE…] [--dry-run] [--force STAGE…|--force-all] [--set K=V…] [-j N] [--gpus N] [--json] [--remote NAME|URL | --no-remote]``
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ pub struct RunArgs {
     /// Print one JSON document on stdout
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    remote: super::RemoteArgs,
 }
 
 pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
@@ -76,6 +78,15 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         .max()
         .unwrap_or(0);
     let reporter = Arc::new(Reporter::new(width));
+    let mut engine = engine;
+    engine.remote = {
+        let reporter = reporter.clone();
+        super::connect_remote(
+            &engine.pipeline,
+            &args.remote,
+            Box::new(move |w| reporter.line(w)),
+        )?
+    };
     let _lock = engine.store.lock(false, || {
         reporter.waiting("the cache is locked by `cusa-pipe cache gc`")
     })?;
@@ -116,6 +127,9 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     signal_handle.close();
     let _ = watcher.join();
 
+    if let Some(remote) = &engine.remote {
+        super::remote::wait_for_pushes(remote, &reporter);
+    }
     reporter.summary(&result.reports, result.interrupted);
     let history = serde_json::json!({
         "pipeline": engine.pipeline.file.display().to_string(),
@@ -132,6 +146,12 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         && let Err(e) = engine.store.write_history(&history)
     {
         reporter.line(&format!("warning: {e}"));
+    }
+    if !args.dry_run
+        && let Some(remote) = &engine.remote
+        && result.reports.iter().any(|r| r.outcome == Outcome::Ran)
+    {
+        remote.push_history(&history);
     }
     if args.json {
         println!(

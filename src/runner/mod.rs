@@ -14,6 +14,9 @@
 //!   re-checks the store and reports `cached` if the other run committed it;
 //! * a stage's output is committed only if the stage returned `Ok` and the run was not
 //!   interrupted; the run record is the commit point (see [`crate::store`]);
+//! * with a remote (see [`crate::remote`]), a stage missing locally is restored from it when it
+//!   holds the key (outcome `restored`, its recorded duration reported as time saved) and a
+//!   stage that ran is pushed in the background; the remote never decides success;
 //! * Ctrl-C/SIGTERM cancels: running programs' process groups get SIGTERM, then SIGKILL after
 //!   a grace period; nothing partial is committed; the exit code is 130.
 
@@ -48,6 +51,8 @@ pub struct Engine {
     pub dag: Dag,
     pub store: Store,
     pub pipeline_id: String,
+    /// The team cache, when one is configured and not turned off.
+    pub remote: Option<Arc<crate::remote::Remote>>,
 }
 
 /// A committed output, as downstream stages see it.
@@ -139,6 +144,7 @@ impl Engine {
             dag,
             store,
             pipeline_id,
+            remote: None,
         }
     }
 
@@ -360,6 +366,14 @@ impl Engine {
                 self.store.remove_record(fp);
                 Ok(Some(Err(MissReason::OutputDamaged { detail })))
             }
+        }
+    }
+
+    /// The committed, intact result of `fp`, if any.
+    pub fn committed_result(&self, fp: &Fingerprint) -> Option<Committed> {
+        match self.committed(fp) {
+            Ok(Some(Ok(c))) => Some(c),
+            _ => None,
         }
     }
 
@@ -605,9 +619,37 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
         report.reasons = a.reasons.clone();
         if shared.settings.dry_run || a.fingerprint.is_none() {
             report.outcome = Outcome::WouldRun;
+            if let (Some(remote), Some(fp)) = (&engine.remote, &a.fingerprint)
+                && !forced
+                && remote.settings.read
+                && !remote.is_disabled()
+                && remote.has_record(fp).unwrap_or(false)
+            {
+                report
+                    .notes
+                    .push(format!("on {}: would be restored", remote.describe()));
+            }
             return (Upstream::Pending, report);
         }
         let fp = a.fingerprint.clone().expect("checked above");
+        if !forced
+            && let Some(remote) = &engine.remote
+            && let Some(record) = remote.restore(&engine.store, &fp, &stage.name)
+        {
+            match engine.committed(&fp) {
+                Ok(Some(Ok(c))) => {
+                    report.outcome = Outcome::Restored;
+                    report.seconds = record.seconds;
+                    let _ = engine.store.set_head(&engine.pipeline_id, &stage.name, &fp);
+                    return (Upstream::Done(c), report);
+                }
+                _ => shared.reporter.line(&format!(
+                    "warning: `{}`: the result restored from {} could not be read back; running it",
+                    stage.name,
+                    remote.describe()
+                )),
+            }
+        }
         if stage.gpus as usize > shared.settings.gpus {
             report.outcome = Outcome::Failed;
             report.error = Some(format!(
@@ -640,8 +682,11 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
             return (Upstream::Done(c), report);
         }
         match run_and_commit(shared, idx, &a, &fp, &grant.gpus, &mut report) {
-            Ok(c) => {
+            Ok((c, record)) => {
                 report.outcome = Outcome::Ran;
+                if let Some(remote) = &engine.remote {
+                    remote.push_in_background(&engine.store, record);
+                }
                 (Upstream::Done(c), report)
             }
             Err(()) => {
@@ -667,7 +712,7 @@ fn run_and_commit(
     fp: &Fingerprint,
     gpus: &[usize],
     report: &mut StageReport,
-) -> Result<Committed, ()> {
+) -> Result<(Committed, RunRecord), ()> {
     let engine = &shared.engine;
     let store = &engine.store;
     let stage = &engine.pipeline.stages[idx];
@@ -764,12 +809,15 @@ fn run_and_commit(
             return Err(());
         }
     };
-    Ok(Committed {
-        fingerprint: fp.clone(),
-        digest,
-        dir,
-        manifest: Arc::new(manifest),
-    })
+    Ok((
+        Committed {
+            fingerprint: fp.clone(),
+            digest,
+            dir,
+            manifest: Arc::new(manifest),
+        },
+        record,
+    ))
 }
 
 /// GPUs visible on this machine (NVIDIA driver's device list), 0 without a driver.

@@ -171,7 +171,8 @@ impl Reporter {
             .unwrap_or_default();
         let rest = match r.outcome {
             Outcome::Ran => format!("{}  {short}", seconds(r.seconds)),
-            Outcome::Cached | Outcome::Restored => short,
+            Outcome::Cached => short,
+            Outcome::Restored => format!("saved {}  {short}", seconds(r.seconds)),
             Outcome::WouldRun => reasons_text(&r.reasons),
             Outcome::Failed | Outcome::Skipped => r.error.clone().unwrap_or_default(),
         };

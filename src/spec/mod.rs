@@ -24,6 +24,7 @@ use cusa_stages::api::{ConfigError, StageKind, closest, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::remote::config::{RawRemote, RemoteDecl};
 pub use diagnostic::Diagnostic;
 use interpolate::{Piece, Ref, WalkError};
 use location::LocationIndex;
@@ -44,6 +45,8 @@ pub struct Pipeline {
     pub params: serde_json::Map<String, Value>,
     /// Stages in declaration order.
     pub stages: Vec<Stage>,
+    /// The team cache declared by the file (`remote:`), if any.
+    pub remote: Option<RemoteDecl>,
 }
 
 /// The file's text and location index, kept for errors found after loading.
@@ -141,6 +144,8 @@ struct RawPipeline {
     #[serde(default)]
     params: serde_json::Map<String, Value>,
     stages: serde_json::Map<String, Value>,
+    #[serde(default)]
+    remote: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +269,10 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         return Err(d);
     }
 
+    let remote = match &raw.remote {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(remote_decl(v, &source)?),
+    };
     let names: Vec<&str> = raw.stages.keys().map(String::as_str).collect();
     let mut stages = Vec::new();
     for (name, raw_stage) in &raw.stages {
@@ -290,7 +299,55 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         source,
         params: raw.params,
         stages,
+        remote,
     })
+}
+
+/// `remote:` is a URL, a name from the user's config file, or a mapping (`url`, `read`,
+/// `write`, `options`, `grace`).
+fn remote_decl(v: &Value, source: &Source) -> Result<RemoteDecl, Diagnostic> {
+    let raw = match v {
+        Value::String(s) if !s.contains("://") => {
+            if s.is_empty() {
+                return Err(source.diagnostic_at_value("remote", "the remote's name is empty"));
+            }
+            return Ok(RemoteDecl::Named(s.clone()));
+        }
+        Value::String(s) => RawRemote {
+            url: s.clone(),
+            read: true,
+            write: true,
+            options: Default::default(),
+            grace: None,
+        },
+        other => {
+            parse_config::<RawRemote>(other).map_err(|e| config_diagnostic(source, "remote", e))?
+        }
+    };
+    let at = if v.is_string() {
+        "remote"
+    } else {
+        "remote.url"
+    };
+    if let Err(e) =
+        crate::remote::config::settings("pipeline", &raw, crate::remote::RemoteSource::Pipeline)
+    {
+        let key = if e.starts_with("grace") {
+            "remote.grace".to_string()
+        } else if let Some(rest) = e.strip_prefix("option `") {
+            format!("remote.options.{}", rest.split('`').next().unwrap_or(""))
+        } else {
+            at.to_string()
+        };
+        let key = key.as_str();
+        let mut d = source.diagnostic_at_value(key, e);
+        d.help = Some(
+            "e.g. `remote: s3://bucket/prefix`, or a name from ~/.config/cusa-pipe/config.yaml"
+                .into(),
+        );
+        return Err(d);
+    }
+    Ok(RemoteDecl::Inline(raw))
 }
 
 fn build_stage(
@@ -649,7 +706,7 @@ fn apply_override(
     }
     // `params.X` and `version` live at the top; anything else starts with a stage name.
     let full: Vec<String> = match parts[0] {
-        "params" | "version" => parts.iter().map(|s| s.to_string()).collect(),
+        "params" | "version" | "remote" => parts.iter().map(|s| s.to_string()).collect(),
         stage => {
             let stages: Vec<String> = source.index.children("stages");
             if !stages.iter().any(|s| s == stage) {

@@ -501,6 +501,52 @@ impl Store {
         }
     }
 
+    /// Whether the object `digest` is in the store.
+    pub fn has_object(&self, digest: &str) -> bool {
+        self.object_path(digest).exists()
+    }
+
+    /// Where the object `digest` lives (it may not exist).
+    pub fn object_file(&self, digest: &str) -> PathBuf {
+        self.object_path(digest)
+    }
+
+    /// Moves a file whose content the caller has verified to be `digest` into the objects
+    /// (read-only, fsync-ed, renamed: the same steps as [`Store::commit_tree`]). Used by the
+    /// remote to bring downloaded objects in; an object already present is kept.
+    pub fn adopt_object(&self, digest: &str, file: &Path, exec: bool) -> Result<(), StoreError> {
+        let obj = self.object_path(digest);
+        if obj.exists() {
+            let _ = fs::remove_file(file);
+            return Ok(());
+        }
+        let dir = obj.parent().expect("objects have a parent");
+        fs::create_dir_all(dir).map_err(io("creating an object directory"))?;
+        File::open(file)
+            .and_then(|f| f.sync_all())
+            .map_err(io(format!("syncing {}", file.display())))?;
+        fs::set_permissions(
+            file,
+            fs::Permissions::from_mode(if exec { 0o555 } else { 0o444 }),
+        )
+        .map_err(io("making an object read-only"))?;
+        fs::rename(file, &obj).map_err(io(format!(
+            "moving object {} into the store",
+            &digest[..12]
+        )))?;
+        atomic::sync_dir(dir).map_err(io("syncing the object store"))
+    }
+
+    /// The record file of `fp`, relative to the root (the remote mirrors these paths).
+    pub fn record_relative(fp: &Fingerprint) -> String {
+        format!("runs-v1/{}/{fp}.json", &fp.0[..2])
+    }
+
+    /// The object file of `digest`, relative to the root.
+    pub fn object_relative(digest: &str) -> String {
+        format!("objects-v1/{}/{}", &digest[..2], &digest[2..])
+    }
+
     /// The run record of a fingerprint, if committed and readable.
     pub fn read_record(&self, fp: &Fingerprint) -> Option<RunRecord> {
         let bytes = fs::read(self.record_path(fp)).ok()?;

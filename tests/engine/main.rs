@@ -14,6 +14,7 @@ mod failures;
 mod incremental;
 mod parallel;
 mod quickstart;
+mod remote;
 mod spec_errors;
 mod support;
 mod teacher;

@@ -81,6 +81,9 @@ impl Project {
         c.args(args)
             .current_dir(self.path())
             .env_remove("CUSA_PIPE_CACHE")
+            .env_remove("CUSA_PIPE_REMOTE")
+            // No user config from the machine running the tests.
+            .env("CUSA_PIPE_CONFIG", self.path().join(".cusa-pipe-user.yaml"))
             .stdin(Stdio::null());
         c
     }

@@ -12,6 +12,7 @@
 
 mod dataset;
 mod eval;
+mod remote;
 mod teacher;
 mod train;
 
@@ -37,6 +38,8 @@ pub enum Suite {
     Train,
     /// Retrieval metrics on 5K × 25K embeddings vs numpy + eccv-caption
     Eval,
+    /// Team cache push/pull (10,000 small objects, one large) vs the AWS CLI on a local S3
+    Remote,
 }
 
 #[derive(Args)]
@@ -73,9 +76,22 @@ pub struct BenchArgs {
     /// Embedding dimension of the eval suite
     #[arg(long, default_value_t = 512)]
     dim: usize,
-    /// The Python of the peers (pandas + pyarrow for dataset, numpy + eccv-caption for eval)
+    /// The Python of the peers (pandas + pyarrow for dataset, numpy + eccv-caption for eval,
+    /// moto[server] + boto3 for remote)
     #[arg(long, default_value = "python3")]
     python: PathBuf,
+    /// Small objects of the remote suite
+    #[arg(long, default_value_t = 10_000)]
+    objects: usize,
+    /// Size of each small object of the remote suite in bytes
+    #[arg(long, default_value_t = 4096)]
+    object_size: usize,
+    /// The AWS CLI (`pip install awscli`) for the remote suite
+    #[arg(long, default_value = "aws")]
+    aws: PathBuf,
+    /// An S3 server with a bucket `cache` for the remote suite [default: moto started here]
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -84,6 +100,21 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
         Suite::Teacher => teacher::teacher(&args.dir, &args.python),
         Suite::Train => train::train(args.batch, args.steps),
+        Suite::Remote => {
+            let big = args.dir.join("data/big.bin");
+            generate_big(&big, args.big_mib)?;
+            remote::remote(
+                &args.dir,
+                &args.python,
+                &args.aws,
+                args.objects,
+                args.object_size,
+                &big,
+                args.big_mib,
+                args.repeat,
+                args.s3_endpoint.as_deref(),
+            )
+        }
         Suite::Eval => eval::eval(
             &args.dir,
             &args.python,
@@ -245,13 +276,23 @@ fn generate(many: &Path, big: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         std::fs::write(&marker, b"")?;
     }
-    let want = (args.big_mib as u64) << 20;
+    generate_big(big, args.big_mib)
+}
+
+/// The large file of the engine and remote suites (kept between runs).
+pub(crate) fn generate_big(big: &Path, mib: usize) -> anyhow::Result<()> {
+    let want = (mib as u64) << 20;
     if std::fs::metadata(big).map(|m| m.len()).ok() != Some(want) {
-        eprintln!("generating a {} MiB file…", args.big_mib);
+        eprintln!("generating a {mib} MiB file…");
+        if let Some(parent) = big.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // A fresh inode: the remote suite hard-links the old one into a store (read-only).
+        let _ = std::fs::remove_file(big);
         let mut f = std::io::BufWriter::new(std::fs::File::create(big)?);
         let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
         let mut buf = vec![0u8; 1 << 20];
-        for _ in 0..args.big_mib {
+        for _ in 0..mib {
             rng.fill(&mut buf);
             f.write_all(&buf)?;
         }
@@ -260,10 +301,10 @@ fn generate(many: &Path, big: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct XorShift(u64);
+pub(crate) struct XorShift(pub(crate) u64);
 
 impl XorShift {
-    fn fill(&mut self, buf: &mut [u8]) {
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;

@@ -82,7 +82,7 @@ impl Remote {
                         Ok::<_, RemoteError>((rel, modified, serde_json::from_slice(&got).ok()))
                     }
                 }))
-                .buffer_unordered(super::CONCURRENCY)
+                .buffer_unordered(super::concurrency())
                 .try_collect()
                 .await?;
             let mut kept: Vec<RunRecord> = Vec::new();

@@ -56,8 +56,17 @@ pub use config::{RemoteSettings, RemoteSource};
 const MULTIPART_FROM: u64 = 32 << 20;
 /// Part size of multipart uploads.
 const PART: usize = 16 << 20;
-/// Objects transferred at once.
-const CONCURRENCY: usize = 64;
+/// Objects transferred at once (`CUSA_PIPE_REMOTE_CONCURRENCY` overrides).
+fn concurrency() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("CUSA_PIPE_REMOTE_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(64)
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -457,7 +466,7 @@ impl Inner {
                 Ok::<_, RemoteError>((digest, bytes))
             }
         }))
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(concurrency())
         .try_collect::<Vec<_>>()
         .await?;
         let now = now_unix();
@@ -545,23 +554,46 @@ impl Inner {
     }
 
     /// Downloads one object into `dir`, verifying it; returns the temporary file and its size.
+    /// A large object (its size known from the manifest) comes in ranges fetched in parallel,
+    /// written and hashed in order.
     async fn download_object(
         &self,
         digest: &str,
         dir: &Path,
+        size_hint: Option<u64>,
     ) -> Result<(PathBuf, u64), RemoteError> {
         let key = self.key(&Store::object_relative(digest));
-        let got = self.store.get(&key).await?;
         let tmp = dir.join(format!("dl-{digest}"));
         let mut file = tokio::fs::File::create(&tmp).await?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk: Bytes = chunk?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-            file.write_all(&chunk).await?;
+        match size_hint {
+            Some(total) if total >= MULTIPART_FROM => {
+                let ranges: Vec<std::ops::Range<u64>> = (0..total)
+                    .step_by(PART)
+                    .map(|start| start..(start + PART as u64).min(total))
+                    .collect();
+                let mut parts = futures::stream::iter(ranges.into_iter().map(|r| {
+                    let key = key.clone();
+                    async move { self.store.get_range(&key, r).await }
+                }))
+                .buffered(8);
+                while let Some(part) = parts.next().await {
+                    let part: Bytes = part?;
+                    hasher.update(&part);
+                    size += part.len() as u64;
+                    file.write_all(&part).await?;
+                }
+            }
+            _ => {
+                let mut stream = self.store.get(&key).await?.into_stream();
+                while let Some(chunk) = stream.next().await {
+                    let chunk: Bytes = chunk?;
+                    hasher.update(&chunk);
+                    size += chunk.len() as u64;
+                    file.write_all(&chunk).await?;
+                }
+            }
         }
         file.flush().await?;
         drop(file);
@@ -603,30 +635,30 @@ impl Inner {
         }
         let mut stats = PullStats::default();
         if !local.has_object(&record.output) {
-            let (tmp, size) = self.download_object(&record.output, &dir).await?;
+            let (tmp, size) = self.download_object(&record.output, &dir, None).await?;
             local.adopt_object(&record.output, &tmp, false)?;
             stats.objects += 1;
             stats.bytes += size;
         }
         let manifest = local.manifest(&record.output)?;
-        let mut missing: BTreeMap<String, bool> = BTreeMap::new();
+        let mut missing: BTreeMap<String, (bool, u64)> = BTreeMap::new();
         for e in &manifest.entries {
-            if let Node::File { sha256, exec, .. } = &e.node
+            if let Node::File { sha256, exec, size } = &e.node
                 && !local.has_object(sha256)
             {
-                missing.insert(sha256.clone(), *exec);
+                missing.insert(sha256.clone(), (*exec, *size));
             }
         }
         let fetched: Vec<(String, bool, PathBuf, u64)> =
-            futures::stream::iter(missing.into_iter().map(|(digest, exec)| {
+            futures::stream::iter(missing.into_iter().map(|(digest, (exec, size))| {
                 let this = self.clone();
                 let dir = dir.clone();
                 async move {
-                    let (tmp, size) = this.download_object(&digest, &dir).await?;
+                    let (tmp, size) = this.download_object(&digest, &dir, Some(size)).await?;
                     Ok::<_, RemoteError>((digest, exec, tmp, size))
                 }
             }))
-            .buffer_unordered(CONCURRENCY)
+            .buffer_unordered(concurrency())
             .try_collect()
             .await?;
         let local2 = local.clone();

@@ -8,12 +8,14 @@ use crate::support::BIN;
 fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     let root = env!("CARGO_MANIFEST_DIR");
     let cache = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
+    let run_in = |cache: &std::path::Path, args: &[&str]| {
         let out = Command::new(BIN)
             .args(args)
             .arg("--cache-dir")
-            .arg(cache.path())
+            .arg(cache)
             .current_dir(root)
+            .env("CUSA_PIPE_CONFIG", cache.join("no-user-config.yaml"))
+            .env_remove("CUSA_PIPE_REMOTE")
             .output()
             .unwrap();
         (
@@ -22,6 +24,7 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let run = |args: &[&str]| run_in(cache.path(), args);
     let (code, _, err) = run(&["run", "pipeline.yaml"]);
     assert_eq!(code, 0, "{err}");
     let (code, path, _) = run(&["path", "eccv_summary/summary.md"]);
@@ -101,4 +104,27 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("\"cached\"").count(), 22, "{out}");
+
+    // The team cache: pushed to a folder remote, a machine with an empty cache restores every
+    // stage instead of running it, the same results byte for byte.
+    let shared = tempfile::tempdir().unwrap();
+    let remote = format!("file://{}", shared.path().display());
+    let (code, _, err) = run(&["push", "pipeline.yaml", "--remote", &remote]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("pushed 22 result(s)"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_in(
+        empty.path(),
+        &["run", "pipeline.yaml", "--json", "--remote", &remote],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("\"restored\"").count(), 22, "{out}\n{err}");
+    let (_, a, _) = run(&["path", "export/model/model.safetensors"]);
+    let (_, b, _) = run_in(empty.path(), &["path", "export/model/model.safetensors"]);
+    assert_eq!(
+        std::fs::read(a.trim()).unwrap(),
+        std::fs::read(b.trim()).unwrap()
+    );
+    let (code, out, _) = run_in(empty.path(), &["cache", "verify"]);
+    assert_eq!(code, 0, "{out}");
 }

@@ -694,3 +694,34 @@ fn a_remote_named_in_the_user_config_is_used_by_default() {
         ]
     );
 }
+
+#[test]
+fn a_large_object_goes_up_in_parts_and_comes_back_in_ranges_byte_for_byte() {
+    let server = S3Server::start();
+    // 40 MiB + 3 bytes: above the multipart threshold, not a whole number of parts.
+    let text = format!(
+        "version: 1\n{}stages:\n  big:\n    kind: command\n    with:\n      run: head -c 41943043 /dev/urandom > ${{out}}/weights.bin\n",
+        server.remote_yaml("large")
+    );
+    let first = clone_with(&text);
+    let r = run(&first, &["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("pushed  1 result(s), 40.0 MiB"),
+        "{}",
+        r.stderr
+    );
+    let second = clone_with(&text);
+    let r = run(&second, &["run", "--json"]);
+    assert_eq!(
+        Project::outcomes(&r.stdout),
+        [("big".into(), "restored".into())],
+        "{}",
+        r.stderr
+    );
+    let a = std::fs::read(first.output("big").join("weights.bin")).unwrap();
+    let b = std::fs::read(second.output("big").join("weights.bin")).unwrap();
+    assert_eq!(a.len(), 41_943_043);
+    assert!(a == b, "the restored file differs");
+    assert_intact(&second);
+}

@@ -50,9 +50,9 @@ enum Command {
     /// Print where a stage's committed output (or a path inside it) is
     Path(path::PathArgs),
     /// Upload the stages' committed results to the team cache (all, or the named ones)
-    Push(remote::PushArgs),
+    Push(remote::TransferArgs),
     /// Restore the stages' results from the team cache without running anything
-    Pull(remote::PullArgs),
+    Pull(remote::TransferArgs),
     /// Inspect and maintain the cache
     #[command(subcommand)]
     Cache(cache::CacheCommand),

@@ -17,26 +17,14 @@ use crate::runner::report::Reporter;
 use crate::runner::{Engine, Upstream};
 use crate::spec::Override;
 
+/// `push` and `pull` take the same arguments.
 #[derive(Args)]
-pub struct PushArgs {
-    /// [PIPELINE] [STAGE…]: the pipeline file (default pipeline.yaml) and the stages to push
-    /// (default: every stage with a committed result)
+pub struct TransferArgs {
+    /// [PIPELINE] [STAGE…]: the pipeline file (default pipeline.yaml) and the stages to move
+    /// (default: every stage; to pull a stage its upstream results must be known)
     #[arg(value_name = "PIPELINE|STAGE")]
     words: Vec<String>,
-    /// Override a value (as for `run`), to push the results of that configuration
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<Override>,
-    #[command(flatten)]
-    remote: super::RemoteArgs,
-}
-
-#[derive(Args)]
-pub struct PullArgs {
-    /// [PIPELINE] [STAGE…]: the pipeline file (default pipeline.yaml) and the stages to pull
-    /// (default: every stage; a stage needs its upstream stages' results to be known)
-    #[arg(value_name = "PIPELINE|STAGE")]
-    words: Vec<String>,
-    /// Override a value (as for `run`), to pull the results of that configuration
+    /// Override a value (as for `run`), to move the results of that configuration
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<Override>,
     #[command(flatten)]
@@ -82,7 +70,7 @@ fn walk(
     }
 }
 
-pub fn push(args: PushArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
+pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     let (engine, remote, targets) =
         engine_with_remote(&args.words, &args.set, &args.remote, cache_dir)?;
     let _lock = engine.store.lock(false, || {
@@ -163,7 +151,7 @@ pub fn push(args: PushArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError>
     Ok(if failed > 0 { EXIT_STAGE_FAILED } else { 0 })
 }
 
-pub fn pull(args: PullArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
+pub fn pull(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     let (engine, remote, targets) =
         engine_with_remote(&args.words, &args.set, &args.remote, cache_dir)?;
     let _lock = engine.store.lock(false, || {

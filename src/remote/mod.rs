@@ -586,7 +586,16 @@ impl Inner {
                 }
             }
             _ => {
-                let mut stream = self.store.get(&key).await?.into_stream();
+                let got = self.store.get(&key).await.map_err(|e| match e {
+                    // Gone (a gc, a manual deletion): this result cannot come from here, the
+                    // remote itself is fine.
+                    object_store::Error::NotFound { .. } => RemoteError::Corrupt(format!(
+                        "object {} is missing on the remote",
+                        &digest[..12]
+                    )),
+                    e => e.into(),
+                })?;
+                let mut stream = got.into_stream();
                 while let Some(chunk) = stream.next().await {
                     let chunk: Bytes = chunk?;
                     hasher.update(&chunk);

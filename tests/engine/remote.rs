@@ -70,12 +70,18 @@ struct S3Server {
 
 impl S3Server {
     fn start() -> S3Server {
+        S3Server::start_with(&[])
+    }
+
+    /// With environment variables for moto (e.g. turning its credential checks on).
+    fn start_with(env: &[(&str, &str)]) -> S3Server {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tests/s3_server.py");
         let port = free_port();
         let mut child = Command::new(python())
             .arg(script)
             .arg(port.to_string())
             .arg("cache")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -353,23 +359,39 @@ fn a_server_that_is_down_gives_one_warning_and_a_local_run() {
     assert!(push.stderr.contains("failed"), "{}", push.stderr);
 }
 
-#[test]
-fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
-    let mut server = S3Server::start();
-    // 600 files of 16 KiB: the push takes a while.
+/// A pipeline whose `numbers` stage writes 600 files of 16 KiB (a push that takes a while)
+/// and then touches `pushed-soon`; returns the project and its running `run`.
+fn start_a_long_push(
+    remote: &str,
+    args: &[&str],
+    out: Stdio,
+    err: Stdio,
+) -> (Project, String, Child) {
     let text = pipeline(
-        &server.remote_yaml("killed"),
+        remote,
         "; for i in $(seq 1 600); do head -c 16384 /dev/urandom > ${out}/blob$i; done; touch pushed-soon",
     );
     let p = clone_with(&text);
     let child = p
-        .command(&["run", "--json", "-j", "1"])
+        .command(args)
         .envs(AWS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .unwrap();
     wait_for(&p.path().join("pushed-soon"), Duration::from_secs(60));
+    (p, text, child)
+}
+
+#[test]
+fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
+    let mut server = S3Server::start();
+    let (p, text, child) = start_a_long_push(
+        &server.remote_yaml("killed"),
+        &["run", "--json", "-j", "1"],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     server.kill();
     let r = wait_child(child);
@@ -404,19 +426,12 @@ fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
 #[test]
 fn a_client_killed_mid_push_never_leaves_a_record_without_its_objects() {
     let server = S3Server::start();
-    let text = pipeline(
+    let (_p, text, mut child) = start_a_long_push(
         &server.remote_yaml("client-killed"),
-        "; for i in $(seq 1 600); do head -c 16384 /dev/urandom > ${out}/blob$i; done; touch pushed-soon",
+        &["run", "-j", "1"],
+        Stdio::null(),
+        Stdio::null(),
     );
-    let p = clone_with(&text);
-    let mut child = p
-        .command(&["run", "-j", "1"])
-        .envs(AWS)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&p.path().join("pushed-soon"), Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(200));
     let _ = child.kill(); // SIGKILL: no clean-up at all
     let _ = child.wait();
@@ -456,8 +471,66 @@ fn a_flipped_byte_in_a_remote_object_is_caught_and_the_stage_runs_locally() {
     let mut bytes = std::fs::read(&object).unwrap();
     bytes[10] ^= 0x01;
     std::fs::write(&object, &bytes).unwrap();
+    a_clone_runs_numbers_and_restores_total(&text, &numbers);
+}
 
-    let second = clone_with(&text);
+#[test]
+fn a_flipped_byte_in_an_s3_object_is_caught_and_the_stage_runs_locally() {
+    let server = S3Server::start();
+    let text = pipeline(&server.remote_yaml("flipped"), "");
+    let first = clone_with(&text);
+    assert_eq!(run(&first, &["run"]).code, 0);
+    let numbers = std::fs::read(first.output("numbers").join("numbers.txt")).unwrap();
+    let digest = sha256_hex(&numbers);
+    // Rewritten on the server with one bit changed (boto3, as another client would).
+    let flip = format!(
+        "import boto3\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', region_name='us-east-1',\n\
+             aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+         key = 'flipped/objects-v1/{}/{}'\n\
+         b = bytearray(s3.get_object(Bucket='cache', Key=key)['Body'].read())\n\
+         b[10] ^= 1\n\
+         s3.put_object(Bucket='cache', Key=key, Body=bytes(b))\n",
+        server.port,
+        &digest[..2],
+        &digest[2..]
+    );
+    let status = Command::new(python()).args(["-c", &flip]).status().unwrap();
+    assert!(status.success());
+    a_clone_runs_numbers_and_restores_total(&text, &numbers);
+}
+
+#[test]
+fn refused_credentials_give_one_warning_and_a_local_run() {
+    // moto checks credentials after its first action (the bucket's creation); ours are unknown.
+    let server = S3Server::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")]);
+    let p = clone_with(&pipeline(&server.remote_yaml("auth"), ""));
+    let r = run(&p, &["run", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        Project::outcomes(&r.stdout),
+        [
+            ("numbers".into(), "ran".into()),
+            ("total".into(), "ran".into())
+        ]
+    );
+    assert_eq!(
+        r.stderr.matches("warning: remote").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("403"),
+        "the server's refusal is shown: {}",
+        r.stderr
+    );
+    assert_intact(&p);
+}
+
+/// A fresh clone: `numbers` (whose remote object is corrupt) runs, `total` is restored.
+fn a_clone_runs_numbers_and_restores_total(text: &str, numbers: &[u8]) {
+    let second = clone_with(text);
     let r = run(&second, &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(

@@ -33,8 +33,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, StringArray, UInt32Array};
-use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -43,12 +41,11 @@ use crate::api::{
 };
 use crate::features;
 use crate::ml::retrieval::{self, Matrix, Ranks};
-use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall};
-use crate::ml::student::{FeatureHeads, Rows, Student};
-use crate::ml::vocab::WordVocab;
+use crate::ml::scenes_small::PixelWordInputs;
+use crate::ml::student::{Rows, Student};
 use crate::teacher::Precision;
-use crate::train::config::Architecture;
 use crate::train::data;
+use crate::train::load::TrainedStudent;
 use crate::train::run::{Head, embed_rows, embed_split};
 
 /// `with:` of an eval stage.
@@ -155,13 +152,6 @@ struct Embedded {
 
 type Inference = burn::backend::NdArray<f32>;
 
-fn weights_error(dir: &Path, e: impl std::fmt::Display) -> StageError {
-    StageError::failed_with_hint(
-        format!("cannot load the weights in {}: {e}", dir.display()),
-        "`model:` must be a train stage's output (model.mpk + config.json)",
-    )
-}
-
 /// Embeds the split with the trained student in `dir`, on the CPU.
 fn embed_with_model(
     c: &EvalConfig,
@@ -169,23 +159,11 @@ fn embed_with_model(
     dataset: &Path,
     dir: &Path,
 ) -> Result<Embedded, StageError> {
-    let config: Value = std::fs::read(dir.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            StageError::failed_with_hint(
-                format!("{} has no readable config.json", dir.display()),
-                "`model:` must be a train stage's output",
-            )
-        })?;
-    let architecture: Architecture = serde_json::from_value(config["student"].clone())
-        .map_err(|e| weights_error(dir, format!("config.json: `student`: {e}")))?;
     let device = Default::default();
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let weights = dir.join("model");
+    let trained = crate::train::load::load::<Inference>(dir, &device)?;
     let mut sts_result = None;
-    let (split, ((images, captions, dim), uni_images)) = match architecture {
-        Architecture::FeatureHeads(shape) => {
+    let (split, ((images, captions, dim), uni_images)) = match trained.student {
+        TrainedStudent::FeatureHeads { shape, model } => {
             let (Some(fi), Some(ft)) = (&c.image_features, &c.text_features) else {
                 return Err(StageError::failed_with_hint(
                     format!(
@@ -221,9 +199,6 @@ fn embed_with_model(
                     "measure STS with a student that reads text (scenes-small), or drop `sts:`",
                 ));
             }
-            let model = FeatureHeads::<Inference>::new(shape, &device)
-                .load_file(weights, &recorder, &device)
-                .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
             let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
             (
@@ -231,11 +206,11 @@ fn embed_with_model(
                 (embedded, uni),
             )
         }
-        Architecture::ScenesSmall(shape) => {
-            let vocab: WordVocab = std::fs::read(dir.join("vocab.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| weights_error(dir, "no readable vocab.json"))?;
+        TrainedStudent::ScenesSmall {
+            shape,
+            model,
+            vocab,
+        } => {
             let root = c.images.as_deref().map(|p| ctx.resolve(p));
             let split = data::pixel_word_split(
                 dataset,
@@ -244,9 +219,6 @@ fn embed_with_model(
                 shape.image_size,
                 &vocab,
             )?;
-            let model = ScenesSmall::<Inference>::new(&shape, &device)
-                .load_file(weights, &recorder, &device)
-                .map_err(|e| weights_error(dir, e))?;
             let embedded = embed_split(&model, &split.inputs, &device);
             let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
             if let Some(sts) = &c.sts {

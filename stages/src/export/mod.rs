@@ -24,7 +24,6 @@ mod report;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -32,9 +31,7 @@ use serde_json::{Value, json};
 use crate::api::{
     Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
 };
-use crate::ml::scenes_small::ScenesSmall;
-use crate::ml::student::FeatureHeads;
-use crate::train::config::Architecture;
+use crate::train::load::TrainedStudent;
 
 /// One compared run.
 #[derive(Debug, Clone, Deserialize)]
@@ -188,36 +185,18 @@ fn read_run(r: &RunConfig, ctx: &StageContext<'_>) -> Result<Run, StageError> {
 /// Writes the weights in `dir` as safetensors at `path`, with the training config as metadata.
 fn write_safetensors(dir: &Path, config: &Value, path: &Path) -> Result<usize, StageError> {
     type B = burn::backend::NdArray<f32>;
-    let architecture: Architecture =
-        serde_json::from_value(config["student"].clone()).map_err(|e| {
-            StageError::failed(format!(
-                "{}: `student`: {e}",
-                dir.join("config.json").display()
-            ))
-        })?;
-    let device = Default::default();
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let weights = dir.join("model");
-    let bad = |e: &dyn std::fmt::Display| {
-        StageError::failed(format!("cannot load the weights in {}: {e}", dir.display()))
-    };
+    let trained = crate::train::load::load::<B>(dir, &Default::default())?;
     // PyTorch's layout, what other tools expect of safetensors: Linear weights [out, in],
     // LayerNorm `weight`/`bias`.
     let mut store = SafetensorsStore::from_file(path)
         .with_to_adapter(BurnToPyTorchAdapter)
         .metadata("config", config.to_string())
         .metadata("producer", "cusa-pipe");
-    let saved = match architecture {
-        Architecture::FeatureHeads(shape) => {
-            let model = FeatureHeads::<B>::new(shape, &device)
-                .load_file(weights, &recorder, &device)
-                .map_err(|e| bad(&e))?;
+    let saved = match trained.student {
+        TrainedStudent::FeatureHeads { model, .. } => {
             model.save_into(&mut store).map(|_| model.num_params())
         }
-        Architecture::ScenesSmall(shape) => {
-            let model = ScenesSmall::<B>::new(&shape, &device)
-                .load_file(weights, &recorder, &device)
-                .map_err(|e| bad(&e))?;
+        TrainedStudent::ScenesSmall { model, .. } => {
             model.save_into(&mut store).map(|_| model.num_params())
         }
     };

@@ -21,6 +21,7 @@
 pub mod bench;
 pub mod config;
 pub(crate) mod data;
+pub mod load;
 pub(crate) mod run;
 
 use serde_json::Value;

@@ -195,6 +195,11 @@ pub(crate) fn connect_remote(
     Ok(Some(std::sync::Arc::new(remote)))
 }
 
+/// The longest stage name, to align per-stage lines.
+pub(crate) fn name_width(p: &Pipeline) -> usize {
+    p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0)
+}
+
 /// Stage names → indices, or a usage error with a suggestion.
 pub(crate) fn stage_indices(p: &Pipeline, names: &[String]) -> Result<Vec<usize>, CliError> {
     let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();

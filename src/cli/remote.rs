@@ -82,13 +82,7 @@ pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
         targets.clone()
     };
     let order = engine.dag.closure(&wanted);
-    let width = engine
-        .pipeline
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = super::name_width(&engine.pipeline);
     let mut missing = 0;
     walk(&engine, &order, |i, a| {
         let name = &engine.pipeline.stages[i].name;
@@ -163,13 +157,7 @@ pub fn pull(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
     } else {
         engine.dag.closure(&targets)
     };
-    let width = engine
-        .pipeline
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = super::name_width(&engine.pipeline);
     let (mut pulled, mut local, mut absent, mut failed) = (0, 0, 0, 0);
     let (mut objects, mut bytes) = (0usize, 0u64);
     walk(&engine, &order, |i, a| {

@@ -70,13 +70,7 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         gpus: args.gpus.unwrap_or_else(detect_gpus),
         dry_run: args.dry_run,
     };
-    let width = engine
-        .pipeline
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(0);
+    let width = super::name_width(&engine.pipeline);
     let reporter = Arc::new(Reporter::new(width));
     let mut engine = engine;
     engine.remote = {

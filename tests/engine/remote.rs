@@ -159,6 +159,19 @@ fn transcript(p: &Project, args: &[&str]) -> String {
     render(args, &run(p, args), p.path())
 }
 
+/// The outcomes of `numbers` and `total` in a `run --json`.
+fn assert_outcomes(r: &Run, want: [&str; 2]) {
+    assert_eq!(
+        Project::outcomes(&r.stdout),
+        [
+            ("numbers".to_string(), want[0].to_string()),
+            ("total".to_string(), want[1].to_string())
+        ],
+        "{}",
+        r.stderr
+    );
+}
+
 fn executions(p: &Project) -> String {
     std::fs::read_to_string(p.path().join("executions.log")).unwrap_or_default()
 }
@@ -204,35 +217,17 @@ fn a_fresh_clone_restores_every_stage_from_s3_instead_of_running_it() {
     );
     // The restored records carry the original duration and log.
     let json = run(&second, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&json.stdout),
-        [
-            ("numbers".into(), "cached".into()),
-            ("total".into(), "cached".into())
-        ]
-    );
+    assert_outcomes(&json, ["cached", "cached"]);
     assert!(second.latest_log("numbers").contains("# committed output"));
     assert_intact(&second);
 
     // `--no-remote` runs locally; the JSON vocabulary says `restored` for a third clone.
     let third = clone_with(&text);
     let local = run(&third, &["run", "--no-remote", "--json"]);
-    assert_eq!(
-        Project::outcomes(&local.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&local, ["ran", "ran"]);
     let fourth = clone_with(&text);
     let restored = run(&fourth, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&restored.stdout),
-        [
-            ("numbers".into(), "restored".into()),
-            ("total".into(), "restored".into())
-        ]
-    );
+    assert_outcomes(&restored, ["restored", "restored"]);
     let v: serde_json::Value = serde_json::from_str(&restored.stdout).unwrap();
     assert!(
         v["stages"][0]["seconds"].as_f64().unwrap() >= 1.0,
@@ -269,13 +264,7 @@ fn push_and_pull_move_results_explicitly() {
     [exit 0]
     ");
     let again = run(&second, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&again.stdout),
-        [
-            ("numbers".into(), "cached".into()),
-            ("total".into(), "cached".into())
-        ]
-    );
+    assert_outcomes(&again, ["cached", "cached"]);
     assert_eq!(executions(&second), "");
     // A configuration nobody ran is missing, and its dependents cannot even be named.
     let third = clone_with(&text);
@@ -311,15 +300,7 @@ fn two_clones_pushing_the_same_stage_at_once_both_succeed_and_the_remote_stays_w
     }
     let fresh = clone_with(&text);
     let r = run(&fresh, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "restored".into()),
-            ("total".into(), "restored".into())
-        ],
-        "{}",
-        r.stderr
-    );
+    assert_outcomes(&r, ["restored", "restored"]);
     assert_intact(&fresh);
     assert_eq!(
         std::fs::read_to_string(fresh.output("total").join("total.txt")).unwrap(),
@@ -333,13 +314,7 @@ fn a_server_that_is_down_gives_one_warning_and_a_local_run() {
     let p = clone_with(&pipeline(&remote_yaml_on(port, "down"), ""));
     let r = run(&p, &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&r, ["ran", "ran"]);
     assert_eq!(
         r.stderr.matches("warning: remote").count(),
         1,
@@ -396,13 +371,7 @@ fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
     server.kill();
     let r = wait_child(child);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&r, ["ran", "ran"]);
     assert_eq!(
         r.stderr.matches("warning: remote").count(),
         1,
@@ -414,13 +383,7 @@ fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
     let q = clone_with(&text);
     let r = run(&q, &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&r, ["ran", "ran"]);
 }
 
 #[test]
@@ -507,13 +470,7 @@ fn refused_credentials_give_one_warning_and_a_local_run() {
     let p = clone_with(&pipeline(&server.remote_yaml("auth"), ""));
     let r = run(&p, &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&r, ["ran", "ran"]);
     assert_eq!(
         r.stderr.matches("warning: remote").count(),
         1,
@@ -533,15 +490,7 @@ fn a_clone_runs_numbers_and_restores_total(text: &str, numbers: &[u8]) {
     let second = clone_with(text);
     let r = run(&second, &["run", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "restored".into())
-        ],
-        "{}",
-        r.stderr
-    );
+    assert_outcomes(&r, ["ran", "restored"]);
     assert!(
         r.stderr.contains("does not match its digest"),
         "the corrupt object is named: {}",
@@ -589,14 +538,8 @@ fn remote_gc_keeps_the_current_results_and_what_a_concurrent_push_just_wrote() {
     );
     let check = clone_with(&text);
     let r = run(&check, &["run", "--set", "params.n=2000", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "restored".into()),
-            ("total".into(), "restored".into())
-        ],
-        "a dry run deletes nothing"
-    );
+    // A dry run deletes nothing.
+    assert_outcomes(&r, ["restored", "restored"]);
 
     // The last runs that pushed are roots: n=2000 was pushed by the newest run.
     let kept = run(
@@ -643,22 +586,10 @@ fn remote_gc_keeps_the_current_results_and_what_a_concurrent_push_just_wrote() {
     assert!(old.stdout.contains("deleted 3 result(s)"), "{}", old.stdout);
     let current = clone_with(&text);
     let r = run(&current, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "restored".into()),
-            ("total".into(), "restored".into())
-        ]
-    );
+    assert_outcomes(&r, ["restored", "restored"]);
     let gone = clone_with(&text);
     let r = run(&gone, &["run", "--set", "params.n=2000", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ]
-    );
+    assert_outcomes(&r, ["ran", "ran"]);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
 }
 
@@ -748,24 +679,12 @@ fn a_remote_named_in_the_user_config_is_used_by_default() {
     let second = clone_with(&text);
     second.write(".cusa-pipe-user.yaml", &user.replace("default: team\n", ""));
     let r = run(&second, &["run", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "ran".into()),
-            ("total".into(), "ran".into())
-        ],
-        "no default, no remote"
-    );
+    // No default, no remote.
+    assert_outcomes(&r, ["ran", "ran"]);
     let third = clone_with(&text);
     third.write(".cusa-pipe-user.yaml", &user.replace("default: team\n", ""));
     let r = run(&third, &["run", "--remote", "team", "--json"]);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [
-            ("numbers".into(), "restored".into()),
-            ("total".into(), "restored".into())
-        ]
-    );
+    assert_outcomes(&r, ["restored", "restored"]);
 }
 
 #[test]

@@ -243,39 +243,41 @@ fn remote_gc(a: RemoteGc) -> Result<i32, CliError> {
     // The pipeline's current keys: from local results, else from the remote's records (so a
     // machine without the results still computes downstream keys).
     let mut fingerprints = BTreeSet::new();
-    let mut ups = std::collections::HashMap::new();
-    for &i in &engine.dag.order {
-        let up = match engine.assess(i, &ups, false) {
-            Ok(a) => match (a.fresh, a.fingerprint) {
-                (Some(c), _) => {
-                    fingerprints.insert(c.fingerprint.clone());
-                    crate::runner::Upstream::Done(c)
+    let mut failure = None;
+    super::remote::walk(&engine, &engine.dag.order, |_, a| {
+        use crate::runner::Upstream;
+        match (&a.fresh, &a.fingerprint) {
+            (Some(c), _) => {
+                fingerprints.insert(c.fingerprint.clone());
+                Upstream::Done(c.clone())
+            }
+            (None, Some(fp)) => {
+                fingerprints.insert(fp.clone());
+                if failure.is_some() {
+                    return Upstream::Pending;
                 }
-                (None, Some(fp)) => {
-                    fingerprints.insert(fp.clone());
-                    match remote.remote_result(&fp) {
-                        Ok(Some((record, manifest))) => {
-                            crate::runner::Upstream::Done(crate::runner::Committed {
-                                fingerprint: fp,
-                                digest: record.output,
-                                dir: PathBuf::new(),
-                                manifest: std::sync::Arc::new(manifest),
-                            })
-                        }
-                        Ok(None) => crate::runner::Upstream::Pending,
-                        Err(e) => {
-                            return Err(CliError::Other(anyhow::anyhow!(
-                                "{}: {e}",
-                                remote.describe()
-                            )));
-                        }
+                match remote.remote_result(fp) {
+                    Ok(Some((record, manifest))) => Upstream::Done(crate::runner::Committed {
+                        fingerprint: fp.clone(),
+                        digest: record.output,
+                        dir: PathBuf::new(),
+                        manifest: std::sync::Arc::new(manifest),
+                    }),
+                    Ok(None) => Upstream::Pending,
+                    Err(e) => {
+                        failure = Some(e);
+                        Upstream::Pending
                     }
                 }
-                (None, None) => crate::runner::Upstream::Pending,
-            },
-            Err(_) => crate::runner::Upstream::Broken,
-        };
-        ups.insert(engine.pipeline.stages[i].name.clone(), up);
+            }
+            (None, None) => Upstream::Pending,
+        }
+    });
+    if let Some(e) = failure {
+        return Err(CliError::Other(anyhow::anyhow!(
+            "{}: {e}",
+            remote.describe()
+        )));
     }
     let roots = crate::remote::gc::GcRoots {
         fingerprints,

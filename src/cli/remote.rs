@@ -53,8 +53,8 @@ fn engine_with_remote(
 }
 
 /// Walks the stages in order, as `status` does, calling `visit` with each stage's assessment.
-/// `visit` returns what dependents see.
-fn walk(
+/// `visit` returns what dependents see (push, pull, and the roots of `cache gc --remote`).
+pub(super) fn walk(
     engine: &Engine,
     order: &[usize],
     mut visit: impl FnMut(usize, &crate::runner::Assessment) -> Upstream,

@@ -172,6 +172,18 @@ fn assert_outcomes(r: &Run, want: [&str; 2]) {
     );
 }
 
+/// A run that succeeded without the remote: both stages ran, after exactly one warning.
+fn assert_ran_locally_after_one_warning(r: &Run) {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_outcomes(r, ["ran", "ran"]);
+    assert_eq!(
+        r.stderr.matches("warning: remote").count(),
+        1,
+        "one warning, then the remote is left alone: {}",
+        r.stderr
+    );
+}
+
 fn executions(p: &Project) -> String {
     std::fs::read_to_string(p.path().join("executions.log")).unwrap_or_default()
 }
@@ -313,14 +325,7 @@ fn a_server_that_is_down_gives_one_warning_and_a_local_run() {
     let port = free_port(); // nothing listens there
     let p = clone_with(&pipeline(&remote_yaml_on(port, "down"), ""));
     let r = run(&p, &["run", "--json"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_outcomes(&r, ["ran", "ran"]);
-    assert_eq!(
-        r.stderr.matches("warning: remote").count(),
-        1,
-        "one warning, then the remote is left alone: {}",
-        r.stderr
-    );
+    assert_ran_locally_after_one_warning(&r);
     assert!(
         r.stderr
             .contains("going on without it (stages run locally)"),
@@ -370,14 +375,7 @@ fn a_server_killed_mid_push_leaves_the_run_successful_and_the_cache_intact() {
     std::thread::sleep(Duration::from_millis(300));
     server.kill();
     let r = wait_child(child);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_outcomes(&r, ["ran", "ran"]);
-    assert_eq!(
-        r.stderr.matches("warning: remote").count(),
-        1,
-        "{}",
-        r.stderr
-    );
+    assert_ran_locally_after_one_warning(&r);
     assert_intact(&p);
     // A later clone against the dead server runs locally too.
     let q = clone_with(&text);
@@ -469,14 +467,7 @@ fn refused_credentials_give_one_warning_and_a_local_run() {
     let server = S3Server::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")]);
     let p = clone_with(&pipeline(&server.remote_yaml("auth"), ""));
     let r = run(&p, &["run", "--json"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_outcomes(&r, ["ran", "ran"]);
-    assert_eq!(
-        r.stderr.matches("warning: remote").count(),
-        1,
-        "{}",
-        r.stderr
-    );
+    assert_ran_locally_after_one_warning(&r);
     assert!(
         r.stderr.contains("403"),
         "the server's refusal is shown: {}",

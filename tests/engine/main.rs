@@ -5,6 +5,7 @@
 //! from `--json` output or from files the stages write.
 
 mod cache_cmds;
+mod clip;
 mod crash;
 mod dataset;
 mod download;

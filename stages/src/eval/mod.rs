@@ -40,6 +40,7 @@ use crate::api::{
     Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
 };
 use crate::features;
+use crate::ml::clip::ClipInputs;
 use crate::ml::retrieval::{self, Matrix, Ranks};
 use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::{Rows, Student};
@@ -232,6 +233,49 @@ fn embed_with_model(
                     pixels: Vec::new(),
                     size: shape.image_size,
                     words,
+                };
+                sts_result = Some(measure_sts(&model, &sentences, &pairs, &device, &path));
+            }
+            (
+                (split.image_ids, split.caption_ids, split.image_of),
+                (embedded, uni),
+            )
+        }
+        TrainedStudent::Clip {
+            shape,
+            model,
+            tokenizer,
+        } => {
+            let root = c.images.as_deref().map(|p| ctx.resolve(p));
+            let context = shape.clip.text.context;
+            let (split, cut) = data::clip_split(
+                dataset,
+                root.as_deref(),
+                &c.split,
+                shape.clip.vision.image_size,
+                &tokenizer,
+                context,
+            )?;
+            if cut > 0 {
+                ctx.log.line(format!(
+                    "{cut} captions of split `{}` cut to CLIP's {context} tokens",
+                    c.split
+                ));
+            }
+            let embedded = embed_split(&model, &split.inputs, &device);
+            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
+            if let Some(sts) = &c.sts {
+                let path = ctx.resolve(sts);
+                let pairs = read_sts(&path)?;
+                let tokens = pairs
+                    .iter()
+                    .flat_map(|(a, b, _)| [a, b])
+                    .map(|t| tokenizer.encode(t, context).0)
+                    .collect();
+                let sentences = ClipInputs {
+                    pixels: Vec::new(),
+                    size: shape.clip.vision.image_size,
+                    tokens,
                 };
                 sts_result = Some(measure_sts(&model, &sentences, &pairs, &device, &path));
             }

@@ -10,6 +10,7 @@
 //! | `model/model.safetensors`         | the chosen weights, PyTorch layout (Linear `[out, in]`, LayerNorm `weight`/`bias`), names = module paths, the training config in the metadata |
 //! | `model/config.json`               | the training config (architecture, losses, best epoch) |
 //! | `model/vocab.json`                | the word vocabulary, for students that read words      |
+//! | `model/` for a `clip` student     | the Hugging Face layout instead: `model.safetensors` (transformers' CLIPModel names), `config.json` (CLIPConfig), `merges.txt` + `vocab.json` (CLIPTokenizer), `heads.safetensors` (the method's heads), `training.json` (the training config) |
 //! | `model/metrics.json`, `log.jsonl` | its validation record and per-epoch log                |
 //! | `galleries/{image,caption}_embeddings.{arrow,parquet}` | the test embeddings of the chosen model |
 //! | `report.html`                     | one self-contained page (no network): choice, metrics with deltas, curves, example retrievals |
@@ -199,8 +200,62 @@ fn write_safetensors(dir: &Path, config: &Value, path: &Path) -> Result<usize, S
         TrainedStudent::ScenesSmall { model, .. } => {
             model.save_into(&mut store).map(|_| model.num_params())
         }
+        TrainedStudent::Clip {
+            shape,
+            model,
+            tokenizer,
+        } => {
+            return write_clip(&shape, &model, &tokenizer, config, path);
+        }
     };
     saved.map_err(|e| StageError::failed(format!("writing {}: {e}", path.display())))
+}
+
+/// A fine-tuned CLIP in the Hugging Face layout beside `path` (`model.safetensors` with
+/// transformers' names, its `config.json`, the tokenizer's `merges.txt` + `vocab.json`), and the
+/// heads of the method in `heads.safetensors` (PyTorch layout: `image_heads.cross.norm.weight`,
+/// …; the retrieval embedding is `cross.linear(cross.norm(get_image_features(x)))`).
+fn write_clip(
+    shape: &crate::ml::clip::ClipStudentShape,
+    model: &crate::ml::clip::ClipStudent<burn::backend::NdArray<f32>>,
+    tokenizer: &crate::ml::clip::tokenizer::ClipTokenizer,
+    config: &Value,
+    path: &Path,
+) -> Result<usize, StageError> {
+    use crate::ml::clip::weights::{pytorch_tensors, write_safetensors};
+    type B = burn::backend::NdArray<f32>;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let failed =
+        |what: &Path, e: String| StageError::failed(format!("writing {}: {e}", what.display()));
+    let metadata = |extra: Option<&Value>| {
+        let mut m = std::collections::HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("producer".to_string(), "cusa-pipe".to_string()),
+        ]);
+        if let Some(c) = extra {
+            m.insert("training".into(), c.to_string());
+        }
+        Some(m)
+    };
+    let clip = pytorch_tensors::<B, _>(&model.clip, "").map_err(|e| failed(path, e))?;
+    write_safetensors(path, &clip, metadata(Some(config))).map_err(|e| failed(path, e))?;
+    let mut heads =
+        pytorch_tensors::<B, _>(&model.image_heads, "image_heads.").map_err(|e| failed(path, e))?;
+    heads.extend(
+        pytorch_tensors::<B, _>(&model.text_heads, "text_heads.").map_err(|e| failed(path, e))?,
+    );
+    let heads_path = dir.join("heads.safetensors");
+    write_safetensors(&heads_path, &heads, metadata(None)).map_err(|e| failed(&heads_path, e))?;
+    let hf_config = dir.join("config.json");
+    std::fs::write(
+        &hf_config,
+        serde_json::to_string_pretty(&shape.clip.to_hf_config()).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| StageError::io(format!("writing {}", hf_config.display()), e))?;
+    tokenizer
+        .write_hf(dir)
+        .map_err(|e| StageError::io("writing the tokenizer files", e))?;
+    Ok(clip.iter().chain(&heads).map(|(_, _, d)| d.len()).sum())
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
@@ -276,10 +331,18 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         &best.config,
         &model_out.join("model.safetensors"),
     )?;
+    // A CLIP export is in the Hugging Face layout: config.json and vocab.json are
+    // transformers' there, and the training record goes beside them as training.json.
+    let hf_layout = best.config["student"]["kind"] == "clip";
     for f in ["config.json", "metrics.json", "log.jsonl", "vocab.json"] {
         let from = best.model_dir.join(f);
+        let to = match f {
+            "config.json" if hf_layout => model_out.join("training.json"),
+            "vocab.json" if hf_layout => continue,
+            _ => model_out.join(f),
+        };
         if from.exists() {
-            copy(&from, &model_out.join(f))?;
+            copy(&from, &to)?;
         }
     }
     for g in ["image_embeddings", "caption_embeddings"] {

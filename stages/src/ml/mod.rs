@@ -5,6 +5,7 @@
 //! Everything here is generic over a burn [`Backend`](burn::tensor::backend::Backend) and knows
 //! nothing about pipelines, files or the cache.
 
+pub mod clip;
 pub mod loss;
 pub mod optim;
 pub mod retrieval;

@@ -68,6 +68,45 @@ fn default_val_split() -> String {
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     CusaReference,
+    /// `cusa-reference` plus the released CLIP fine-tuning recipe as defaults: AdamW lr 1e-5,
+    /// cosine to 1e-6, weight decay 1e-4, batch 128, 30 epochs (COCO; Flickr30K used 40).
+    CusaClip,
+}
+
+impl Preset {
+    /// The `with:` keys this preset gives when the stage does not.
+    pub fn defaults(self) -> &'static [(&'static str, f64)] {
+        match self {
+            Self::CusaReference => &[],
+            Self::CusaClip => &[
+                ("lr", 1e-5),
+                ("lr_min", 1e-6),
+                ("weight_decay", 1e-4),
+                ("batch_size", 128.0),
+                ("epochs", 30.0),
+            ],
+        }
+    }
+}
+
+/// `with` with the defaults of its `preset:` filled in where the stage gives none.
+pub fn with_preset_defaults(with: &serde_json::Value) -> serde_json::Value {
+    let mut with = with.clone();
+    let preset = with
+        .get("preset")
+        .cloned()
+        .and_then(|p| serde_json::from_value::<Preset>(p).ok());
+    if let (Some(p), Some(map)) = (preset, with.as_object_mut()) {
+        for (key, value) in p.defaults() {
+            let v = if value.fract() == 0.0 && *value >= 1.0 {
+                serde_json::Value::from(*value as u64)
+            } else {
+                serde_json::Value::from(*value)
+            };
+            map.entry(key.to_string()).or_insert(v);
+        }
+    }
+    with
 }
 
 /// The student architecture.
@@ -111,6 +150,24 @@ pub enum StudentConfig {
         min_count: usize,
         #[serde(default = "default_dim")]
         dim: usize,
+    },
+    /// CLIP (OpenAI's architecture) from pretrained weights, fine-tuned whole, with the heads
+    /// on its projected outputs.
+    Clip {
+        /// A Hugging Face CLIPModel folder (`model.safetensors` + `config.json`) or a
+        /// `.safetensors` file in the Hugging Face or open_clip layout.
+        weights: String,
+        /// The BPE merges: OpenAI's `bpe_simple_vocab_16e6.txt.gz`, a `merges.txt`, or a folder
+        /// with `merges.txt` (+ `vocab.json`) [default: the `weights` folder].
+        tokenizer: Option<String>,
+        /// Where the image paths are relative to, when the dataset was imported with `images:`.
+        images: Option<String>,
+        /// Attention heads of both towers, for checkpoints without a config.json whose widths
+        /// are not 64 per head.
+        heads: Option<usize>,
+        /// `quick_gelu` (OpenAI) or `gelu` (many open_clip models), for checkpoints without a
+        /// config.json [default: quick_gelu].
+        activation: Option<crate::ml::clip::shape::Activation>,
     },
 }
 
@@ -264,6 +321,9 @@ impl TrainConfig {
                 ));
             }
         }
+        if let StudentConfig::Clip { heads: Some(0), .. } = &self.student {
+            return Err(ConfigError::new("student.heads", "must be at least 1"));
+        }
         if let Some(c) = self.loss.csa
             && (c.alpha.is_nan() || c.alpha < 0.0)
         {
@@ -279,14 +339,13 @@ impl TrainConfig {
 
     pub fn reduction(&self) -> Reduction {
         self.loss.reduction.unwrap_or(match self.preset {
-            Some(Preset::CusaReference) => Reduction::Reference,
+            Some(Preset::CusaReference | Preset::CusaClip) => Reduction::Reference,
             None => Reduction::Mean,
         })
     }
 
     pub fn decay_temperatures(&self) -> bool {
-        self.decay_temperatures
-            .unwrap_or(self.preset == Some(Preset::CusaReference))
+        self.decay_temperatures.unwrap_or(self.preset.is_some())
     }
 
     pub fn lr_min(&self) -> f64 {
@@ -300,6 +359,7 @@ impl TrainConfig {
 pub enum Architecture {
     FeatureHeads(crate::ml::student::FeatureHeadsShape),
     ScenesSmall(crate::ml::scenes_small::ScenesSmallShape),
+    Clip(crate::ml::clip::ClipStudentShape),
 }
 
 /// What was trained, saved as `config.json` beside the weights (burn `Config`): enough to

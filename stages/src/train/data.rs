@@ -10,6 +10,8 @@ use rayon::prelude::*;
 use crate::api::{StageContext, StageError};
 use crate::dataset::read::CaptionRow;
 use crate::features::{self, Features};
+use crate::ml::clip::ClipInputs;
+use crate::ml::clip::tokenizer::ClipTokenizer;
 use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::FeatureInputs;
 pub use crate::ml::student::Rows;
@@ -196,6 +198,54 @@ pub fn pixel_word_split(
         size,
         words,
     }))
+}
+
+/// A split with CLIP-preprocessed pictures (bicubic resize of the shortest side, centre crop,
+/// 8-bit; normalised per batch) and CLIP token ids as the student's inputs (`clip`). Returns
+/// how many captions were cut to the context.
+pub fn clip_split(
+    dataset: &Path,
+    images_root: Option<&Path>,
+    name: &str,
+    size: usize,
+    tokenizer: &ClipTokenizer,
+    context: usize,
+) -> Result<(Split<ClipInputs>, usize), StageError> {
+    use crate::teacher::preprocess::{self, Preprocess, Resize};
+    let l = listing(dataset, name)?;
+    let root = crate::dataset::read::image_root(dataset, images_root.map(Path::to_path_buf))?;
+    let mut prep = Preprocess::preset("clip").expect("a named preset");
+    prep.resize = Resize::Shortest(size as u32);
+    prep.crop = Some(size as u32);
+    let planes: Vec<Vec<u8>> = l
+        .images
+        .par_iter()
+        .map(|(id, rel)| {
+            let path = root.join(rel);
+            let img = preprocess::decode(&path).map_err(|e| {
+                StageError::failed_with_hint(
+                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
+                    "run the dataset stage with `verify_images: true` to find unreadable images",
+                )
+            })?;
+            Ok(prep.pixels(&img).into_raw())
+        })
+        .collect::<Result<_, StageError>>()?;
+    let encoded: Vec<(Vec<u32>, bool)> = l
+        .captions
+        .par_iter()
+        .map(|c| tokenizer.encode(&c.text, context))
+        .collect();
+    let truncated = encoded.iter().filter(|(_, cut)| *cut).count();
+    let tokens = encoded.into_iter().map(|(ids, _)| ids).collect();
+    Ok((
+        l.into_split(ClipInputs {
+            pixels: planes.concat(),
+            size,
+            tokens,
+        }),
+        truncated,
+    ))
 }
 
 /// The soft labels of a softlabel stage's output, checked to be made for `train`.

@@ -1,5 +1,6 @@
 //! Reading a trained student back from a train stage's output tree (`config.json` with the
-//! architecture, `model.mpk`, `vocab.json` for students that read words).
+//! architecture, `model.mpk`, `vocab.json` for students that read words, `merges.txt` +
+//! `vocab.json` for CLIP).
 //!
 //! One place for every reader (eval embeds with it, export converts it), so a new student kind
 //! is taught to all of them at once. Errors name the folder and say what `model:` must be.
@@ -12,6 +13,8 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use serde_json::Value;
 
 use crate::api::StageError;
+use crate::ml::clip::tokenizer::ClipTokenizer;
+use crate::ml::clip::{ClipStudent, ClipStudentShape};
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
 use crate::ml::vocab::WordVocab;
@@ -29,6 +32,11 @@ pub enum TrainedStudent<B: Backend> {
         shape: ScenesSmallShape,
         model: ScenesSmall<B>,
         vocab: WordVocab,
+    },
+    Clip {
+        shape: ClipStudentShape,
+        model: ClipStudent<B>,
+        tokenizer: ClipTokenizer,
     },
 }
 
@@ -79,6 +87,16 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Trained<B>, St
                     .map_err(|e| weights_error(dir, e))?,
                 shape,
                 vocab,
+            }
+        }
+        Architecture::Clip(shape) => {
+            let tokenizer = ClipTokenizer::from_path(dir).map_err(|e| weights_error(dir, e))?;
+            TrainedStudent::Clip {
+                model: ClipStudent::<B>::empty(&shape, device)
+                    .load_file(weights, &recorder, device)
+                    .map_err(|e| weights_error(dir, e))?,
+                shape,
+                tokenizer,
             }
         }
     };

@@ -44,13 +44,14 @@ impl StageKind for TrainKind {
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: TrainConfig = parse_config(with)?;
+        let c: TrainConfig = parse_config(&config::with_preset_defaults(with))?;
         c.validate()?;
         Ok(Checked::default())
     }
 
     fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: TrainConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+        let c: TrainConfig = parse_config(&config::with_preset_defaults(with))
+            .map_err(|e| StageError::failed(e.message))?;
         run::train(&c, ctx)
     }
 }

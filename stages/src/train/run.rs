@@ -415,6 +415,106 @@ fn train_on<B: AutodiffBackend>(
                 backend,
             )
         }
+        StudentConfig::Clip {
+            weights,
+            tokenizer,
+            images,
+            heads,
+            activation,
+        } => {
+            let dataset = ctx.resolve(&c.dataset);
+            let root = images.as_deref().map(|p| ctx.resolve(p));
+            let weights_path = ctx.resolve(weights);
+            let tokenizer_path = match tokenizer {
+                Some(t) => ctx.resolve(t),
+                None if weights_path.is_dir() => weights_path.clone(),
+                None => weights_path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            let pretrained = crate::ml::clip::pretrained::<B>(
+                &weights_path,
+                &tokenizer_path,
+                *heads,
+                *activation,
+                &device,
+            )
+            .map_err(|e| {
+                StageError::failed_with_hint(
+                    e,
+                    "`student.weights:` takes a Hugging Face CLIPModel folder or a CLIP .safetensors file (Hugging Face or open_clip names); `student.tokenizer:` its merges (bpe_simple_vocab_16e6.txt.gz or merges.txt)",
+                )
+            })?;
+            let s = pretrained.shape;
+            let size = s.vision.image_size;
+            let (train, cut_train) = data::clip_split(
+                &dataset,
+                root.as_deref(),
+                &c.split,
+                size,
+                &pretrained.tokenizer,
+                s.text.context,
+            )?;
+            let (val, cut_val) = data::clip_split(
+                &dataset,
+                root.as_deref(),
+                &c.val_split,
+                size,
+                &pretrained.tokenizer,
+                s.text.context,
+            )?;
+            let data = data::with_soft_labels(
+                ctx,
+                &dataset,
+                train,
+                val,
+                &c.split,
+                c.softlabels.as_deref(),
+            )?;
+            ctx.log.line(format!(
+                "student clip ({} weights): ViT {}×{} ({} heads, patch {}, {} px) + text {}×{} ({} heads, {} tokens), embed {}{}",
+                pretrained.layout,
+                s.vision.tower.layers,
+                s.vision.tower.width,
+                s.vision.tower.heads,
+                s.vision.patch_size,
+                size,
+                s.text.tower.layers,
+                s.text.tower.width,
+                s.text.tower.heads,
+                s.text.context,
+                s.embed_dim,
+                if uni_heads { ", uni heads" } else { "" }
+            ));
+            let mut summary_notes = Vec::new();
+            if cut_train + cut_val > 0 {
+                let note = format!(
+                    "{cut_train} training and {cut_val} validation captions cut to CLIP's {} tokens",
+                    s.text.context
+                );
+                ctx.log.line(&note);
+                summary_notes.push(note);
+            }
+            pretrained
+                .tokenizer
+                .write_hf(ctx.out_dir)
+                .map_err(|e| StageError::io("writing the tokenizer files", e))?;
+            let shape = crate::ml::clip::ClipStudentShape { clip: s, uni_heads };
+            let init_shape = shape.clone();
+            let clip = pretrained.clip;
+            let mut summary = fit::<B, crate::ml::clip::ClipStudent<B>>(
+                c,
+                ctx,
+                &data,
+                move |d| crate::ml::clip::ClipStudent::new(clip, &init_shape, d),
+                Architecture::Clip(shape),
+                device,
+                backend,
+            )?;
+            summary.notes.extend(summary_notes);
+            Ok(summary)
+        }
     }
 }
 

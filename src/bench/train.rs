@@ -2,11 +2,13 @@
 //! batches (teacher vectors precomputed, the paper's setting for its +4.5 % figure), and
 //! training throughput in pairs/s, on the CPU backend (burn ndarray): once with a
 //! `feature-heads` student (a tiny MLP: the loss terms dominate the step) and once with the
-//! `scenes-small` CNN + transformer trained from pixels and words.
+//! `scenes-small` CNN + transformer trained from pixels and words, and once with a `clip`
+//! student of the tiny test shape (both towers fine-tuned; ViT-B/32 figures need a GPU).
 
+use cusa_stages::ml::clip::shape::{Activation, ClipShape, TextShape, Tower, VisionShape};
 use cusa_stages::ml::scenes_small::ScenesSmallShape;
 use cusa_stages::train::bench::{
-    StepFigure, feature_heads_step_times_cpu, scenes_small_step_times_cpu,
+    StepFigure, clip_step_times_cpu, feature_heads_step_times_cpu, scenes_small_step_times_cpu,
 };
 
 fn table(figures: &[StepFigure]) {
@@ -62,6 +64,30 @@ pub fn train(batch: usize, steps: usize) -> anyhow::Result<i32> {
         (steps / 4).max(3),
         2,
     ));
+    let tower = |width, mlp| Tower {
+        width,
+        layers: 2,
+        heads: 4,
+        mlp,
+        activation: Activation::QuickGelu,
+    };
+    let clip = ClipShape {
+        vision: VisionShape {
+            tower: tower(80, 160),
+            image_size: 32,
+            patch_size: 8,
+        },
+        text: TextShape {
+            tower: tower(64, 128),
+            vocab: 1024,
+            context: 77,
+        },
+        embed_dim: 48,
+    };
+    println!(
+        "\nclip student, the tiny test shape (ViT 2×80 patch 8 at 32 px, text 2×64 over 14 tokens, embed 48; tests/fixtures/clip-tiny):"
+    );
+    table(&clip_step_times_cpu(batch, &clip, (steps / 4).max(3), 2));
     println!("\ngoal: +cusa ≤ +5 % over base (the paper: +4.5 % with both teachers precomputed)");
     Ok(0)
 }

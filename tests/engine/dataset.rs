@@ -495,7 +495,7 @@ fn eccv_caption_positives_are_mapped_onto_the_test_split() {
 }
 
 /// A zip archive of (name, bytes) entries.
-fn zip_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn zip_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
     use std::io::Write;
     let mut buf = std::io::Cursor::new(Vec::new());
     {

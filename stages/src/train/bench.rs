@@ -1,6 +1,7 @@
 //! Step time of the loss variants on the same batches (teacher vectors precomputed), for
 //! `cusa-pipe bench train`: the overhead of CSA/USA over the base loss, and throughput, with a
-//! `feature-heads` student (the loss dominates) and a `scenes-small` one (a trained backbone).
+//! `feature-heads` student (the loss dominates), a `scenes-small` one (a trained backbone) and
+//! a `clip` one (both CLIP towers fine-tuned).
 
 use std::time::Instant;
 
@@ -9,6 +10,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::config::{BaseLoss, CsaConfig, LossConfig, UsaConfig};
 use super::run::{StepBatch, step_once};
+use crate::ml::clip::shape::ClipShape;
+use crate::ml::clip::{ClipInputs, ClipStudent, ClipStudentShape};
 use crate::ml::loss::Reduction;
 use crate::ml::optim::GroupedAdamW;
 use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall, ScenesSmallShape};
@@ -222,6 +225,56 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
         )
     };
     time_variants(device, batch, student, &inputs, steps, warmup)
+}
+
+/// The variants with a `clip` student of `shape` (random weights: the step time does not depend
+/// on their values), captions of 12 BPE tokens between start and end of text.
+pub fn clip_step_times<B: AutodiffBackend>(
+    device: &B::Device,
+    batch: usize,
+    shape: &ClipShape,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    let side = shape.vision.image_size;
+    let vocab = shape.text.vocab;
+    let inputs: Vec<ClipInputs> = (0..4u64)
+        .map(|k| ClipInputs {
+            pixels: rows(batch, 3 * side * side, 59 + k)
+                .iter()
+                .map(|x| ((x * 40.0 + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
+                .collect(),
+            size: side,
+            tokens: (0..batch)
+                .map(|i| {
+                    let mut t = vec![(vocab - 2) as u32];
+                    t.extend((0..12).map(|w| ((i * 31 + w * 7 + k as usize) % (vocab - 2)) as u32));
+                    t.push((vocab - 1) as u32);
+                    t
+                })
+                .collect(),
+        })
+        .collect();
+    let student = |uni_heads| {
+        ClipStudent::<B>::empty(
+            &ClipStudentShape {
+                clip: *shape,
+                uni_heads,
+            },
+            device,
+        )
+    };
+    time_variants(device, batch, student, &inputs, steps, warmup)
+}
+
+/// [`clip_step_times`] on the CPU, instantiated here (see [`feature_heads_step_times_cpu`]).
+pub fn clip_step_times_cpu(
+    batch: usize,
+    shape: &ClipShape,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    clip_step_times::<Cpu>(&Default::default(), batch, shape, steps, warmup)
 }
 
 /// The CPU backend the benchmarks run on.

@@ -214,7 +214,12 @@ impl ClipShape {
                 ));
             }
         }
-        if self.vision.patch_size == 0 || self.vision.image_size % self.vision.patch_size != 0 {
+        if self.vision.patch_size == 0
+            || !self
+                .vision
+                .image_size
+                .is_multiple_of(self.vision.patch_size)
+        {
             return Err(format!(
                 "vision: patches of {} px do not tile {} px images",
                 self.vision.patch_size, self.vision.image_size

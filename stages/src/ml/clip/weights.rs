@@ -518,11 +518,14 @@ impl ModuleAdapter for ClipAdapter {
     }
 }
 
+/// A float32 tensor to write: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The tensors of `module` under PyTorch names and layouts (`prefix` + module path), float32.
 pub fn pytorch_tensors<B: Backend, M: ModuleSnapshot<B>>(
     module: &M,
     prefix: &str,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+) -> Result<Vec<NamedTensor>, String> {
     module
         .collect(None, Some(Box::new(ClipAdapter::to_pytorch())), false)
         .into_iter()
@@ -546,7 +549,7 @@ pub fn pytorch_tensors<B: Backend, M: ModuleSnapshot<B>>(
 /// Writes `tensors` as a safetensors file (names sorted, float32), with `metadata`.
 pub fn write_safetensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[NamedTensor],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<(), String> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors

@@ -63,7 +63,8 @@ clip_cusa:
     loss: {csa: {alpha: 0.1}, usa: {beta: 0.5}}
     preset: cusa-clip
     epochs: 2
-    batch_size: 32
+    batch_size: 16
+    accumulate: 2
     lr: 0.0001
 clip_eval:
   kind: eval
@@ -106,6 +107,7 @@ clip_export:
             config["lr_min"].as_f64(),
             config["weight_decay"].as_f64(),
             config["batch_size"].as_u64(),
+            config["accumulate"].as_u64(),
             config["reduction"].as_str(),
             config["decay_temperatures"].as_bool()
         ),
@@ -113,7 +115,8 @@ clip_export:
             Some(1e-4),
             Some(1e-6),
             Some(1e-4),
-            Some(32),
+            Some(16),
+            Some(2),
             Some("reference"),
             Some(true)
         )

@@ -94,11 +94,62 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> GroupedAdamW<M, B> {
     }
 
     /// One step of both groups from the gradients of a loss.
-    pub fn step(&mut self, lr: f64, model: M, mut grads: B::Gradients) -> M {
-        let decayed = GradientsParams::from_params(&mut grads, &model, &self.groups.decayed);
-        let plain = GradientsParams::from_params(&mut grads, &model, &self.groups.plain);
-        let model = self.decayed.step(lr, model, decayed);
-        self.plain.step(lr, model, plain)
+    pub fn step(&mut self, lr: f64, model: M, grads: B::Gradients) -> M {
+        let grouped = self.group(&model, grads);
+        self.step_grouped(lr, model, grouped)
+    }
+
+    /// The gradients of a loss, split by decay group.
+    pub fn group(&self, model: &M, mut grads: B::Gradients) -> GroupedGradients {
+        GroupedGradients {
+            decayed: GradientsParams::from_params(&mut grads, model, &self.groups.decayed),
+            plain: GradientsParams::from_params(&mut grads, model, &self.groups.plain),
+        }
+    }
+
+    /// One step of both groups from gradients already split (e.g. accumulated).
+    pub fn step_grouped(&mut self, lr: f64, model: M, grads: GroupedGradients) -> M {
+        let model = self.decayed.step(lr, model, grads.decayed);
+        self.plain.step(lr, model, grads.plain)
+    }
+}
+
+/// Gradients by decay group.
+pub struct GroupedGradients {
+    pub decayed: GradientsParams,
+    pub plain: GradientsParams,
+}
+
+/// Sums the gradients of several backward passes (gradient accumulation), by group.
+pub struct GroupedAccumulator<M> {
+    decayed: burn::optim::GradientsAccumulator<M>,
+    plain: burn::optim::GradientsAccumulator<M>,
+}
+
+impl<M> Default for GroupedAccumulator<M> {
+    fn default() -> Self {
+        Self {
+            decayed: burn::optim::GradientsAccumulator::new(),
+            plain: burn::optim::GradientsAccumulator::new(),
+        }
+    }
+}
+
+impl<M> GroupedAccumulator<M> {
+    pub fn accumulate<B: AutodiffBackend>(&mut self, model: &M, grads: GroupedGradients)
+    where
+        M: AutodiffModule<B>,
+    {
+        self.decayed.accumulate(model, grads.decayed);
+        self.plain.accumulate(model, grads.plain);
+    }
+
+    /// The sums so far (the accumulator starts again empty).
+    pub fn grads(&mut self) -> GroupedGradients {
+        GroupedGradients {
+            decayed: self.decayed.grads(),
+            plain: self.plain.grads(),
+        }
     }
 }
 

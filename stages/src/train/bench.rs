@@ -129,7 +129,7 @@ where
                 Reduction::Mean,
                 1e-3,
                 &inputs[k],
-                &batches[k],
+                &[&batches[k]],
                 device,
             );
             *model = Some(next);

@@ -25,6 +25,11 @@ pub struct TrainConfig {
     pub epochs: usize,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Batches per optimiser step (gradient accumulation; each batch's in-batch losses see only
+    /// its own negatives, like the reference's per-GPU losses: `accumulate: 4` with batch 128
+    /// is its 4 GPUs × 128 on one device).
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
     /// Peak learning rate (first epoch).
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -47,6 +52,9 @@ pub struct TrainConfig {
 
 fn default_epochs() -> usize {
     10
+}
+fn default_accumulate() -> usize {
+    1
 }
 fn default_batch() -> usize {
     128
@@ -264,6 +272,12 @@ impl TrainConfig {
                 "must be at least 2 (in-batch negatives)",
             ));
         }
+        if self.accumulate == 0 {
+            return Err(ConfigError::new(
+                "accumulate",
+                "must be at least 1 (batches per optimiser step)",
+            ));
+        }
         if self.lr.is_nan() || self.lr <= 0.0 {
             return Err(ConfigError::new("lr", "must be positive"));
         }
@@ -374,6 +388,9 @@ pub struct TrainingRecord {
     pub beta: Option<f64>,
     pub epochs: usize,
     pub batch_size: usize,
+    /// Batches per optimiser step.
+    #[config(default = 1)]
+    pub accumulate: usize,
     pub lr: f64,
     pub lr_min: f64,
     pub weight_decay: f64,

@@ -19,7 +19,7 @@ use super::config::{
 use super::data::{self, Rows, TrainingData};
 use crate::api::{StageContext, StageError, StageSummary};
 use crate::ml::loss;
-use crate::ml::optim::{GroupedAdamW, cosine_lr};
+use crate::ml::optim::{GroupedAccumulator, GroupedAdamW, cosine_lr};
 use crate::ml::retrieval::{self, Matrix, Recalls};
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
@@ -234,8 +234,12 @@ pub struct StepBatch {
     pub teacher: Option<(Rows, Rows)>,
 }
 
-/// One optimisation step: clamp the temperatures, forward, the configured loss terms,
-/// backward, AdamW. Returns the model, the total loss and the (base, α·CSA, β·USA) terms.
+/// One optimisation step: clamp the temperatures, then per batch the forward, the configured
+/// loss terms and the backward, then AdamW on the mean of the batches' gradients. More than one
+/// batch is gradient accumulation: each batch's in-batch losses see only its own negatives, as
+/// the reference's per-GPU losses under data parallelism do (4 GPUs × 128 = `accumulate: 4`
+/// with `batch_size: 128`). Returns the model, the mean total loss and the mean (base, α·CSA,
+/// β·USA) terms.
 #[allow(clippy::too_many_arguments)]
 pub fn step_once<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
     model: S,
@@ -244,12 +248,45 @@ pub fn step_once<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
     reduction: loss::Reduction,
     lr: f64,
     inputs: &S::Inputs,
-    batch: &StepBatch,
+    batches: &[&StepBatch],
     device: &B::Device,
 ) -> (S, f64, [f64; 3]) {
+    let model = model.clamped();
+    let k = batches.len().max(1) as f64;
+    let (mut value, mut term) = (0.0, [0.0; 3]);
+    if let [batch] = batches {
+        let (total, v, t) = batch_loss(&model, losses, reduction, inputs, batch, device);
+        let grads = total.backward();
+        return (optim.step(lr, model, grads), v, t);
+    }
+    let mut accumulated = GroupedAccumulator::default();
+    for batch in batches {
+        let (total, v, t) = batch_loss(&model, losses, reduction, inputs, batch, device);
+        let grads = optim.group(&model, (total / k).backward());
+        accumulated.accumulate(&model, grads);
+        value += v / k;
+        for j in 0..3 {
+            term[j] += t[j] / k;
+        }
+    }
+    (
+        optim.step_grouped(lr, model, accumulated.grads()),
+        value,
+        term,
+    )
+}
+
+/// The configured loss of one batch (not yet differentiated), its value and its terms.
+fn batch_loss<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
+    model: &S,
+    losses: &LossConfig,
+    reduction: loss::Reduction,
+    inputs: &S::Inputs,
+    batch: &StepBatch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, f64, [f64; 3]) {
     let b = batch.caption_rows.len();
     let image_ids: Vec<u64> = batch.image_rows.iter().map(|&r| r as u64).collect();
-    let model = model.clamped();
     let (f_i, g_i) = model.encode_images(inputs, &batch.image_rows, device);
     let (f_t, g_t) = model.encode_texts(inputs, &batch.caption_rows, device);
     let temps = model.temperatures();
@@ -301,8 +338,7 @@ pub fn step_once<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
         }
     }
     let value = scalar(total.clone().detach());
-    let grads = total.backward();
-    (optim.step(lr, model, grads), value, term)
+    (total, value, term)
 }
 
 /// Reads the data, builds the configured student and trains it.
@@ -605,35 +641,42 @@ where
         let order = epoch_order(n, c.seed, epoch);
         let mut sums = [0.0f64; 4]; // total, base, csa, usa
         let mut batches = 0usize;
-        for chunk in order.chunks(c.batch_size) {
-            if chunk.len() < 2 {
-                continue;
-            }
+        let chunks: Vec<&[usize]> = order
+            .chunks(c.batch_size)
+            .filter(|chunk| chunk.len() >= 2)
+            .collect();
+        for group in chunks.chunks(c.accumulate.max(1)) {
             if ctx.cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
-            let image_rows: Vec<usize> = chunk.iter().map(|&k| train.image_of[k]).collect();
-            let teacher = data
-                .teacher_images
-                .as_ref()
-                .zip(data.teacher_captions.as_ref())
-                .map(|(ti, tc)| {
-                    (
-                        Rows {
-                            data: ti.gather(&image_rows),
-                            dim: ti.dim,
-                        },
-                        Rows {
-                            data: tc.gather(chunk),
-                            dim: tc.dim,
-                        },
-                    )
-                });
-            let batch = StepBatch {
-                caption_rows: chunk.to_vec(),
-                image_rows,
-                teacher,
-            };
+            let group_batches: Vec<StepBatch> = group
+                .iter()
+                .map(|chunk| {
+                    let image_rows: Vec<usize> = chunk.iter().map(|&k| train.image_of[k]).collect();
+                    let teacher = data
+                        .teacher_images
+                        .as_ref()
+                        .zip(data.teacher_captions.as_ref())
+                        .map(|(ti, tc)| {
+                            (
+                                Rows {
+                                    data: ti.gather(&image_rows),
+                                    dim: ti.dim,
+                                },
+                                Rows {
+                                    data: tc.gather(chunk),
+                                    dim: tc.dim,
+                                },
+                            )
+                        });
+                    StepBatch {
+                        caption_rows: chunk.to_vec(),
+                        image_rows,
+                        teacher,
+                    }
+                })
+                .collect();
+            let refs: Vec<&StepBatch> = group_batches.iter().collect();
             let (next, value, term) = step_once(
                 model,
                 &mut optim,
@@ -641,7 +684,7 @@ where
                 reduction,
                 lr,
                 &train.inputs,
-                &batch,
+                &refs,
                 &device,
             );
             model = next;
@@ -654,12 +697,13 @@ where
                     "lower `lr`, or check the features for NaN",
                 ));
             }
-            sums[0] += value;
+            let weight = group.len() as f64;
+            sums[0] += value * weight;
             for k in 0..3 {
-                sums[k + 1] += term[k];
+                sums[k + 1] += term[k] * weight;
             }
-            batches += 1;
-            step += 1;
+            batches += group.len();
+            step += group.len() as u64;
             ctx.progress.set_position(step);
             ctx.progress.set_message(&format!(
                 "epoch {}/{} loss {:.4}",
@@ -731,6 +775,7 @@ where
         beta: c.loss.usa.map(|x| x.beta),
         epochs: c.epochs,
         batch_size: c.batch_size,
+        accumulate: c.accumulate,
         lr: c.lr,
         lr_min: c.lr_min(),
         weight_decay: c.weight_decay,
@@ -779,4 +824,92 @@ fn save<B: Backend, M: Module<B>>(
         .clone()
         .save_file(path.to_path_buf(), recorder)
         .map_err(|e| StageError::failed(format!("saving weights to {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::student::{FeatureHeads, FeatureHeadsShape, FeatureInputs};
+
+    type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+    fn rows(n: usize, d: usize, seed: u64) -> Rows {
+        let mut state = seed;
+        let data = (0..n * d)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        Rows { data, dim: d }
+    }
+
+    #[test]
+    fn accumulated_batches_step_on_the_mean_of_their_gradients() {
+        let device = Default::default();
+        let shape = FeatureHeadsShape {
+            image_dim: 6,
+            text_dim: 5,
+            hidden: 8,
+            dim: 4,
+            uni_heads: true,
+        };
+        B::seed(&device, 7);
+        let model = FeatureHeads::<B>::new(shape, &device);
+        let inputs = FeatureInputs {
+            images: rows(8, 6, 1),
+            captions: rows(8, 5, 2),
+        };
+        let batch = |captions: Vec<usize>, images: Vec<usize>, seed| StepBatch {
+            teacher: Some((rows(4, 3, seed), rows(4, 3, seed + 1))),
+            caption_rows: captions,
+            image_rows: images,
+        };
+        let a = batch(vec![0, 1, 2, 3], vec![0, 1, 1, 3], 10);
+        let b = batch(vec![4, 5, 6, 7], vec![4, 5, 6, 7], 20);
+        let losses = LossConfig {
+            csa: Some(super::super::config::CsaConfig { alpha: 0.5 }),
+            usa: Some(super::super::config::UsaConfig { beta: 0.7 }),
+            ..LossConfig::default()
+        };
+        let reduction = loss::Reduction::Mean;
+
+        let mut optim = GroupedAdamW::new(&model, 1e-2, false);
+        let (accumulated, value, _) = step_once(
+            model.clone(),
+            &mut optim,
+            &losses,
+            reduction,
+            1e-2,
+            &inputs,
+            &[&a, &b],
+            &device,
+        );
+        // The same step from one backward through the mean of both losses (Adam's update is
+        // nearly invariant to the gradients' scale, so this shows that both batches count, each
+        // with its own in-batch negatives; `value` shows the mean).
+        let mut optim = GroupedAdamW::new(&model, 1e-2, false);
+        let clamped = model.clone().clamped();
+        let (la, va, _) = batch_loss(&clamped, &losses, reduction, &inputs, &a, &device);
+        let (lb, vb, _) = batch_loss(&clamped, &losses, reduction, &inputs, &b, &device);
+        assert!((value - (va + vb) / 2.0).abs() < 1e-6);
+        let joint = optim.step(1e-2, clamped, ((la + lb) / 2.0).backward());
+
+        let all: Vec<usize> = (0..8).collect();
+        let embed = |m: &FeatureHeads<B>| {
+            let (f, g) = m.encode_images(&inputs, &all, &device);
+            let (t, _) = m.encode_texts(&inputs, &all, &device);
+            [f, g.unwrap(), t]
+                .map(|x| x.into_data().to_vec::<f32>().unwrap())
+                .concat()
+        };
+        let (x, y, before) = (embed(&accumulated), embed(&joint), embed(&model));
+        let moved: f32 = x.iter().zip(&before).map(|(p, q)| (p - q).abs()).sum();
+        assert!(moved > 1e-3, "the step changed the model");
+        for (p, q) in x.iter().zip(&y) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
 }

@@ -26,18 +26,16 @@ fn json(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(fixtures().join(name)).unwrap()).unwrap()
 }
 
-fn matrix(v: &Value) -> Vec<Vec<f64>> {
+fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
+        .map(|x| x.as_f64().unwrap())
         .collect()
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array().unwrap().iter().map(floats).collect()
 }
 
 /// Every entry within 1e-4 of the reference (relative to the entry when it exceeds 1).
@@ -59,33 +57,21 @@ fn assert_close(what: &str, got: Tensor<B, 2>, want: &[Vec<f64>]) {
 fn assert_matches_reference(clip: &Clip<B>) {
     let reference = json("clip_tiny.json");
     let device = Default::default();
-    let shape: Vec<usize> = reference["pixels_shape"]
-        .as_array()
-        .unwrap()
+    let shape: Vec<usize> = floats(&reference["pixels_shape"])
         .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
+        .map(|&v| v as usize)
         .collect();
-    let pixels: Vec<f32> = reference["pixels"]
-        .as_array()
-        .unwrap()
+    let pixels: Vec<f32> = floats(&reference["pixels"])
         .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
+        .map(|&v| v as f32)
         .collect();
     let pixels = Tensor::<B, 4>::from_data(
         TensorData::new(pixels, [shape[0], shape[1], shape[2], shape[3]]),
         &device,
     );
-    let ids: Vec<Vec<i64>> = reference["ids"]
-        .as_array()
-        .unwrap()
+    let ids: Vec<Vec<i64>> = matrix(&reference["ids"])
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect()
-        })
+        .map(|r| r.iter().map(|&v| v as i64).collect())
         .collect();
     let l = ids.iter().map(Vec::len).max().unwrap();
     let mut flat = vec![0i64; ids.len() * l];

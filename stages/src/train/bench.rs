@@ -45,6 +45,14 @@ fn rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+/// `n` pseudo-random `side`² RGB pictures, 8-bit rows.
+fn pixels(n: usize, side: usize, seed: u64) -> Vec<u8> {
+    rows(n, 3 * side * side, seed)
+        .iter()
+        .map(|x| ((x * 40.0 + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
+        .collect()
+}
+
 /// The four loss variants: (name, α, β).
 const VARIANTS: [(&str, Option<f64>, Option<f64>); 4] = [
     ("base", None, None),
@@ -201,10 +209,7 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
     let side = shape.image_size;
     let inputs: Vec<PixelWordInputs> = (0..4u64)
         .map(|k| PixelWordInputs {
-            pixels: rows(batch, 3 * side * side, 53 + k)
-                .iter()
-                .map(|x| ((x * 40.0 + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
-                .collect(),
+            pixels: pixels(batch, side, 53 + k),
             size: side,
             words: (0..batch)
                 .map(|i| {
@@ -240,10 +245,7 @@ pub fn clip_step_times<B: AutodiffBackend>(
     let vocab = shape.text.vocab;
     let inputs: Vec<ClipInputs> = (0..4u64)
         .map(|k| ClipInputs {
-            pixels: rows(batch, 3 * side * side, 59 + k)
-                .iter()
-                .map(|x| ((x * 40.0 + 0.5).clamp(0.0, 1.0) * 255.0) as u8)
-                .collect(),
+            pixels: pixels(batch, side, 59 + k),
             size: side,
             tokens: (0..batch)
                 .map(|i| {

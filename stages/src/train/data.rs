@@ -157,6 +157,30 @@ pub fn vocabulary(
     Ok(vocab)
 }
 
+/// The listing's pictures decoded, resized and cropped by `prep`, as 8-bit RGB rows one after
+/// the other (in parallel; an undecodable picture fails naming it).
+fn decoded_pixels(
+    l: &Listing,
+    root: &Path,
+    prep: &crate::teacher::preprocess::Preprocess,
+) -> Result<Vec<u8>, StageError> {
+    let planes: Vec<Vec<u8>> = l
+        .images
+        .par_iter()
+        .map(|(id, rel)| {
+            let path = root.join(rel);
+            let img = crate::teacher::preprocess::decode(&path).map_err(|e| {
+                StageError::failed_with_hint(
+                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
+                    "run the dataset stage with `verify_images: true` to find unreadable images",
+                )
+            })?;
+            Ok(prep.pixels(&img).into_raw())
+        })
+        .collect::<Result<_, StageError>>()?;
+    Ok(planes.concat())
+}
+
 /// A split with decoded pictures (resized to `size`², centre-cropped when not square) and word
 /// ids as the student's inputs (`scenes-small`).
 pub fn pixel_word_split(
@@ -166,7 +190,7 @@ pub fn pixel_word_split(
     size: usize,
     vocab: &WordVocab,
 ) -> Result<Split<PixelWordInputs>, StageError> {
-    use crate::teacher::preprocess::{self, Interpolation, Preprocess, Resize};
+    use crate::teacher::preprocess::{Interpolation, Preprocess, Resize};
     let l = listing(dataset, name)?;
     let root = crate::dataset::read::image_root(dataset, images_root.map(Path::to_path_buf))?;
     let prep = Preprocess {
@@ -178,23 +202,10 @@ pub fn pixel_word_split(
         channels: "rgb".into(),
         layout: "nchw".into(),
     };
-    let planes: Vec<Vec<u8>> = l
-        .images
-        .par_iter()
-        .map(|(id, rel)| {
-            let path = root.join(rel);
-            let img = preprocess::decode(&path).map_err(|e| {
-                StageError::failed_with_hint(
-                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
-                    "run the dataset stage with `verify_images: true` to find unreadable images",
-                )
-            })?;
-            Ok(prep.pixels(&img).into_raw())
-        })
-        .collect::<Result<_, StageError>>()?;
+    let pixels = decoded_pixels(&l, &root, &prep)?;
     let words = l.captions.iter().map(|c| vocab.encode(&c.text)).collect();
     Ok(l.into_split(PixelWordInputs {
-        pixels: planes.concat(),
+        pixels,
         size,
         words,
     }))
@@ -211,26 +222,13 @@ pub fn clip_split(
     tokenizer: &ClipTokenizer,
     context: usize,
 ) -> Result<(Split<ClipInputs>, usize), StageError> {
-    use crate::teacher::preprocess::{self, Preprocess, Resize};
+    use crate::teacher::preprocess::{Preprocess, Resize};
     let l = listing(dataset, name)?;
     let root = crate::dataset::read::image_root(dataset, images_root.map(Path::to_path_buf))?;
     let mut prep = Preprocess::preset("clip").expect("a named preset");
     prep.resize = Resize::Shortest(size as u32);
     prep.crop = Some(size as u32);
-    let planes: Vec<Vec<u8>> = l
-        .images
-        .par_iter()
-        .map(|(id, rel)| {
-            let path = root.join(rel);
-            let img = preprocess::decode(&path).map_err(|e| {
-                StageError::failed_with_hint(
-                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
-                    "run the dataset stage with `verify_images: true` to find unreadable images",
-                )
-            })?;
-            Ok(prep.pixels(&img).into_raw())
-        })
-        .collect::<Result<_, StageError>>()?;
+    let pixels = decoded_pixels(&l, &root, &prep)?;
     let encoded: Vec<(Vec<u32>, bool)> = l
         .captions
         .par_iter()
@@ -240,7 +238,7 @@ pub fn clip_split(
     let tokens = encoded.into_iter().map(|(ids, _)| ids).collect();
     Ok((
         l.into_split(ClipInputs {
-            pixels: planes.concat(),
+            pixels,
             size,
             tokens,
         }),

@@ -40,7 +40,8 @@ impl StageKind for TrainKind {
 
     fn version(&self) -> u32 {
         // 2: config.json records the architecture (`student: {kind, …}`); scenes-small.
-        2
+        // 3: `accumulate` (recorded in config.json); the clip student; presets fill defaults.
+        3
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {

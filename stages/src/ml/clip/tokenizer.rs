@@ -297,11 +297,9 @@ impl ClipTokenizer {
         let mut ids = Vec::new();
         for piece in self.pattern.find_iter(&cleaned) {
             let piece = piece.as_str();
-            if let Some(&id) = (piece == START_OF_TEXT || piece == END_OF_TEXT)
-                .then(|| self.vocab.get(piece))
-                .flatten()
-            {
-                ids.push(id);
+            // CLIP's BPE cache maps the two special tokens to themselves.
+            if piece == START_OF_TEXT || piece == END_OF_TEXT {
+                ids.push(self.vocab[piece]);
                 continue;
             }
             let symbols: String = piece

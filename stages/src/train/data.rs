@@ -296,9 +296,24 @@ pub fn load_features(
     let (pi, pt) = (ctx.resolve(image_features), ctx.resolve(text_features));
     let fi = features::read(&pi)?;
     let ft = features::read(&pt)?;
-    let train = feature_split(&dataset, train_split, (&fi, &pi), (&ft, &pt))?;
-    let val = feature_split(&dataset, val_split, (&fi, &pi), (&ft, &pt))?;
-    with_soft_labels(ctx, &dataset, train, val, train_split, softlabels)
+    training_data(ctx, &dataset, train_split, val_split, softlabels, |name| {
+        feature_split(&dataset, name, (&fi, &pi), (&ft, &pt))
+    })
+}
+
+/// The training and validation splits as `split` reads a split by name, paired with the soft
+/// labels of the training split when there are some.
+pub fn training_data<I>(
+    ctx: &StageContext<'_>,
+    dataset: &Path,
+    train_split: &str,
+    val_split: &str,
+    softlabels: Option<&str>,
+    mut split: impl FnMut(&str) -> Result<Split<I>, StageError>,
+) -> Result<TrainingData<I>, StageError> {
+    let train = split(train_split)?;
+    let val = split(val_split)?;
+    with_soft_labels(ctx, dataset, train, val, train_split, softlabels)
 }
 
 /// Pairs the splits with the soft labels, when there are some.

@@ -402,22 +402,13 @@ fn train_on<B: AutodiffBackend>(
             let dataset = ctx.resolve(&c.dataset);
             let root = images.as_deref().map(|p| ctx.resolve(p));
             let vocab = data::vocabulary(&dataset, &c.split, *min_count, *max_words)?;
-            let train =
-                data::pixel_word_split(&dataset, root.as_deref(), &c.split, *image_size, &vocab)?;
-            let val = data::pixel_word_split(
-                &dataset,
-                root.as_deref(),
-                &c.val_split,
-                *image_size,
-                &vocab,
-            )?;
-            let data = data::with_soft_labels(
+            let data = data::training_data(
                 ctx,
                 &dataset,
-                train,
-                val,
                 &c.split,
+                &c.val_split,
                 c.softlabels.as_deref(),
+                |name| data::pixel_word_split(&dataset, root.as_deref(), name, *image_size, &vocab),
             )?;
             let shape = ScenesSmallShape {
                 image_size: *image_size,
@@ -484,30 +475,28 @@ fn train_on<B: AutodiffBackend>(
             })?;
             let s = pretrained.shape;
             let size = s.vision.image_size;
-            let (train, cut_train) = data::clip_split(
-                &dataset,
-                root.as_deref(),
-                &c.split,
-                size,
-                &pretrained.tokenizer,
-                s.text.context,
-            )?;
-            let (val, cut_val) = data::clip_split(
-                &dataset,
-                root.as_deref(),
-                &c.val_split,
-                size,
-                &pretrained.tokenizer,
-                s.text.context,
-            )?;
-            let data = data::with_soft_labels(
+            // Captions cut to the context, in the training and the validation split.
+            let mut cut = Vec::new();
+            let data = data::training_data(
                 ctx,
                 &dataset,
-                train,
-                val,
                 &c.split,
+                &c.val_split,
                 c.softlabels.as_deref(),
+                |name| {
+                    let (split, n) = data::clip_split(
+                        &dataset,
+                        root.as_deref(),
+                        name,
+                        size,
+                        &pretrained.tokenizer,
+                        s.text.context,
+                    )?;
+                    cut.push(n);
+                    Ok(split)
+                },
             )?;
+            let (cut_train, cut_val) = (cut[0], cut[1]);
             ctx.log.line(format!(
                 "student clip ({} weights): ViT {}×{} ({} heads, patch {}, {} px) + text {}×{} ({} heads, {} tokens), embed {}{}",
                 pretrained.layout,

@@ -5,7 +5,7 @@
 //! (`visual.transformer.resblocks.N.attn.in_proj_weight`, …). Both become one set of tensors
 //! under transformers' names, in float32: open_clip's fused `in_proj` is split into q/k/v and
 //! its `[width, embed]` projections are transposed; half-precision tensors are widened; the
-//! `position_ids` / `attn_mask` buffers are dropped. burn-store then applies them onto a [`Clip`]
+//! `position_ids` / `attn_mask` buffers are dropped. burn-store's applier then puts them onto a [`Clip`]
 //! with the PyTorch adapter (Linear `[out, in]` → `[in, out]`, LayerNorm `weight`/`bias` →
 //! `gamma`/`beta`) plus the one CLIP-specific difference (a 0-d `logit_scale`).
 //!
@@ -17,9 +17,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use burn::module::ParamId;
 use burn::store::{
     ApplyError, BurnToPyTorchAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore, TensorSnapshot,
+    TensorSnapshot,
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, TensorData};
@@ -360,27 +361,26 @@ impl Checkpoint {
     /// Applies every tensor onto `model`; fails naming what is missing, unexpected or
     /// mis-shaped.
     pub fn apply<B: Backend>(&self, model: &mut Clip<B>) -> Result<(), WeightsError> {
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+        // The tensors go to burn-store's applier as snapshots directly (no re-serialising): it
+        // matches them to the model's paths and adapts them in the model's context.
+        let snapshots: Vec<TensorSnapshot> = self
             .tensors
             .iter()
-            .map(|(k, t)| {
-                let bytes: &[u8] = bytemuck_f32(&t.data);
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), bytes)
-                        .expect("shape and data agree"),
+            .map(|(name, t)| {
+                TensorSnapshot::from_data(
+                    TensorData::new(t.data.clone(), t.shape.clone()),
+                    name.split('.').map(str::to_string).collect(),
+                    Vec::new(),
+                    ParamId::new(),
                 )
             })
             .collect();
-        let bytes = safetensors::serialize(views, None)
-            .map_err(|e| invalid(&self.path, format!("re-serialising: {e}")))?;
-        let mut store = SafetensorsStore::from_bytes(Some(bytes))
-            .with_from_adapter(ClipAdapter::from_pytorch())
-            .validate(false)
-            .allow_partial(true);
-        let result = model
-            .load_from(&mut store)
-            .map_err(|e| invalid(&self.path, e.to_string()))?;
+        let result = model.apply(
+            snapshots,
+            None,
+            Some(Box::new(ClipAdapter::from_pytorch())),
+            false,
+        );
         let hf = |p: &str| p.replace(".gamma", ".weight").replace(".beta", ".bias");
         let mut problems = Vec::new();
         let mut shown = |what: &str, mut names: Vec<String>| {

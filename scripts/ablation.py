@@ -11,6 +11,12 @@
 Everything runs through `cusa-pipe run` on the root pipeline.yaml, so reruns are cached.
 
     python3 scripts/ablation.py --bin target/release/cusa-pipe --seeds 0 1 2
+
+Other pipelines: `--pairs TRAIN:EVAL ...` names the stages, `--no-search` keeps the pipeline's
+own alpha and beta (step 1 skipped), e.g. the scenes-small student:
+
+    python3 scripts/ablation.py --bin target/release/cusa-pipe --pipeline examples/scenes-small.yaml \
+        --cache-dir cache --no-search --pairs small_base:eval_small_base small_cusa:eval_small_cusa
 """
 import argparse
 import json
@@ -19,11 +25,13 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-VARIANTS = ["base", "csa", "usa", "cusa"]
+QUICKSTART = ["train_base:eval_base", "train_csa:eval_csa", "train_usa:eval_usa", "train_cusa:eval_cusa"]
 
 
 def cusa_pipe(args, sets):
     cmd = [ARGS.bin, *args]
+    if ARGS.cache_dir:
+        cmd += ["--cache-dir", ARGS.cache_dir]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -63,21 +71,27 @@ def stat(values):
 
 
 def main():
-    # The two searches are independent: one process each, side by side.
-    with ThreadPoolExecutor(2) as pool:
-        alpha = pool.submit(choose, "alpha", "train_csa", ARGS.alphas)
-        beta = pool.submit(choose, "beta", "train_usa", ARGS.betas)
-        alpha, beta = alpha.result(), beta.result()
-    rows = {v: [] for v in VARIANTS}
+    pairs = [p.split(":", 1) for p in ARGS.pairs]
+    if ARGS.no_search:
+        chosen = []
+        header = "alpha and beta as in the pipeline"
+    else:
+        # The two searches are independent: one process each, side by side.
+        with ThreadPoolExecutor(2) as pool:
+            alpha = pool.submit(choose, "alpha", "train_csa", ARGS.alphas)
+            beta = pool.submit(choose, "beta", "train_usa", ARGS.betas)
+            alpha, beta = alpha.result(), beta.result()
+        chosen = [f"params.alpha={alpha}", f"params.beta={beta}"]
+        header = f"alpha = {alpha}, beta = {beta} (chosen on validation)"
+    rows = {train: [] for train, _ in pairs}
     for seed in ARGS.seeds:
-        sets = [f"params.alpha={alpha}", f"params.beta={beta}"]
-        sets += [f"train_{v}.with.seed={seed}" for v in VARIANTS]
-        run([f"eval_{v}" for v in VARIANTS], sets)
-        for v in VARIANTS:
-            m = metrics(f"eval_{v}", sets)
-            val = metrics(f"train_{v}", sets)["val"]["rsum"]
+        sets = chosen + [f"{train}.with.seed={seed}" for train, _ in pairs]
+        run([ev for _, ev in pairs], sets)
+        for train, ev in pairs:
+            m = metrics(ev, sets)
+            val = metrics(train, sets)["val"]["rsum"]
             e = m.get("extended", {})
-            rows[v].append(
+            rows[train].append(
                 {
                     "val": val,
                     "rsum": m["rsum"],
@@ -87,15 +101,16 @@ def main():
                     "rp_t2i": e.get("t2i", {}).get("R-P", float("nan")),
                 }
             )
-    print(f"alpha = {alpha}, beta = {beta} (chosen on validation); seeds {ARGS.seeds}\n")
+    print(f"{header}; seeds {ARGS.seeds}\n")
     print("| variant | val RSUM | test RSUM | mAP@R i2t | mAP@R t2i | R-P i2t | R-P t2i |")
     print("|---|---|---|---|---|---|---|")
-    for v in VARIANTS:
-        r = rows[v]
+    for train, _ in pairs:
+        r = rows[train]
         cols = [stat([x[k] for x in r]) for k in ("val", "rsum", "map_i2t", "map_t2i", "rp_i2t", "rp_t2i")]
-        name = "base" if v == "base" else f"+{v.upper()}"
+        v = train.removeprefix("train_")
+        name = v if v == "base" or v == train else f"+{v.upper()}"
         print(f"| {name} | " + " | ".join(cols) + " |")
-    print("\n" + json.dumps({"alpha": alpha, "beta": beta, "runs": rows}))
+    print("\n" + json.dumps({"sets": chosen, "runs": rows}))
 
 
 if __name__ == "__main__":
@@ -106,5 +121,8 @@ if __name__ == "__main__":
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("-j", "--jobs", type=int, default=2)
+    p.add_argument("--cache-dir")
+    p.add_argument("--pairs", nargs="+", default=QUICKSTART, help="TRAIN:EVAL stage pairs")
+    p.add_argument("--no-search", action="store_true", help="keep the pipeline's alpha and beta")
     ARGS = p.parse_args()
     main()

@@ -144,7 +144,9 @@ fn weights(p: &Project) -> String {
 
 #[test]
 fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
-    let p = project("    epochs: 60\n");
+    // 13 steps an epoch: the kill (after ≥ 3 epochs) lands inside the 100-step warm-up, which
+    // the resumed run must continue at the right step.
+    let p = project("    epochs: 60\n    warmup: 100\n");
     let r = p.run(&["run", "-j", "1", "softlabels"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 
@@ -210,6 +212,7 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
     assert_eq!(config["student"]["kind"], "feature-heads");
     assert_eq!(config["student"]["hidden"], 64);
     assert_eq!(config["reduction"], "mean");
+    assert_eq!(config["warmup"], 100);
 
     // …and ends with the same bytes as an uninterrupted run from scratch.
     let r = p.run(&["run", "-j", "1", "train", "--force", "train"]);

@@ -63,13 +63,23 @@ pub fn decay_groups<B: Backend, M: burn::module::Module<B>>(
 }
 
 /// Learning rate of epoch `epoch` (0-based) of `epochs`: cosine from `lr` to `lr_min`, one value
-/// per epoch, no warm-up.
+/// per epoch (the reference's schedule). [`warmup_factor`] scales it during a warm-up.
 pub fn cosine_lr(lr: f64, lr_min: f64, epoch: usize, epochs: usize) -> f64 {
     if epochs <= 1 {
         return lr;
     }
     let progress = epoch as f64 / (epochs - 1) as f64;
     lr_min + 0.5 * (lr - lr_min) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// The factor on the learning rate of optimiser step `step` (0-based) with `warmup` steps of
+/// linear warm-up: (step+1)/warmup during the warm-up, then 1.
+pub fn warmup_factor(step: u64, warmup: usize) -> f64 {
+    if (step as usize) < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else {
+        1.0
+    }
 }
 
 /// The two AdamW optimisers of the decay groups.
@@ -163,5 +173,14 @@ mod tests {
         assert!((cosine_lr(1e-3, 1e-4, 9, 10) - 1e-4).abs() < 1e-15);
         assert!((cosine_lr(1.0, 0.0, 2, 5) - 0.5).abs() < 1e-12);
         assert_eq!(cosine_lr(1e-3, 1e-4, 0, 1), 1e-3);
+    }
+
+    #[test]
+    fn warmup_rises_linearly_then_stays_at_one() {
+        assert_eq!(warmup_factor(0, 4), 0.25);
+        assert_eq!(warmup_factor(2, 4), 0.75);
+        assert_eq!(warmup_factor(3, 4), 1.0);
+        assert_eq!(warmup_factor(100, 4), 1.0);
+        assert_eq!(warmup_factor(0, 0), 1.0);
     }
 }

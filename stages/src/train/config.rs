@@ -35,6 +35,11 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Learning rate of the last epoch (cosine in between) [default: lr / 10].
     pub lr_min: Option<f64>,
+    /// Optimiser steps of linear warm-up: step s (0-based) runs at (s+1)/warmup of the
+    /// epoch's cosine rate until s = warmup (open_clip's `--warmup`) [default: 0, none, as the
+    /// reference].
+    #[serde(default)]
+    pub warmup: usize,
     #[serde(default = "default_wd")]
     pub weight_decay: f64,
     /// Decay the temperatures too [default: false; true with `preset: cusa-reference`].
@@ -393,6 +398,9 @@ pub struct TrainingRecord {
     pub accumulate: usize,
     pub lr: f64,
     pub lr_min: f64,
+    /// Optimiser steps of linear warm-up.
+    #[config(default = 0)]
+    pub warmup: usize,
     pub weight_decay: f64,
     pub decay_temperatures: bool,
     pub seed: u64,

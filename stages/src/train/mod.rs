@@ -41,7 +41,8 @@ impl StageKind for TrainKind {
     fn version(&self) -> u32 {
         // 2: config.json records the architecture (`student: {kind, …}`); scenes-small.
         // 3: `accumulate` (recorded in config.json); the clip student; presets fill defaults.
-        3
+        // 4: `warmup` (recorded in config.json).
+        4
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {

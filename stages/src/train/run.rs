@@ -19,7 +19,7 @@ use super::config::{
 use super::data::{self, Rows, TrainingData};
 use crate::api::{StageContext, StageError, StageSummary};
 use crate::ml::loss;
-use crate::ml::optim::{GroupedAccumulator, GroupedAdamW, cosine_lr};
+use crate::ml::optim::{GroupedAccumulator, GroupedAdamW, cosine_lr, warmup_factor};
 use crate::ml::retrieval::{self, Matrix, Recalls};
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
@@ -666,12 +666,13 @@ where
                 })
                 .collect();
             let refs: Vec<&StepBatch> = group_batches.iter().collect();
+            let optimiser_step = step / c.accumulate.max(1) as u64;
             let (next, value, term) = step_once(
                 model,
                 &mut optim,
                 &c.loss,
                 reduction,
-                lr,
+                lr * warmup_factor(optimiser_step, c.warmup),
                 &train.inputs,
                 &refs,
                 &device,
@@ -767,6 +768,7 @@ where
         accumulate: c.accumulate,
         lr: c.lr,
         lr_min: c.lr_min(),
+        warmup: c.warmup,
         weight_decay: c.weight_decay,
         decay_temperatures: c.decay_temperatures(),
         seed: c.seed,

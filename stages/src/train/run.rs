@@ -634,7 +634,8 @@ where
             .chunks(c.batch_size)
             .filter(|chunk| chunk.len() >= 2)
             .collect();
-        for group in chunks.chunks(c.accumulate.max(1)) {
+        let groups_per_epoch = steps_per_epoch.div_ceil(c.accumulate.max(1));
+        for (g, group) in chunks.chunks(c.accumulate.max(1)).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
             }
@@ -666,7 +667,7 @@ where
                 })
                 .collect();
             let refs: Vec<&StepBatch> = group_batches.iter().collect();
-            let optimiser_step = step / c.accumulate.max(1) as u64;
+            let optimiser_step = (epoch * groups_per_epoch + g) as u64;
             let (next, value, term) = step_once(
                 model,
                 &mut optim,

@@ -205,6 +205,9 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
         assert!(first.get(key).is_some(), "log.jsonl has {key}: {first}");
     }
     assert!(first["val"]["rsum"].as_f64().is_some());
+    // Epoch 1 ends on step 13 of the 100-step warm-up: 13/100 of lr 1e-3.
+    let lr = first["lr"].as_f64().unwrap();
+    assert!((lr - 1.3e-4).abs() < 1e-12, "epoch 1 lr {lr}");
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(p.output("train").join("config.json")).unwrap(),
     )

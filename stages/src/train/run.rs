@@ -635,6 +635,8 @@ where
             .filter(|chunk| chunk.len() >= 2)
             .collect();
         let groups_per_epoch = steps_per_epoch.div_ceil(c.accumulate.max(1));
+        // The rate of the epoch's last step: the cosine value, or less inside a warm-up.
+        let mut step_lr = lr;
         for (g, group) in chunks.chunks(c.accumulate.max(1)).enumerate() {
             if ctx.cancel.is_cancelled() {
                 return Err(StageError::Cancelled);
@@ -668,12 +670,13 @@ where
                 .collect();
             let refs: Vec<&StepBatch> = group_batches.iter().collect();
             let optimiser_step = (epoch * groups_per_epoch + g) as u64;
+            step_lr = lr * warmup_factor(optimiser_step, c.warmup);
             let (next, value, term) = step_once(
                 model,
                 &mut optim,
                 &c.loss,
                 reduction,
-                lr * warmup_factor(optimiser_step, c.warmup),
+                step_lr,
                 &train.inputs,
                 &refs,
                 &device,
@@ -711,7 +714,7 @@ where
             let mean = |k: usize| sums[k] / batches.max(1) as f64;
             let mut line = json!({
                 "epoch": epoch + 1,
-                "lr": lr,
+                "lr": step_lr,
                 "loss": mean(0),
                 "loss_base": mean(1),
                 "tau": t[0],

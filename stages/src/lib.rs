@@ -13,6 +13,7 @@ pub mod eval;
 pub mod export;
 pub mod features;
 pub mod ml;
+pub mod pictures;
 pub mod softlabel;
 pub mod teacher;
 pub mod train;

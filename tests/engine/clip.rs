@@ -85,6 +85,11 @@ clip_export:
         log.contains("student clip (Hugging Face CLIPModel weights): ViT 2×80 (4 heads, patch 8, 32 px) + text 2×64 (4 heads, 77 tokens), embed 48, uni heads"),
         "{log}"
     );
+    // CLIP's preprocessing (bicubic, centre crop) of each split, decoded once into a mapped file.
+    for (split, n) in [("train", 80), ("val", 20)] {
+        let line = format!("pictures of split `{split}`: {n} decoded at 32 px in");
+        assert!(log.contains(&line), "{line} in {log}");
+    }
     let out = p.output("clip_cusa");
     let epochs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap()

@@ -254,8 +254,58 @@ small:
     lr: 0.002
 "#,
     );
+    // Killed after an epoch: the decoded pictures stay beside the checkpoint, and the rerun
+    // maps them instead of decoding again.
+    let child = p.spawn(&["run", "-j", "1", "small"]);
+    let started = Instant::now();
+    let checkpoint = loop {
+        let found = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|e| e.unwrap().path());
+        if let Some(dir) = found
+            && let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["epochs_done"].as_u64().unwrap_or(0) >= 1
+        {
+            break dir;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: plain signal delivery to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = wait_child(child);
+    let log = p.latest_log("small");
+    assert!(
+        log.contains("pictures of split `train`: 80 decoded at 32 px in"),
+        "{log}"
+    );
+    // 80 training pictures of 32 × 32 × 3 bytes.
+    let train_pictures = checkpoint.join("pictures-train.rgb");
+    assert_eq!(
+        std::fs::metadata(&train_pictures).unwrap().len(),
+        80 * 32 * 32 * 3
+    );
+    assert!(checkpoint.join("pictures-val.rgb").exists());
     let r = p.run(&["run", "-j", "1", "small"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    let log = p.latest_log("small");
+    assert!(log.contains("resuming after epoch"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "pictures of split `train`: 80 at 32 px, 0.2 MB mapped from the earlier decode in {}",
+            train_pictures.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        !checkpoint.exists(),
+        "the checkpoint and its pictures are removed at the end"
+    );
     let out = p.output("small");
     let vocab: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
@@ -295,10 +345,11 @@ small:
         .fold(0.0, f64::max);
     // Chance on 20 images × 100 captions is about 150.
     assert!(best > 180.0, "val RSUM {best}");
-    // Same seed, same bytes.
+    // Same seed, same bytes, whether resumed after a kill or run whole.
     let first = sha256_hex(&std::fs::read(out.join("model.mpk")).unwrap());
     let r = p.run(&["run", "-j", "1", "small", "--force", "small"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(p.latest_log("small").contains("80 decoded at 32 px"));
     let again = sha256_hex(&std::fs::read(p.output("small").join("model.mpk")).unwrap());
     assert_eq!(first, again);
 

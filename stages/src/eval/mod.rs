@@ -44,6 +44,7 @@ use crate::ml::clip::ClipInputs;
 use crate::ml::retrieval::{self, Matrix, Ranks};
 use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::{Rows, Student};
+use crate::pictures::Home;
 use crate::teacher::Precision;
 use crate::train::data;
 use crate::train::load::TrainedStudent;
@@ -214,11 +215,13 @@ fn embed_with_model(
         } => {
             let root = c.images.as_deref().map(|p| ctx.resolve(p));
             let split = data::pixel_word_split(
+                ctx,
                 dataset,
                 root.as_deref(),
                 &c.split,
                 shape.image_size,
                 &vocab,
+                Home::Memory,
             )?;
             let embedded = embed_split(&model, &split.inputs, &device);
             let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
@@ -230,7 +233,7 @@ fn embed_with_model(
                     .flat_map(|(a, b, _)| [vocab.encode(a), vocab.encode(b)])
                     .collect();
                 let sentences = PixelWordInputs {
-                    pixels: Vec::new(),
+                    pixels: Vec::new().into(),
                     size: shape.image_size,
                     words,
                 };
@@ -249,12 +252,14 @@ fn embed_with_model(
             let root = c.images.as_deref().map(|p| ctx.resolve(p));
             let context = shape.clip.text.context;
             let (split, cut) = data::clip_split(
+                ctx,
                 dataset,
                 root.as_deref(),
                 &c.split,
                 shape.clip.vision.image_size,
                 &tokenizer,
                 context,
+                Home::Memory,
             )?;
             if cut > 0 {
                 ctx.log.line(format!(
@@ -273,7 +278,7 @@ fn embed_with_model(
                     .map(|t| tokenizer.encode(t, context).0)
                     .collect();
                 let sentences = ClipInputs {
-                    pixels: Vec::new(),
+                    pixels: Vec::new().into(),
                     size: shape.clip.vision.image_size,
                     tokens,
                 };

@@ -20,11 +20,12 @@ use burn::tensor::{Bool, Int, Slice, Tensor, TensorData, activation::gelu};
 
 use super::student::{Heads, SplitInputs, Student, Temperatures, renumber};
 use super::vocab::PAD;
+use crate::pictures::Pixels;
 
 /// Decoded pictures and word ids of one split.
 pub struct PixelWordInputs {
     /// `images × size × size × 3` bytes (rows of RGB pixels).
-    pub pixels: Vec<u8>,
+    pub pixels: Pixels,
     pub size: usize,
     /// Word ids of each caption (non-empty, at most `max_words`).
     pub words: Vec<Vec<u32>>,
@@ -289,7 +290,10 @@ mod tests {
         };
         let m = ScenesSmall::<B>::new(&shape, &device);
         let inputs = PixelWordInputs {
-            pixels: (0..2 * 3 * 16 * 16).map(|i| (i % 251) as u8).collect(),
+            pixels: (0..2 * 3 * 16 * 16)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
             size: 16,
             words: vec![vec![2, 3], vec![4, 5, 6, 7, 8]],
         };

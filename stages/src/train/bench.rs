@@ -209,7 +209,7 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
     let side = shape.image_size;
     let inputs: Vec<PixelWordInputs> = (0..4u64)
         .map(|k| PixelWordInputs {
-            pixels: pixels(batch, side, 53 + k),
+            pixels: pixels(batch, side, 53 + k).into(),
             size: side,
             words: (0..batch)
                 .map(|i| {
@@ -245,7 +245,7 @@ pub fn clip_step_times<B: AutodiffBackend>(
     let vocab = shape.text.vocab;
     let inputs: Vec<ClipInputs> = (0..4u64)
         .map(|k| ClipInputs {
-            pixels: pixels(batch, side, 59 + k),
+            pixels: pixels(batch, side, 59 + k).into(),
             size: side,
             tokens: (0..batch)
                 .map(|i| {

@@ -1,6 +1,7 @@
 //! The tensors a training run needs, read once: the students' inputs for the training and
 //! validation items (precomputed features, or decoded pictures and word ids), and the teachers'
-//! soft-label vectors aligned to the training captions.
+//! soft-label vectors aligned to the training captions. A training run keeps its decoded
+//! pictures in files beside its checkpoint, mapped (see [`crate::pictures`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,6 +17,7 @@ use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::FeatureInputs;
 pub use crate::ml::student::Rows;
 use crate::ml::vocab::WordVocab;
+use crate::pictures::{self, Home, Pixels, Watch};
 
 /// One split: its images and captions, with the caption → image map, and what the student
 /// reads of them.
@@ -157,38 +159,56 @@ pub fn vocabulary(
     Ok(vocab)
 }
 
-/// The listing's pictures decoded, resized and cropped by `prep`, as 8-bit RGB rows one after
-/// the other (in parallel; an undecodable picture fails naming it).
+/// The listing's pictures decoded, resized and cropped by `prep` to `side`², into `home`
+/// (reported to the stage's log and progress).
 fn decoded_pixels(
+    ctx: &StageContext<'_>,
     l: &Listing,
+    name: &str,
     root: &Path,
     prep: &crate::teacher::preprocess::Preprocess,
-) -> Result<Vec<u8>, StageError> {
-    let planes: Vec<Vec<u8>> = l
-        .images
-        .par_iter()
-        .map(|(id, rel)| {
-            let path = root.join(rel);
-            let img = crate::teacher::preprocess::decode(&path).map_err(|e| {
-                StageError::failed_with_hint(
-                    format!("cannot decode image `{id}` ({}): {e}", path.display()),
-                    "run the dataset stage with `verify_images: true` to find unreadable images",
-                )
-            })?;
-            Ok(prep.pixels(&img).into_raw())
-        })
-        .collect::<Result<_, StageError>>()?;
-    Ok(planes.concat())
+    side: usize,
+    home: Home<'_>,
+) -> Result<Pixels, StageError> {
+    let started = std::time::Instant::now();
+    let file = match home {
+        Home::File(f) => Some(f.to_path_buf()),
+        Home::Memory => None,
+    };
+    let watch = Watch {
+        progress: ctx.progress,
+        cancel: ctx.cancel,
+    };
+    let decoded = pictures::decode(&l.images, root, prep, side, home, Some(watch))?;
+    if let Some(file) = file {
+        let mb = decoded.pixels.len() as f64 / 1e6;
+        let n = l.images.len();
+        ctx.log.line(if decoded.reused {
+            format!(
+                "pictures of split `{name}`: {n} at {side} px, {mb:.1} MB mapped from the earlier decode in {}",
+                file.display()
+            )
+        } else {
+            format!(
+                "pictures of split `{name}`: {n} decoded at {side} px in {:.1} s, {mb:.1} MB mapped from {}",
+                started.elapsed().as_secs_f64(),
+                file.display()
+            )
+        });
+    }
+    Ok(decoded.pixels)
 }
 
 /// A split with decoded pictures (resized to `size`², centre-cropped when not square) and word
 /// ids as the student's inputs (`scenes-small`).
 pub fn pixel_word_split(
+    ctx: &StageContext<'_>,
     dataset: &Path,
     images_root: Option<&Path>,
     name: &str,
     size: usize,
     vocab: &WordVocab,
+    home: Home<'_>,
 ) -> Result<Split<PixelWordInputs>, StageError> {
     use crate::teacher::preprocess::{Interpolation, Preprocess, Resize};
     let l = listing(dataset, name)?;
@@ -202,7 +222,7 @@ pub fn pixel_word_split(
         channels: "rgb".into(),
         layout: "nchw".into(),
     };
-    let pixels = decoded_pixels(&l, &root, &prep)?;
+    let pixels = decoded_pixels(ctx, &l, name, &root, &prep, size, home)?;
     let words = l.captions.iter().map(|c| vocab.encode(&c.text)).collect();
     Ok(l.into_split(PixelWordInputs {
         pixels,
@@ -214,13 +234,16 @@ pub fn pixel_word_split(
 /// A split with CLIP-preprocessed pictures (bicubic resize of the shortest side, centre crop,
 /// 8-bit; normalised per batch) and CLIP token ids as the student's inputs (`clip`). Returns
 /// how many captions were cut to the context.
+#[allow(clippy::too_many_arguments)]
 pub fn clip_split(
+    ctx: &StageContext<'_>,
     dataset: &Path,
     images_root: Option<&Path>,
     name: &str,
     size: usize,
     tokenizer: &ClipTokenizer,
     context: usize,
+    home: Home<'_>,
 ) -> Result<(Split<ClipInputs>, usize), StageError> {
     use crate::teacher::preprocess::{Preprocess, Resize};
     let l = listing(dataset, name)?;
@@ -228,7 +251,7 @@ pub fn clip_split(
     let mut prep = Preprocess::preset("clip").expect("a named preset");
     prep.resize = Resize::Shortest(size as u32);
     prep.crop = Some(size as u32);
-    let pixels = decoded_pixels(&l, &root, &prep)?;
+    let pixels = decoded_pixels(ctx, &l, name, &root, &prep, size, home)?;
     let encoded: Vec<(Vec<u32>, bool)> = l
         .captions
         .par_iter()
@@ -296,23 +319,28 @@ pub fn load_features(
     let (pi, pt) = (ctx.resolve(image_features), ctx.resolve(text_features));
     let fi = features::read(&pi)?;
     let ft = features::read(&pt)?;
-    training_data(ctx, &dataset, train_split, val_split, softlabels, |name| {
-        feature_split(&dataset, name, (&fi, &pi), (&ft, &pt))
-    })
+    training_data(
+        ctx,
+        &dataset,
+        train_split,
+        val_split,
+        softlabels,
+        |name, _| feature_split(&dataset, name, (&fi, &pi), (&ft, &pt)),
+    )
 }
 
-/// The training and validation splits as `split` reads a split by name, paired with the soft
-/// labels of the training split when there are some.
+/// The training and validation splits as `split` reads a split by name and role (`train`,
+/// `val`), paired with the soft labels of the training split when there are some.
 pub fn training_data<I>(
     ctx: &StageContext<'_>,
     dataset: &Path,
     train_split: &str,
     val_split: &str,
     softlabels: Option<&str>,
-    mut split: impl FnMut(&str) -> Result<Split<I>, StageError>,
+    mut split: impl FnMut(&str, &str) -> Result<Split<I>, StageError>,
 ) -> Result<TrainingData<I>, StageError> {
-    let train = split(train_split)?;
-    let val = split(val_split)?;
+    let train = split(train_split, "train")?;
+    let val = split(val_split, "val")?;
     with_soft_labels(ctx, dataset, train, val, train_split, softlabels)
 }
 

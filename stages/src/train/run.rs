@@ -24,6 +24,7 @@ use crate::ml::retrieval::{self, Matrix, Recalls};
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
 use crate::ml::student::{SplitInputs, Student};
+use crate::pictures::Home;
 
 /// Backends seed one process-wide generator: initialisations of concurrent train stages take
 /// turns so each sees only its own seed.
@@ -341,6 +342,20 @@ fn batch_loss<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
     (total, value, term)
 }
 
+/// This run's checkpoint folder (created): its weights, optimiser state and progress after each
+/// epoch, and its decoded pictures; kept when the run fails or is killed, removed when it ends.
+fn checkpoint_dir(ctx: &StageContext<'_>) -> Result<std::path::PathBuf, StageError> {
+    let dir = ctx.scratch_dir.join(ctx.fingerprint);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
+/// The file of the decoded pictures of the `train` or `val` split, in the checkpoint folder.
+fn pictures_file(checkpoint_dir: &Path, role: &str) -> std::path::PathBuf {
+    checkpoint_dir.join(format!("pictures-{role}.rgb"))
+}
+
 /// Reads the data, builds the configured student and trains it.
 fn train_on<B: AutodiffBackend>(
     c: &TrainConfig,
@@ -402,13 +417,24 @@ fn train_on<B: AutodiffBackend>(
             let dataset = ctx.resolve(&c.dataset);
             let root = images.as_deref().map(|p| ctx.resolve(p));
             let vocab = data::vocabulary(&dataset, &c.split, *min_count, *max_words)?;
+            let checkpoint_dir = checkpoint_dir(ctx)?;
             let data = data::training_data(
                 ctx,
                 &dataset,
                 &c.split,
                 &c.val_split,
                 c.softlabels.as_deref(),
-                |name| data::pixel_word_split(&dataset, root.as_deref(), name, *image_size, &vocab),
+                |name, role| {
+                    data::pixel_word_split(
+                        ctx,
+                        &dataset,
+                        root.as_deref(),
+                        name,
+                        *image_size,
+                        &vocab,
+                        Home::File(&pictures_file(&checkpoint_dir, role)),
+                    )
+                },
             )?;
             let shape = ScenesSmallShape {
                 image_size: *image_size,
@@ -477,20 +503,23 @@ fn train_on<B: AutodiffBackend>(
             let size = s.vision.image_size;
             // Captions cut to the context, in the training and the validation split.
             let mut cut = Vec::new();
+            let checkpoint_dir = checkpoint_dir(ctx)?;
             let data = data::training_data(
                 ctx,
                 &dataset,
                 &c.split,
                 &c.val_split,
                 c.softlabels.as_deref(),
-                |name| {
+                |name, role| {
                     let (split, n) = data::clip_split(
+                        ctx,
                         &dataset,
                         root.as_deref(),
                         name,
                         size,
                         &pretrained.tokenizer,
                         s.text.context,
+                        Home::File(&pictures_file(&checkpoint_dir, role)),
                     )?;
                     cut.push(n);
                     Ok(split)
@@ -573,7 +602,7 @@ where
     };
     let mut optim = GroupedAdamW::new(&model, c.weight_decay, c.decay_temperatures());
     let recorder = Recorder_::new();
-    let checkpoint_dir = ctx.scratch_dir.join(ctx.fingerprint);
+    let checkpoint_dir = checkpoint_dir(ctx)?;
     let mut state = State {
         epochs_done: 0,
         best_epoch: None,
@@ -613,9 +642,6 @@ where
         ));
         state = saved;
     }
-    std::fs::create_dir_all(&checkpoint_dir)
-        .map_err(|e| StageError::io(format!("creating {}", checkpoint_dir.display()), e))?;
-
     let n = train.caption_ids.len();
     let steps_per_epoch = n / c.batch_size + usize::from(n % c.batch_size >= 2);
     ctx.progress

@@ -25,6 +25,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use self::model::Clip;
 use self::shape::ClipShape;
 use super::student::{Heads, SplitInputs, Student, Temperatures, renumber};
+use crate::pictures::Pixels;
 
 /// CLIP's normalisation (the `clip` preprocessing preset's).
 pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -33,7 +34,7 @@ pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// Preprocessed pictures (resized and centre-cropped, 8-bit) and token ids of one split.
 pub struct ClipInputs {
     /// `images × size × size × 3` bytes (rows of RGB pixels).
-    pub pixels: Vec<u8>,
+    pub pixels: Pixels,
     pub size: usize,
     /// `[start] + BPE ids + [end]` of each caption, at most the context long.
     pub tokens: Vec<Vec<u32>>,

@@ -8,12 +8,16 @@
 //! | `schema`        | [`SCHEMA_VERSION`]; bump to invalidate every cache entry at once  |
 //! | `kind`          | the stage kind (`command`, `download`, …)                         |
 //! | `kind_version`  | the kind's implementation version (`StageKind::version`)          |
-//! | `config`        | the `with:` block as written (+ `--set`), `${params.X}` symbolic  |
-//! | `params`        | the value of every parameter the stage references                 |
+//! | `resolved`      | the `with:` block the stage runs with (+ `--set`): parameters     |
+//! |                 | substituted, `${inputs.X}` and `${out}` symbolic                  |
 //! | `inputs`        | per input name: content digest of a project file/folder, or the   |
 //! |                 | *output* digest of the upstream stage (or of the sub-path read)   |
 //!
 //! Left out on purpose:
+//! * **how a value was written**: `seed: ${params.seed}` with `seed: 0` and `seed: 0` written
+//!   out are the same computation, so the same key. `config` (the `with:` block as written,
+//!   parameters symbolic) and `params` (the values of the parameters it reads) are kept beside
+//!   the key to explain a miss as "param seed changed 0 → 1", never hashed;
 //! * the stage's **name** and an input's **origin** (path or upstream stage name): renaming
 //!   does not change what is computed; origins are kept beside the key only to explain misses;
 //! * **mtimes and absolute paths**: a moved project or cache, or a fresh clone, keeps its keys;
@@ -40,8 +44,9 @@ use sha2::{Digest, Sha256};
 
 pub use reason::{MissReason, explain};
 
-/// Version of the fingerprint scheme itself.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the fingerprint scheme itself (2: the resolved `with:` is hashed, not the text
+/// as written plus the parameters' values).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Everything a stage's result depends on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,7 +54,13 @@ pub struct Ingredients {
     pub schema: u32,
     pub kind: String,
     pub kind_version: u32,
+    /// `with:` as the stage runs it (parameters substituted). Hashed. Absent (null) in the
+    /// records of schema 1.
+    #[serde(default)]
+    pub resolved: Value,
+    /// `with:` as written (+ `--set`), parameters symbolic; explanation only, never hashed.
     pub config: Value,
+    /// The parameters `config` reads, with their values; explanation only, never hashed.
     pub params: BTreeMap<String, Value>,
     pub inputs: BTreeMap<String, InputIngredient>,
 }
@@ -88,23 +99,22 @@ impl std::fmt::Display for Fingerprint {
 }
 
 impl Ingredients {
-    /// The fingerprint: sha256 over the canonical encoding, origins left out.
+    /// The fingerprint: sha256 over the canonical encoding of the hashed ingredients
+    /// (explanations and origins left out).
     pub fn fingerprint(&self) -> Fingerprint {
         #[derive(Serialize)]
         struct Hashed<'a> {
             schema: u32,
             kind: &'a str,
             kind_version: u32,
-            config: &'a Value,
-            params: &'a BTreeMap<String, Value>,
+            resolved: &'a Value,
             inputs: BTreeMap<&'a str, &'a str>,
         }
         let hashed = Hashed {
             schema: self.schema,
             kind: &self.kind,
             kind_version: self.kind_version,
-            config: &self.config,
-            params: &self.params,
+            resolved: &self.resolved,
             inputs: self
                 .inputs
                 .iter()
@@ -127,6 +137,7 @@ mod tests {
             schema: SCHEMA_VERSION,
             kind: "command".into(),
             kind_version: 1,
+            resolved: serde_json::json!({"run": "python3 ${inputs.script} 1000"}),
             config: serde_json::json!({"run": "python3 ${inputs.script} ${params.n}"}),
             params: BTreeMap::from([("n".into(), Value::from(1000))]),
             inputs: BTreeMap::from([(
@@ -150,8 +161,16 @@ mod tests {
         };
         assert_eq!(a.fingerprint(), b.fingerprint());
         let mut c = base();
-        c.config = serde_json::json!({"run": "python3 ${inputs.script} ${params.n}"});
+        c.resolved = serde_json::json!({"run": "python3 ${inputs.script} 1000"});
         assert_eq!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn a_value_written_out_has_the_key_of_the_parameter_it_equals() {
+        let mut written_out = base();
+        written_out.config = written_out.resolved.clone();
+        written_out.params.clear();
+        assert_eq!(base().fingerprint(), written_out.fingerprint());
     }
 
     #[test]
@@ -164,13 +183,10 @@ mod tests {
         x.kind_version = 2;
         assert_ne!(a, x.fingerprint());
         let mut x = base();
-        x.params.insert("n".into(), Value::from(2000));
-        assert_ne!(a, x.fingerprint());
-        let mut x = base();
         x.inputs.get_mut("script").unwrap().digest = "bb".into();
         assert_ne!(a, x.fingerprint());
         let mut x = base();
-        x.config = serde_json::json!({"run": "python3 other"});
+        x.resolved = serde_json::json!({"run": "python3 ${inputs.script} 2000"});
         assert_ne!(a, x.fingerprint());
     }
 
@@ -182,6 +198,7 @@ mod tests {
     }
 
     /// sha256(b"cusa-pipe stage fingerprint\0" + json.dumps(ingredients, sort_keys=True,
-    /// separators=(",", ":"), ensure_ascii=False)) in Python, origins left out.
-    const STABLE_KEY: &str = "1d1b695d07ee4f42d5ed729923ea118a63cd99368ab6636a72161abdd11d4601";
+    /// separators=(",", ":"), ensure_ascii=False)) in Python, over schema, kind, kind_version,
+    /// resolved and the input digests.
+    const STABLE_KEY: &str = "db58259efad468a260902cc0d66dc94679aadd904a2d98a479720f24ee4eecda";
 }

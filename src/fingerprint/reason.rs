@@ -169,9 +169,10 @@ pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
             new: new.kind_version,
         });
     }
-    let names: BTreeSet<&String> = old.params.keys().chain(new.params.keys()).collect();
-    for name in names {
-        let (a, b) = (old.params.get(name), new.params.get(name));
+    // A parameter no longer read is no cause by itself: the `with:` text that stopped reading
+    // it is, and is shown below. One newly read shows its value.
+    for (name, value) in &new.params {
+        let (a, b) = (old.params.get(name), Some(value));
         if a != b {
             out.push(MissReason::ParamChanged {
                 name: name.clone(),
@@ -234,6 +235,7 @@ mod tests {
             kind_version: 1,
             config: serde_json::json!({"run": run, "env": {"A": "1"}}),
             params: BTreeMap::from([("n".into(), Value::from(n))]),
+            resolved: Value::Null,
             inputs: BTreeMap::from([
                 (
                     "script".into(),

@@ -249,6 +249,7 @@ impl Engine {
             schema: SCHEMA_VERSION,
             kind: stage.kind.name().to_string(),
             kind_version: stage.kind.version(),
+            resolved: stage.with.clone(),
             config: stage.with_symbolic.clone(),
             params: stage.params_used.clone(),
             inputs,

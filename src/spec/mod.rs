@@ -90,9 +90,10 @@ impl Source {
 pub struct Stage {
     pub name: String,
     pub kind: Arc<dyn StageKind>,
-    /// `with:` as written (after `--set`), parameters still symbolic: the fingerprint's config.
+    /// `with:` as written (after `--set`), parameters still symbolic: explains cache misses.
     pub with_symbolic: Value,
-    /// `with:` with parameters substituted; `${inputs.X}` / `${out}` still symbolic.
+    /// `with:` with parameters substituted; `${inputs.X}` / `${out}` still symbolic (hashed
+    /// into the fingerprint).
     pub with: Value,
     /// Parameters this stage reads, with their values.
     pub params_used: BTreeMap<String, Value>,

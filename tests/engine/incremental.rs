@@ -129,6 +129,32 @@ fn reverting_an_edit_restores_the_earlier_result_without_running() {
 }
 
 #[test]
+fn a_value_written_out_in_place_of_its_parameter_keeps_the_cached_result() {
+    let p = numbers_project();
+    assert_eq!(p.run(&["run"]).code, 0);
+    // `${params.n}` is 1000: the command with 1000 written out is the same computation.
+    let yaml = p
+        .read("pipeline.yaml")
+        .replace("${params.n} ${out}", "1000 ${out}");
+    p.write("pipeline.yaml", &yaml);
+    assert_snapshot!(p.transcript(&["status"]), @r"
+    $ cusa-pipe status
+    fresh  numbers  [HASH]
+    fresh  total    [HASH]
+    fresh  other    [HASH]
+    [exit 0]
+    ");
+    // A different value written out is a change, explained by the text it changed.
+    assert_snapshot!(p.transcript(&["status", "--set", "numbers.with.run=python3 ${inputs.script} 999 ${out}/numbers.txt"]), @r#"
+    $ cusa-pipe status --set numbers.with.run=python3 ${inputs.script} 999 ${out}/numbers.txt
+    stale  numbers  with.run "…uts.script} ${params.n} ${out}/numb…" → "…uts.script} 999 ${out}/numb…"
+    stale  total    upstream `numbers` must run first
+    fresh  other    [HASH]
+    [exit 0]
+    "#);
+}
+
+#[test]
 fn set_overrides_apply_to_one_run_and_are_explained() {
     let p = numbers_project();
     assert_eq!(p.run(&["run"]).code, 0);

@@ -613,7 +613,7 @@ where
     if let Ok(bytes) = std::fs::read(&state_path)
         && let Ok(saved) = serde_json::from_slice::<State>(&bytes)
     {
-        let load_err = |e: burn::record::RecorderError| {
+        let load_err = |e: &dyn std::fmt::Display| {
             StageError::failed_with_hint(
                 format!(
                     "cannot load the checkpoint in {}: {e}",
@@ -622,18 +622,17 @@ where
                 "delete that folder to start this training from scratch",
             )
         };
-        model = model
-            .load_file(checkpoint_dir.join("model"), &recorder, &device)
-            .map_err(load_err)?;
+        model = super::load::load_checked(model, &checkpoint_dir.join("model"), &device)
+            .map_err(|e| load_err(&e))?;
         optim.decayed = optim.decayed.load_record(
             recorder
                 .load(checkpoint_dir.join("optim-decayed"), &device)
-                .map_err(load_err)?,
+                .map_err(|e| load_err(&e))?,
         );
         optim.plain = optim.plain.load_record(
             recorder
                 .load(checkpoint_dir.join("optim-plain"), &device)
-                .map_err(load_err)?,
+                .map_err(|e| load_err(&e))?,
         );
         ctx.log.line(format!(
             "resuming after epoch {} from {}",

@@ -198,6 +198,70 @@ clip_export:
 }
 
 #[test]
+fn a_hugging_face_tokenizer_json_tokenizes_as_its_merges_and_as_the_tokenizers_library() {
+    // A folder with only a tokenizer.json (written by `tokenizers` 0.22.1, merges as pairs).
+    let dir = fixtures().join("clip-tiny-tokenizer-json");
+    let from_json = ClipTokenizer::from_path(&dir).unwrap();
+    let from_merges = ClipTokenizer::from_path(&fixtures().join("clip-tiny")).unwrap();
+    assert_eq!(from_json.vocab(), from_merges.vocab());
+    assert_eq!(from_json.merges(), from_merges.merges());
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("clip_tiny_tokenizer_json.json")).unwrap(),
+    )
+    .unwrap();
+    let captions = fixture["captions"].as_array().unwrap();
+    assert!(captions.len() >= 5);
+    for c in captions {
+        let text = c["text"].as_str().unwrap();
+        let mut want = vec![from_json.start_of_text];
+        want.extend(
+            c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32),
+        );
+        want.push(from_json.end_of_text);
+        assert_eq!(from_json.encode(text, 77), (want, false), "{text:?}");
+    }
+
+    // The same file with merges as "a b" strings (tokenizers < 0.20) reads the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let strings: Vec<serde_json::Value> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()).into())
+        .collect();
+    json["model"]["merges"] = strings.into();
+    let file = tmp.path().join("tokenizer.json");
+    std::fs::write(&file, json.to_string()).unwrap();
+    assert_eq!(
+        ClipTokenizer::from_path(&file).unwrap().vocab(),
+        from_merges.vocab()
+    );
+
+    // A vocabulary that is not the one CLIP builds from the merges, or another tokenizer, is
+    // refused naming the file.
+    json["model"]["vocab"]["in</w>"] = 7.into();
+    std::fs::write(&file, json.to_string()).unwrap();
+    let e = ClipTokenizer::from_path(&file).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "tokenizer.json: disagrees with the vocabulary CLIP builds from the merges (`in</w>` is"
+        ),
+        "{e}"
+    );
+    json["model"]["end_of_word_suffix"] = serde_json::Value::Null;
+    std::fs::write(&file, json.to_string()).unwrap();
+    let e = ClipTokenizer::from_path(&file).unwrap_err().to_string();
+    assert!(e.contains("not CLIP's tokenizer"), "{e}");
+}
+
+#[test]
 fn openai_merges_tokenize_like_openai_and_mismatched_tokenizers_are_refused() {
     let p = project();
     p.add_stages(

@@ -1,10 +1,12 @@
 //! CLIP's tokenizer: OpenAI's `simple_tokenizer.py`, id for id.
 //!
 //! The vocabulary is built the way CLIP builds it from a merges file (OpenAI's
-//! `bpe_simple_vocab_16e6.txt.gz`, or a Hugging Face `merges.txt`): the 256 byte symbols of
-//! GPT-2's byte-to-unicode table, the same with `</w>`, one token per merge (at most 48,894, as
-//! CLIP reads them), then `<|startoftext|>` and `<|endoftext|>`. A `vocab.json` beside a
-//! `merges.txt` must agree with that (it is checked, not trusted).
+//! `bpe_simple_vocab_16e6.txt.gz`, a Hugging Face `merges.txt`, or the merges inside a Hugging
+//! Face `tokenizer.json`): the 256 byte symbols of GPT-2's byte-to-unicode table, the same with
+//! `</w>`, one token per merge (at most 48,894, as CLIP reads them), then `<|startoftext|>` and
+//! `<|endoftext|>`. A `vocab.json` beside a `merges.txt`, or the vocabulary inside a
+//! `tokenizer.json`, must agree with that (it is checked, not trusted). Of a `tokenizer.json`
+//! only the BPE model is read: the text pipeline is CLIP's own, below, as for every source.
 //!
 //! Text goes through CLIP's cleaning — ftfy's `fix_text` (the steps that apply to captions:
 //! HTML unescaping when there is no `<`, terminal escapes and control characters removed, Latin
@@ -79,64 +81,118 @@ fn bytes_to_unicode() -> [char; 256] {
 
 impl ClipTokenizer {
     /// Reads merges from `path`: OpenAI's `bpe_simple_vocab_16e6.txt[.gz]`, a Hugging Face
-    /// `merges.txt`, or a folder holding `merges.txt` (and maybe `vocab.json`, then checked).
+    /// `merges.txt` or `tokenizer.json`, or a folder holding `merges.txt` (and maybe
+    /// `vocab.json`, then checked) or else `tokenizer.json`.
     pub fn from_path(path: &Path) -> Result<Self, TokenizerError> {
-        let shown = path.display().to_string();
-        let read_err = |source| TokenizerError::Read {
-            path: shown.clone(),
-            source,
-        };
         let (file, vocab_json) = if path.is_dir() {
-            (path.join("merges.txt"), Some(path.join("vocab.json")))
+            let merges = path.join("merges.txt");
+            let tokenizer_json = path.join("tokenizer.json");
+            if !merges.is_file() && tokenizer_json.is_file() {
+                (tokenizer_json, None)
+            } else {
+                (merges, Some(path.join("vocab.json")))
+            }
         } else {
             (path.to_path_buf(), None)
         };
+        let shown = file.display().to_string();
+        let format_err = |why| TokenizerError::Format {
+            path: shown.clone(),
+            why,
+        };
         let bytes = std::fs::read(&file).map_err(|e| TokenizerError::Read {
-            path: file.display().to_string(),
+            path: shown.clone(),
             source: e,
         })?;
         let text = if bytes.starts_with(&[0x1f, 0x8b]) {
             let mut s = String::new();
             flate2::read::GzDecoder::new(&bytes[..])
                 .read_to_string(&mut s)
-                .map_err(read_err)?;
+                .map_err(|e| TokenizerError::Read {
+                    path: shown.clone(),
+                    source: e,
+                })?;
             s
         } else {
-            String::from_utf8(bytes).map_err(|e| TokenizerError::Format {
-                path: shown.clone(),
-                why: format!("not UTF-8 text: {e}"),
-            })?
+            String::from_utf8(bytes).map_err(|e| format_err(format!("not UTF-8 text: {e}")))?
         };
-        let tokenizer = Self::from_merges_text(&text).map_err(|why| TokenizerError::Format {
-            path: file.display().to_string(),
-            why,
-        })?;
+        if text.trim_start().starts_with('{') {
+            let (tokenizer, theirs) = Self::from_tokenizer_json(&text).map_err(format_err)?;
+            tokenizer
+                .check_vocab(&theirs, "the vocabulary of its BPE model")
+                .map_err(format_err)?;
+            return Ok(tokenizer);
+        }
+        let tokenizer = Self::from_merges_text(&text).map_err(format_err)?;
         if let Some(v) = vocab_json.filter(|v| v.is_file()) {
+            let err = |why| TokenizerError::Format {
+                path: v.display().to_string(),
+                why,
+            };
             let theirs: HashMap<String, u32> = std::fs::read(&v)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| TokenizerError::Format {
-                    path: v.display().to_string(),
-                    why: "not a JSON object of token → id".into(),
-                })?;
-            if theirs != tokenizer.vocab {
-                let first = tokenizer
-                    .vocab
-                    .iter()
-                    .find(|(k, id)| theirs.get(*k) != Some(id))
-                    .map(|(k, id)| {
-                        format!("`{k}` is {id} by the merges, {:?} there", theirs.get(k))
-                    })
-                    .unwrap_or_else(|| format!("{} tokens there", theirs.len()));
-                return Err(TokenizerError::Format {
-                    path: v.display().to_string(),
-                    why: format!(
-                        "disagrees with the vocabulary CLIP builds from merges.txt ({first})"
-                    ),
-                });
-            }
+                .ok_or_else(|| err("not a JSON object of token → id".into()))?;
+            tokenizer.check_vocab(&theirs, "it").map_err(err)?;
         }
         Ok(tokenizer)
+    }
+
+    /// `theirs` (a vocabulary shipped beside or with the merges) must be the one CLIP builds.
+    fn check_vocab(&self, theirs: &HashMap<String, u32>, what: &str) -> Result<(), String> {
+        if *theirs == self.vocab {
+            return Ok(());
+        }
+        let first = self
+            .vocab
+            .iter()
+            .find(|(k, id)| theirs.get(*k) != Some(id))
+            .map(|(k, id)| format!("`{k}` is {id} by the merges, {:?} in {what}", theirs.get(k)))
+            .unwrap_or_else(|| format!("{} tokens in {what}", theirs.len()));
+        Err(format!(
+            "disagrees with the vocabulary CLIP builds from the merges ({first})"
+        ))
+    }
+
+    /// The tokenizer of a Hugging Face `tokenizer.json`'s BPE model (merges as `"a b"` strings or
+    /// `["a", "b"]` pairs, as `tokenizers` ≥ 0.20 writes them), and the vocabulary it lists.
+    pub fn from_tokenizer_json(text: &str) -> Result<(Self, HashMap<String, u32>), String> {
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let model = &json["model"];
+        if model["type"] != "BPE" || model["end_of_word_suffix"] != "</w>" {
+            return Err(format!(
+                "not CLIP's tokenizer: its model is {} with end-of-word suffix {} (CLIP's is BPE with `</w>`)",
+                model["type"], model["end_of_word_suffix"]
+            ));
+        }
+        let listed = model["merges"]
+            .as_array()
+            .ok_or("`model.merges` is not a list")?;
+        let mut merges = Vec::with_capacity(listed.len().min(MAX_MERGES));
+        for (k, m) in listed.iter().take(MAX_MERGES).enumerate() {
+            let pair = match m {
+                serde_json::Value::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string())),
+                serde_json::Value::Array(v) => match v.as_slice() {
+                    [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                        Some((a.clone(), b.clone()))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            match pair {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                    merges.push((a, b))
+                }
+                _ => return Err(format!("`model.merges[{k}]` is not a merge: {m}")),
+            }
+        }
+        let vocab: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
+            .map_err(|e| format!("`model.vocab` is not an object of token → id: {e}"))?;
+        Ok((Self::from_merges(merges)?, vocab))
     }
 
     /// The tokenizer of a merges file's text (the first line is a `#version` header).
@@ -163,6 +219,11 @@ impl ClipTokenizer {
                 _ => return Err(format!("line {}: `{line}` is not a merge `a b`", k + 2)),
             }
         }
+        Self::from_merges(merges)
+    }
+
+    /// The tokenizer of CLIP's merges, in rank order.
+    fn from_merges(merges: Vec<(String, String)>) -> Result<Self, String> {
         if merges.is_empty() {
             return Err("no merges".into());
         }

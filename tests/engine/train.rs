@@ -419,6 +419,26 @@ fn train_config_mistakes_are_located_before_anything_runs() {
         "{}",
         r.stderr
     );
+    let p = project("    precision: bf16-mixed\n");
+    let r = p.run(&["run", "train"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("precision")
+            && r.stderr.contains(
+                "`bf16-mixed` applies to `student: {kind: clip}` (the small students compute in fp32)"
+            ),
+        "{}",
+        r.stderr
+    );
+    let p = project("    precision: fp16-mixed\n");
+    let r = p.run(&["run", "train"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("unknown variant `fp16-mixed`, expected `fp32` or `bf16-mixed`"),
+        "{}",
+        r.stderr
+    );
     let p = project("    device: cuda\n");
     let r = p.run(&["run", "-j", "1", "train"]);
     assert_eq!(r.code, 1, "{}", r.stderr);

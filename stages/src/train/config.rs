@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::ConfigError;
 pub use crate::device::Device;
 use crate::ml::loss::Reduction;
+pub use crate::ml::precision::Precision;
 
 /// `with:` of a train stage.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -53,6 +54,10 @@ pub struct TrainConfig {
     pub val_split: String,
     #[serde(default)]
     pub device: Device,
+    /// What the student's matrix products compute in: `fp32`, or `bf16-mixed` (bf16 products,
+    /// f32 weights and everything else; `student: clip` only).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn default_epochs() -> usize {
@@ -340,6 +345,14 @@ impl TrainConfig {
                 ));
             }
         }
+        if self.precision == Precision::Bf16Mixed
+            && !matches!(self.student, StudentConfig::Clip { .. })
+        {
+            return Err(ConfigError::new(
+                "precision",
+                "`bf16-mixed` applies to `student: {kind: clip}` (the small students compute in fp32); remove the key",
+            ));
+        }
         if let StudentConfig::Clip { heads: Some(0), .. } = &self.student {
             return Err(ConfigError::new("student.heads", "must be at least 1"));
         }
@@ -406,4 +419,7 @@ pub struct TrainingRecord {
     pub seed: u64,
     pub best_epoch: usize,
     pub backend: String,
+    /// What the matrix products computed in during training.
+    #[config(default = "Precision::Fp32")]
+    pub precision: Precision,
 }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::config::{
-    Architecture, BaseLoss, Device, LossConfig, StudentConfig, TrainConfig, TrainingRecord,
+    Architecture, BaseLoss, Device, LossConfig, Precision, StudentConfig, TrainConfig,
+    TrainingRecord,
 };
 use super::data::{self, Rows, TrainingData};
 use crate::api::{StageContext, StageError, StageSummary};
@@ -81,6 +82,18 @@ fn cuda_driver_present() -> bool {
 
 pub fn train(c: &TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
     match place(c.device, ctx.gpus)? {
+        // burn-ndarray has no bf16; flex (burn's other CPU backend) has.
+        Placement::Cpu(why) if c.precision == Precision::Bf16Mixed => {
+            ctx.log.line(format!(
+                "device: CPU (burn flex: bf16 products, for checking a recipe; no faster than fp32 on a CPU) — {why}"
+            ));
+            train_on::<burn::backend::Autodiff<burn::backend::Flex>>(
+                c,
+                ctx,
+                Default::default(),
+                "flex",
+            )
+        }
         Placement::Cpu(why) => {
             ctx.log.line(format!("device: CPU (burn ndarray) — {why}"));
             train_on::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
@@ -536,6 +549,15 @@ fn train_on<B: AutodiffBackend>(
                 s.embed_dim,
                 if uni_heads { ", uni heads" } else { "" }
             ));
+            ctx.log.line(format!(
+                "precision: {}{}",
+                c.precision,
+                match c.precision {
+                    Precision::Fp32 => "",
+                    Precision::Bf16Mixed =>
+                        " (matrix products in bf16; weights, optimiser, norms, softmax and losses in f32)",
+                }
+            ));
             let mut summary_notes = Vec::new();
             if cut_train + cut_val > 0 {
                 let note = format!(
@@ -556,7 +578,13 @@ fn train_on<B: AutodiffBackend>(
                 c,
                 ctx,
                 &data,
-                move |d| crate::ml::clip::ClipStudent::new(clip, &init_shape, d),
+                move |d| {
+                    crate::ml::clip::ClipStudent::new(
+                        clip.with_precision(c.precision),
+                        &init_shape,
+                        d,
+                    )
+                },
                 Architecture::Clip(shape),
                 device,
                 backend,
@@ -801,6 +829,7 @@ where
         seed: c.seed,
         best_epoch,
         backend: backend.to_string(),
+        precision: c.precision,
     };
     burn::config::Config::save(&record, ctx.out_dir.join("config.json"))
         .map_err(|e| StageError::io("writing config.json", e))?;

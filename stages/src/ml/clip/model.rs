@@ -11,6 +11,8 @@
 //! Text: the causal mask makes every position's state independent of what follows, so a batch
 //! is padded only to its longest caption (not to 77) and the end-of-text state is read at each
 //! caption's own last position; padding ids never influence the result.
+//! Every matrix product goes through the model's [`Precision`] (f32, or bf16 products with f32
+//! around them); it is a setting of the run, not saved with the weights.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -19,6 +21,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use super::shape::{Activation, ClipShape, Tower};
+use crate::ml::precision::Precision;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -42,22 +45,27 @@ impl<B: Backend> Attention<B> {
     }
 
     /// `x` `[b, l, w]`; `mask` `[l, l]` added to the scores (0 or a large negative).
-    fn forward(&self, x: Tensor<B, 3>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2>>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
         let [b, l, w] = x.dims();
         let hd = w / self.heads;
         let split = |t: Tensor<B, 3>| t.reshape([b, l, self.heads, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone())) * (hd as f64).powf(-0.5);
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
-        let mut scores = q.matmul(k.swap_dims(2, 3));
+        let q = split(precision.linear(&self.q_proj, x.clone())) * (hd as f64).powf(-0.5);
+        let k = split(precision.linear(&self.k_proj, x.clone()));
+        let v = split(precision.linear(&self.v_proj, x));
+        let mut scores = precision.matmul(q, k.swap_dims(2, 3));
         if let Some(m) = mask {
             scores = scores + m.reshape([1, 1, l, l]);
         }
-        let out = softmax(scores, 3)
-            .matmul(v)
+        let out = precision
+            .matmul(softmax(scores, 3), v)
             .swap_dims(1, 2)
             .reshape([b, l, w]);
-        self.out_proj.forward(out)
+        precision.linear(&self.out_proj, out)
     }
 }
 
@@ -70,14 +78,14 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.fc1.forward(x);
+    fn forward(&self, x: Tensor<B, 3>, precision: Precision) -> Tensor<B, 3> {
+        let h = precision.linear(&self.fc1, x);
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
             gelu(h)
         };
-        self.fc2.forward(h)
+        precision.linear(&self.fc2, h)
     }
 }
 
@@ -112,13 +120,22 @@ impl<B: Backend> Encoder<B> {
         Self { layers }
     }
 
-    fn forward(&self, mut x: Tensor<B, 3>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        mut x: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2>>,
+        precision: Precision,
+    ) -> Tensor<B, 3> {
         for layer in &self.layers {
-            let h = layer
-                .self_attn
-                .forward(layer.layer_norm1.forward(x.clone()), mask.clone());
+            let h = layer.self_attn.forward(
+                layer.layer_norm1.forward(x.clone()),
+                mask.clone(),
+                precision,
+            );
             x = x + h;
-            let h = layer.mlp.forward(layer.layer_norm2.forward(x.clone()));
+            let h = layer
+                .mlp
+                .forward(layer.layer_norm2.forward(x.clone()), precision);
             x = x + h;
         }
         x
@@ -168,6 +185,9 @@ pub struct Clip<B: Backend> {
     pub text_projection: Linear<B>,
     /// log of the logit scale (CLIP's own loss; kept so an exported model is complete).
     pub logit_scale: Param<Tensor<B, 1>>,
+    /// What the matrix products compute in (not saved: a setting of the run, not a weight).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl<B: Backend> Clip<B> {
@@ -214,7 +234,14 @@ impl<B: Backend> Clip<B> {
                 .with_bias(false)
                 .init(device),
             logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),
+            precision: Precision::Fp32,
         }
+    }
+
+    /// This CLIP computing its matrix products in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Projected image embeddings (not normalised) of `pixels` `[b, 3, s, s]` (normalised
@@ -229,7 +256,10 @@ impl<B: Backend> Clip<B> {
             .reshape([b, c, g, p, g, p])
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, g * g, c * p * p]);
-        let x = patches.matmul(kernel.reshape([w, c * p * p]).transpose().unsqueeze::<3>());
+        let x = self.precision.matmul(
+            patches,
+            kernel.reshape([w, c * p * p]).transpose().unsqueeze::<3>(),
+        );
         let cls = vm
             .embeddings
             .class_embedding
@@ -243,10 +273,12 @@ impl<B: Backend> Clip<B> {
             .val()
             .unsqueeze::<3>();
         let x = Tensor::cat(vec![cls, x], 1) + positions;
-        let x = vm.encoder.forward(vm.pre_layrnorm.forward(x), None);
+        let x = vm
+            .encoder
+            .forward(vm.pre_layrnorm.forward(x), None, self.precision);
         let pooled = x.slice([0..b, 0..1, 0..w]).reshape([b, w]);
-        self.visual_projection
-            .forward(vm.post_layernorm.forward(pooled))
+        self.precision
+            .linear(&self.visual_projection, vm.post_layernorm.forward(pooled))
     }
 
     /// Projected text embeddings (not normalised) of `ids` `[b, l]`, whose end-of-text tokens
@@ -264,7 +296,9 @@ impl<B: Backend> Clip<B> {
             .slice([0..l, 0..width])
             .unsqueeze::<3>();
         let x = tm.embeddings.token_embedding.forward(ids) + positions;
-        let x = tm.encoder.forward(x, Some(causal_mask(l, &device)));
+        let x = tm
+            .encoder
+            .forward(x, Some(causal_mask(l, &device)), self.precision);
         let x = tm.final_layer_norm.forward(x).reshape([b * l, width]);
         let rows: Vec<i64> = ends
             .iter()
@@ -272,7 +306,7 @@ impl<B: Backend> Clip<B> {
             .map(|(i, &e)| (i * l + e) as i64)
             .collect();
         let pooled = x.select(0, Tensor::from_data(TensorData::new(rows, [b]), &device));
-        self.text_projection.forward(pooled)
+        self.precision.linear(&self.text_projection, pooled)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Machine-learning building blocks shared by the stages that train and evaluate students:
 //! the losses of the method (`loss`), the retrieval metrics (`retrieval`), the students
-//! (`student`, `scenes_small` with its word vocabulary `vocab`), the optimiser set-up (`optim`)
-//! and what matrix products compute in (`precision`).
+//! (`student`, `scenes_small` with its word vocabulary `vocab`), the optimiser set-up (`optim`),
+//! what matrix products compute in (`precision`) and the walk over a module's parameters
+//! (`params`).
 //!
 //! Everything here is generic over a burn [`Backend`](burn::tensor::backend::Backend) and knows
 //! nothing about pipelines, files or the cache.
@@ -9,6 +10,7 @@
 pub mod clip;
 pub mod loss;
 pub mod optim;
+pub mod params;
 pub mod precision;
 pub mod retrieval;
 pub mod scenes_small;

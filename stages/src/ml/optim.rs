@@ -6,11 +6,12 @@
 //! `decay_temperatures` (the released CUSA code decays them, and its preset follows it).
 //! PyTorch's AdamW epsilon (1e-8) and update rule (p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + ε)).
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+
+use super::params::float_params;
 
 /// Which parameters are decayed.
 pub struct DecayGroups {
@@ -24,42 +25,23 @@ pub fn decay_groups<B: Backend, M: burn::module::Module<B>>(
     module: &M,
     decay_temperatures: bool,
 ) -> DecayGroups {
-    struct Split {
-        path: Vec<String>,
-        decay_temperatures: bool,
-        groups: DecayGroups,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Split {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let temperature = self.path.iter().any(|p| p == "temperatures");
-            let decay = if temperature {
-                self.decay_temperatures
-            } else {
-                D >= 2
-            };
-            if decay {
-                self.groups.decayed.push(param.id);
-            } else {
-                self.groups.plain.push(param.id);
-            }
-        }
-    }
-    let mut split = Split {
-        path: Vec::new(),
-        decay_temperatures,
-        groups: DecayGroups {
-            decayed: Vec::new(),
-            plain: Vec::new(),
-        },
+    let mut groups = DecayGroups {
+        decayed: Vec::new(),
+        plain: Vec::new(),
     };
-    module.visit(&mut split);
-    split.groups
+    for p in float_params(module) {
+        let decay = if p.is_under("temperatures") {
+            decay_temperatures
+        } else {
+            p.shape.len() >= 2
+        };
+        if decay {
+            groups.decayed.push(p.id);
+        } else {
+            groups.plain.push(p.id);
+        }
+    }
+    groups
 }
 
 /// Learning rate of epoch `epoch` (0-based) of `epochs`: cosine from `lr` to `lr_min`, one value
@@ -166,6 +148,61 @@ impl<M> GroupedAccumulator<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ml::params::FloatParam;
+    use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
+
+    #[test]
+    fn matrices_are_decayed_vectors_not_and_temperatures_as_asked() {
+        type B = burn::backend::NdArray<f32>;
+        let shape = FeatureHeadsShape {
+            image_dim: 6,
+            text_dim: 5,
+            hidden: 8,
+            dim: 4,
+            uni_heads: true,
+        };
+        let model = FeatureHeads::<B>::new(shape, &Default::default());
+        let params = float_params(&model);
+        let paths = |ids: &[ParamId]| -> Vec<String> {
+            params
+                .iter()
+                .filter(|p| ids.contains(&p.id))
+                .map(|p| p.path.clone())
+                .collect()
+        };
+        let temperatures = [
+            "temperatures.tau",
+            "temperatures.tau_c",
+            "temperatures.tau_ui",
+            "temperatures.tau_ut",
+        ];
+        for decay_temperatures in [false, true] {
+            let groups = decay_groups::<B, _>(&model, decay_temperatures);
+            let (decayed, plain) = (paths(&groups.decayed), paths(&groups.plain));
+            assert_eq!(decayed.len() + plain.len(), params.len());
+            for p in &params {
+                let is_temperature = temperatures.contains(&p.path.as_str());
+                let want_decayed = if is_temperature {
+                    decay_temperatures
+                } else {
+                    p.shape.len() >= 2
+                };
+                assert_eq!(decayed.contains(&p.path), want_decayed, "{p:?}");
+            }
+            assert!(
+                params
+                    .iter()
+                    .filter(|p: &&FloatParam| p.is_under("temperatures"))
+                    .count()
+                    == 4
+            );
+            assert!(
+                decayed.iter().any(|p| p.ends_with("fc1.weight")),
+                "{decayed:?}"
+            );
+            assert!(plain.iter().any(|p| p.ends_with("fc1.bias")), "{plain:?}");
+        }
+    }
 
     #[test]
     fn cosine_goes_from_lr_to_lr_min() {

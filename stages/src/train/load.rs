@@ -7,15 +7,15 @@
 
 use std::path::Path;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::prelude::Backend;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use burn::tensor::Tensor;
 use serde_json::Value;
 
 use crate::api::StageError;
 use crate::ml::clip::tokenizer::ClipTokenizer;
 use crate::ml::clip::{ClipStudent, ClipStudentShape};
+use crate::ml::params::float_params;
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape};
 use crate::ml::vocab::WordVocab;
@@ -55,33 +55,12 @@ fn weights_error(dir: &Path, e: impl std::fmt::Display) -> StageError {
     )
 }
 
-/// Every float parameter of a module: its path (field names joined by `.`) and shape.
-struct ParamShapes {
-    path: Vec<String>,
-    found: Vec<(String, Vec<usize>)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for ParamShapes {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        // The shape without initialising a lazy parameter (a fresh CLIP's random weights).
-        self.found
-            .push((self.path.join("."), param.lazy_shape().to_vec()));
-    }
-}
-
+/// Every float parameter of a module: its path and shape.
 fn param_shapes<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<usize>)> {
-    let mut v = ParamShapes {
-        path: Vec::new(),
-        found: Vec::new(),
-    };
-    model.visit(&mut v);
-    v.found
+    float_params(model)
+        .into_iter()
+        .map(|p| (p.path, p.shape))
+        .collect()
 }
 
 /// Loads the weights at `file` (`<file>.mpk`) into `model` (built from the architecture they

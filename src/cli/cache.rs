@@ -71,12 +71,23 @@ pub(crate) fn human(bytes: u64) -> String {
 }
 
 /// The store for `pipeline` (or `./cache` when the file does not exist).
-fn open(pipeline: &std::path::Path, cache_dir: Option<PathBuf>) -> Result<Store, CliError> {
+/// `write`: the command changes the cache (`verify --repair`, `gc`); otherwise it is opened
+/// read-only and may live on a read-only disk.
+fn open(
+    pipeline: &std::path::Path,
+    cache_dir: Option<PathBuf>,
+    write: bool,
+) -> Result<Store, CliError> {
     let dir = std::path::absolute(pipeline)
         .ok()
         .and_then(|p| p.parent().map(|d| d.to_path_buf()))
         .unwrap_or_default();
-    Ok(Store::open(&super::cache_root(cache_dir, &dir))?)
+    let root = super::cache_root(cache_dir, &dir);
+    Ok(if write {
+        Store::open(&root)?
+    } else {
+        Store::open_read_only(&root)?
+    })
 }
 
 pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
@@ -86,7 +97,7 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             pipeline,
             json,
         } => {
-            let store = open(&pipeline, cache_dir)?;
+            let store = open(&pipeline, cache_dir, repair)?;
             let _lock = store.lock(repair, || {
                 eprintln!("  waiting  another cusa-pipe process holds the cache lock")
             })?;
@@ -151,7 +162,7 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             pipeline,
             ..
         } => {
-            let store = open(&pipeline, cache_dir)?;
+            let store = open(&pipeline, cache_dir, true)?;
             let _lock = store.lock(true, || eprintln!("  waiting  for running cusa-pipe processes to finish (gc needs the cache alone)"))?;
             let mut keep: BTreeSet<_> = store.recent_fingerprints(keep_runs);
             if pipeline.exists() {
@@ -184,7 +195,7 @@ pub fn cache(cmd: CacheCommand, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             Ok(0)
         }
         CacheCommand::Du { pipeline } => {
-            let store = open(&pipeline, cache_dir)?;
+            let store = open(&pipeline, cache_dir, false)?;
             let du = store.du();
             println!(
                 "objects     {:>10}  ({} files)",
@@ -229,13 +240,18 @@ fn remote_gc(a: RemoteGc) -> Result<i32, CliError> {
         remote: (!a.remote.is_empty()).then_some(a.remote.clone()),
         no_remote: false,
     };
-    let remote = super::connect_remote(&engine.pipeline, &args, Box::new(|w| eprintln!("{w}")))?
-        .ok_or_else(|| {
-            CliError::Usage(format!(
-                "no remote: {} has no `remote:` and none was named (`--remote NAME|URL`)",
-                a.pipeline.display()
-            ))
-        })?;
+    let remote = super::connect_remote(
+        &engine.pipeline,
+        &args,
+        Box::new(|w| eprintln!("{w}")),
+        false,
+    )?
+    .ok_or_else(|| {
+        CliError::Usage(format!(
+            "no remote: {} has no `remote:` and none was named (`--remote NAME|URL`)",
+            a.pipeline.display()
+        ))
+    })?;
     let keep_stages: BTreeSet<String> = super::stage_indices(&engine.pipeline, &a.keep)?
         .into_iter()
         .map(|i| engine.pipeline.stages[i].name.clone())

@@ -118,7 +118,7 @@ fn cell(v: Option<&Value>) -> String {
 }
 
 pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
-    let engine = super::engine(&args.pipeline, &args.set, cache_dir)?;
+    let engine = super::engine_read_only(&args.pipeline, &args.set, cache_dir)?;
     if let Some(b) = &args.baseline {
         super::stage_indices(&engine.pipeline, std::slice::from_ref(b))?;
     }

@@ -88,8 +88,39 @@ impl From<crate::store::StoreError> for CliError {
     }
 }
 
+/// Exit code of a command whose output was closed by its reader (`| head`): 128 + SIGPIPE,
+/// what a shell reports for a Unix tool stopped the same way.
+pub const EXIT_OUTPUT_CLOSED: i32 = 141;
+
+/// A closed standard output or error (`cusa-pipe status | head -1`) ends the process quietly.
+///
+/// SIGPIPE stays ignored (Rust's default): the network clients of the team cache write to
+/// sockets with `writev`, which would raise it when a server hangs up. Instead the failed write
+/// of `println!`/`eprintln!` (a panic "failed printing to stdout: Broken pipe") exits with
+/// [`EXIT_OUTPUT_CLOSED`] and no message; every other panic keeps the default report. Exiting
+/// there is as safe as any interruption: nothing is committed half-way (see `store`).
+fn quiet_on_closed_output() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // std's message: "failed printing to stdout: Broken pipe (os error 32)".
+        if message.starts_with("failed printing to std")
+            && message.contains(&format!("(os error {})", libc::EPIPE))
+        {
+            std::process::exit(EXIT_OUTPUT_CLOSED);
+        }
+        default(info);
+    }));
+}
+
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
+    quiet_on_closed_output();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -152,7 +183,7 @@ pub(crate) fn cache_root(flag: Option<PathBuf>, pipeline_dir: &Path) -> PathBuf 
     flag.unwrap_or_else(|| pipeline_dir.join("cache"))
 }
 
-/// Loads the pipeline and opens its store.
+/// Loads the pipeline and opens its store, for a command that writes to it.
 pub(crate) fn engine(
     file: &Path,
     overrides: &[Override],
@@ -160,6 +191,18 @@ pub(crate) fn engine(
 ) -> Result<Engine, CliError> {
     let (pipeline, dag) = load(file, overrides)?;
     let store = Store::open(&cache_root(cache_dir, &pipeline.dir))?;
+    Ok(Engine::new(pipeline, dag, store))
+}
+
+/// Loads the pipeline and opens its store read-only (`status`, `path`, `metrics`): a cache on
+/// a read-only disk, or one the user may not write, is read as it is.
+pub(crate) fn engine_read_only(
+    file: &Path,
+    overrides: &[Override],
+    cache_dir: Option<PathBuf>,
+) -> Result<Engine, CliError> {
+    let (pipeline, dag) = load(file, overrides)?;
+    let store = Store::open_read_only(&cache_root(cache_dir, &pipeline.dir))?;
     Ok(Engine::new(pipeline, dag, store))
 }
 
@@ -176,10 +219,14 @@ pub(crate) struct RemoteArgs {
 }
 
 /// Connects to the remote a command should use, if any; warnings go through `warn`.
+/// `best_effort` (`run`): a remote that cannot be reached is one warning and no remote, as
+/// every other remote failure of a run; `push`, `pull` and `cache gc --remote` fail instead.
+/// Wrong settings are a usage error either way.
 pub(crate) fn connect_remote(
     pipeline: &Pipeline,
     args: &RemoteArgs,
     warn: Box<dyn Fn(&str) + Send + Sync>,
+    best_effort: bool,
 ) -> Result<Option<std::sync::Arc<crate::remote::Remote>>, CliError> {
     let settings = crate::remote::config::resolve(
         pipeline.remote.as_ref(),
@@ -190,9 +237,54 @@ pub(crate) fn connect_remote(
     let Some(settings) = settings else {
         return Ok(None);
     };
-    let remote = crate::remote::Remote::connect(settings, warn)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok(Some(std::sync::Arc::new(remote)))
+    let warn: std::sync::Arc<dyn Fn(&str) + Send + Sync> = std::sync::Arc::from(warn);
+    let remote_warn = warn.clone();
+    match crate::remote::Remote::connect(settings, Box::new(move |m| remote_warn(m))) {
+        Ok(remote) => Ok(Some(std::sync::Arc::new(remote))),
+        Err(crate::remote::RemoteError::Unavailable(e)) if best_effort => {
+            warn(&format!(
+                "warning: {e}; going on without it (stages run locally)"
+            ));
+            Ok(None)
+        }
+        Err(e @ crate::remote::RemoteError::Unavailable(_)) => {
+            Err(CliError::Other(anyhow::anyhow!("{e}")))
+        }
+        Err(e) => Err(CliError::Usage(e.to_string())),
+    }
+}
+
+/// Every project file or folder the `selected` stages declare must exist before anything
+/// runs: a missing one is a mistake in the pipeline file (exit 2), located at its key.
+pub(crate) fn check_project_inputs(p: &Pipeline, selected: &[usize]) -> Result<(), CliError> {
+    for &i in selected {
+        let stage = &p.stages[i];
+        for (name, input) in &stage.inputs {
+            let spec::Input::Project { path, key } = input else {
+                continue;
+            };
+            let abs = p.dir.join(path);
+            if std::fs::metadata(&abs).is_ok() {
+                continue;
+            }
+            let dangling = std::fs::symlink_metadata(&abs).is_ok();
+            let mut d = p.source.diagnostic_at_value(
+                key,
+                if dangling {
+                    format!("input `{name}`: {path} is a symbolic link whose target does not exist")
+                } else {
+                    format!("input `{name}`: {path} does not exist")
+                },
+            );
+            d.stage = Some(stage.name.clone());
+            d.help = Some(format!(
+                "create it, or fix the path (relative to {})",
+                p.file.display()
+            ));
+            return Err(d.into());
+        }
+    }
+    Ok(())
 }
 
 /// The longest stage name, to align per-stage lines.

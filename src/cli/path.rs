@@ -26,7 +26,7 @@ pub fn path(args: PathArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError>
         Some((n, s)) => (n.to_string(), Some(s.trim_matches('/').to_string())),
         None => (args.target.clone(), None),
     };
-    let engine = super::engine(&args.pipeline, &args.set, cache_dir)?;
+    let engine = super::engine_read_only(&args.pipeline, &args.set, cache_dir)?;
     let idx = super::stage_indices(&engine.pipeline, std::slice::from_ref(&name))?[0];
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")

@@ -29,6 +29,10 @@ pub struct TransferArgs {
     set: Vec<Override>,
     #[command(flatten)]
     remote: super::RemoteArgs,
+    /// `push` only: download and re-hash what the remote already holds for these results,
+    /// uploading again whatever is damaged or missing and replacing an unreadable record
+    #[arg(long)]
+    verify: bool,
 }
 
 /// The engine and its remote, or a usage error when none is configured.
@@ -41,8 +45,13 @@ fn engine_with_remote(
     let (file, stages) = super::split_pipeline_and_stages(words);
     let engine = super::engine(&file, set, cache_dir)?;
     let targets = super::stage_indices(&engine.pipeline, &stages)?;
-    let remote = super::connect_remote(&engine.pipeline, remote, Box::new(|w| eprintln!("{w}")))?
-        .ok_or_else(|| {
+    let remote = super::connect_remote(
+        &engine.pipeline,
+        remote,
+        Box::new(|w| eprintln!("{w}")),
+        false,
+    )?
+    .ok_or_else(|| {
         CliError::Usage(format!(
             "no remote: {} has no `remote:`, no `--remote NAME|URL` was given and the user \
              config has no `default`",
@@ -91,7 +100,12 @@ pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
                 if wanted.contains(&i)
                     && let Some(record) = engine.store.read_record(&c.fingerprint)
                 {
-                    remote.push_in_background(&engine.store, record);
+                    let check = if args.verify {
+                        crate::remote::PushCheck::Verify
+                    } else {
+                        crate::remote::PushCheck::Trust
+                    };
+                    remote.push_in_background(&engine.store, record, check);
                 }
                 Upstream::Done(c.clone())
             }
@@ -114,6 +128,21 @@ pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
         match r {
             Ok(s) if s.already => {
                 eprintln!("{:>9}  {stage:width$}  already on the remote", "present")
+            }
+            Ok(s) if s.repaired > 0 || s.record_replaced => {
+                pushed += 1;
+                bytes += s.bytes;
+                objects += s.objects;
+                eprintln!(
+                    "{:>9}  {stage:width$}  {} damaged or missing object(s) uploaded again{}",
+                    "repaired",
+                    s.objects,
+                    if s.record_replaced {
+                        ", record replaced"
+                    } else {
+                        ""
+                    }
+                );
             }
             Ok(s) => {
                 pushed += 1;
@@ -148,6 +177,11 @@ pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
 pub fn pull(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     let (engine, remote, targets) =
         engine_with_remote(&args.words, &args.set, &args.remote, cache_dir)?;
+    if args.verify {
+        return Err(CliError::Usage(
+            "`--verify` is for `push` (a pull verifies every object it downloads)".into(),
+        ));
+    }
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")
     })?;
@@ -240,6 +274,14 @@ pub(crate) fn wait_for_pushes(remote: &Remote, reporter: &Reporter) {
             Ok(s) if !s.already => {
                 pushed += 1;
                 bytes += s.bytes;
+                if s.repaired > 0 || s.record_replaced {
+                    reporter.line(&format!(
+                        " repaired  `{stage}` on {}: {} damaged or missing object(s) uploaded again{}",
+                        remote.describe(),
+                        s.repaired,
+                        if s.record_replaced { ", record replaced" } else { "" }
+                    ));
+                }
             }
             Ok(_) => {}
             Err(e) => remote.failed(&format!("pushing `{stage}`"), e),

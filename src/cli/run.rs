@@ -47,6 +47,12 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     let (file, stages) = super::split_pipeline_and_stages(&args.words);
     let engine = super::engine(&file, &args.set, cache_dir)?;
     let targets = super::stage_indices(&engine.pipeline, &stages)?;
+    let selected = if targets.is_empty() {
+        engine.dag.order.clone()
+    } else {
+        engine.dag.closure(&targets)
+    };
+    super::check_project_inputs(&engine.pipeline, &selected)?;
     let force: BTreeSet<usize> = if args.force_all {
         (0..engine.pipeline.stages.len()).collect()
     } else {
@@ -79,6 +85,7 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
             &engine.pipeline,
             &args.remote,
             Box::new(move |w| reporter.line(w)),
+            true,
         )?
     };
     let _lock = engine.store.lock(false, || {

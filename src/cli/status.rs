@@ -23,7 +23,7 @@ pub struct StatusArgs {
 }
 
 pub fn status(args: StatusArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
-    let engine = super::engine(&args.pipeline, &args.set, cache_dir)?;
+    let engine = super::engine_read_only(&args.pipeline, &args.set, cache_dir)?;
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")
     })?;

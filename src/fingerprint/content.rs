@@ -143,6 +143,37 @@ impl Manifest {
         hex::encode(Sha256::digest(self.to_bytes()))
     }
 
+    /// Checks a manifest read from outside this process (a remote, a shared cache folder)
+    /// before any of its paths is materialised: every path relative and below the tree
+    /// ([`cusa_stages::safe_path::relative`]), no path twice, no file that another entry would
+    /// sit inside, every digest a lowercase sha256.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut files = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::with_capacity(self.entries.len());
+        for e in &self.entries {
+            cusa_stages::safe_path::relative(&e.path).map_err(|why| format!("entry {why}"))?;
+            if !seen.insert(e.path.as_str()) {
+                return Err(format!("entry `{}` is listed twice", e.path));
+            }
+            if let Node::File { sha256, .. } = &e.node {
+                if !cusa_stages::safe_path::is_sha256(sha256) {
+                    return Err(format!("entry `{}` has no valid sha256", e.path));
+                }
+                files.insert(e.path.as_str());
+            }
+        }
+        for e in &self.entries {
+            let mut parent = e.path.as_str();
+            while let Some((up, _)) = parent.rsplit_once('/') {
+                if files.contains(up) {
+                    return Err(format!("entry `{}` is inside the file `{up}`", e.path));
+                }
+                parent = up;
+            }
+        }
+        Ok(())
+    }
+
     /// Total bytes of the files.
     pub fn size(&self) -> u64 {
         self.entries

@@ -241,10 +241,14 @@ pub fn object_store_for(
         let dir = url
             .to_file_path()
             .map_err(|_| bad(format!("`{}` is not a local folder", settings.url)))?;
+        // A folder that cannot be made or opened is a remote that is not there right now
+        // (an unmounted share, no permission), not a mistake in the settings.
+        let unavailable =
+            |e: String| RemoteError::Unavailable(format!("remote `{}`: {e}", settings.name));
         std::fs::create_dir_all(&dir)
-            .map_err(|e| bad(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|e| bad(e.to_string()))?
+            .map_err(|e| unavailable(e.to_string()))?
             .with_automatic_cleanup(true);
         return Ok((Arc::new(store), String::new()));
     }

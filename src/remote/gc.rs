@@ -79,7 +79,7 @@ impl Remote {
                     let inner = inner.clone();
                     async move {
                         let got = inner.store.get(&inner.key(&rel)).await?.bytes().await?;
-                        Ok::<_, RemoteError>((rel, modified, serde_json::from_slice(&got).ok()))
+                        Ok::<_, RemoteError>((rel, modified, RunRecord::from_untrusted(&got).ok()))
                     }
                 }))
                 .buffer_unordered(super::concurrency())

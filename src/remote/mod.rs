@@ -73,6 +73,9 @@ pub enum RemoteError {
     /// The remote's settings are wrong (bad URL, unknown option).
     #[error("{0}")]
     Config(String),
+    /// The remote cannot be used now (a `file://` folder that cannot be created or opened).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Store(#[from] object_store::Error),
     #[error("{0}")]
@@ -87,7 +90,10 @@ pub enum RemoteError {
 impl RemoteError {
     /// Errors that say the remote cannot be used now (as opposed to one bad object).
     fn is_transport(&self) -> bool {
-        matches!(self, RemoteError::Store(_) | RemoteError::Config(_))
+        matches!(
+            self,
+            RemoteError::Store(_) | RemoteError::Config(_) | RemoteError::Unavailable(_)
+        )
     }
 }
 
@@ -98,6 +104,24 @@ pub struct PushStats {
     pub bytes: u64,
     /// The record was on the remote already (pushed by someone else, or before).
     pub already: bool,
+    /// Remote objects found damaged or missing under an existing record, uploaded again
+    /// ([`PushCheck::Verify`]).
+    pub repaired: usize,
+    /// The remote's record was unreadable, or named another output whose copy was not
+    /// verified, and was replaced by ours.
+    pub record_replaced: bool,
+}
+
+/// How far a push trusts what the remote already holds for its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushCheck {
+    /// A record on the remote means the result is there (one request: the normal case).
+    Trust,
+    /// The remote's record is read and every object it needs is downloaded and re-hashed;
+    /// anything damaged or missing is uploaded again from the local copy, and a record that is
+    /// unreadable or names another output is replaced. Used after a restore of the key failed
+    /// on a corrupt entry, for stages run with `--force`, and by `push --verify`.
+    Verify,
 }
 
 /// What a restore brought.
@@ -121,6 +145,8 @@ pub struct Remote {
     disabled: AtomicBool,
     warn: Box<dyn Fn(&str) + Send + Sync>,
     pending: Mutex<Vec<PendingPush>>,
+    /// Keys whose restore found a corrupt entry: their next push verifies and repairs.
+    suspect: Mutex<std::collections::HashSet<Fingerprint>>,
 }
 
 pub(crate) struct Inner {
@@ -159,6 +185,7 @@ impl Remote {
             disabled: AtomicBool::new(false),
             warn,
             pending: Mutex::new(Vec::new()),
+            suspect: Mutex::new(Default::default()),
         })
     }
 
@@ -205,6 +232,9 @@ impl Remote {
         match self.try_restore(local, fp) {
             Ok(r) => r.map(|(record, _)| record),
             Err(e) => {
+                if matches!(e, RemoteError::Corrupt(_)) {
+                    self.suspect.lock().expect("suspect").insert(fp.clone());
+                }
                 self.failed(&format!("restoring `{stage}`"), &e);
                 None
             }
@@ -229,21 +259,34 @@ impl Remote {
         Ok(Some((record, stats)))
     }
 
-    /// Starts pushing a committed result; [`Remote::finish`] waits for it.
-    pub fn push_in_background(&self, local: &Store, record: RunRecord) {
+    /// Starts pushing a committed result; [`Remote::finish`] waits for it. A key whose
+    /// restore found a corrupt entry in this process is pushed with [`PushCheck::Verify`]
+    /// whatever `check` says, so the good local copy repairs the remote.
+    pub fn push_in_background(&self, local: &Store, record: RunRecord, check: PushCheck) {
         if !self.settings.write || self.is_disabled() {
             return;
         }
+        let check = if self
+            .suspect
+            .lock()
+            .expect("suspect")
+            .contains(&record.fingerprint)
+        {
+            PushCheck::Verify
+        } else {
+            check
+        };
         let inner = self.inner.clone();
         let stage = record.stage.clone();
-        let handle = self.runtime.spawn(inner.push(local.clone(), record));
+        let handle = self.runtime.spawn(inner.push(local.clone(), record, check));
         self.pending.lock().expect("pending").push((stage, handle));
     }
 
-    /// Pushes now (the `push` command).
+    /// Pushes now, trusting a record already there (`bench remote`).
     pub fn push_now(&self, local: &Store, record: RunRecord) -> Result<PushStats, RemoteError> {
         let inner = self.inner.clone();
-        self.runtime.block_on(inner.push(local.clone(), record))
+        self.runtime
+            .block_on(inner.push(local.clone(), record, PushCheck::Trust))
     }
 
     /// Whether the remote holds a record for `fp` (`run --dry-run`, `pull`).
@@ -279,7 +322,7 @@ impl Remote {
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            let Ok(record) = serde_json::from_slice::<RunRecord>(&got) else {
+            let Ok(record) = RunRecord::from_untrusted(&got) else {
                 return Ok(None);
             };
             let key = inner.key(&Store::object_relative(&record.output));
@@ -291,7 +334,12 @@ impl Remote {
             if hex::encode(Sha256::digest(&bytes)) != record.output {
                 return Ok(None);
             }
-            Ok(serde_json::from_slice(&bytes).ok().map(|m| (record, m)))
+            Ok(
+                serde_json::from_slice::<crate::fingerprint::content::Manifest>(&bytes)
+                    .ok()
+                    .filter(|m| m.validate().is_ok())
+                    .map(|m| (record, m)),
+            )
         })
     }
 
@@ -428,42 +476,80 @@ impl Inner {
         self: Arc<Self>,
         local: Store,
         record: RunRecord,
+        check: PushCheck,
     ) -> Result<PushStats, RemoteError> {
         let record_key = self.key(&Store::record_relative(&record.fingerprint));
-        match self.store.head(&record_key).await {
-            Ok(_) => {
-                return Ok(PushStats {
-                    already: true,
-                    ..Default::default()
-                });
-            }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        // What the remote holds for this key: nothing, a usable record, or a broken one.
+        let existing: Option<Option<RunRecord>> = match check {
+            PushCheck::Trust => match self.store.head(&record_key).await {
+                Ok(_) => {
+                    return Ok(PushStats {
+                        already: true,
+                        ..Default::default()
+                    });
+                }
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            PushCheck::Verify => match self.store.get(&record_key).await {
+                Ok(got) => {
+                    let bytes = got.bytes().await?;
+                    Some(
+                        RunRecord::from_untrusted(&bytes)
+                            .ok()
+                            .filter(|r| r.fingerprint == record.fingerprint),
+                    )
+                }
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
         let manifest = local.manifest(&record.output)?;
-        let mut wanted: BTreeMap<String, ()> = BTreeMap::new();
-        wanted.insert(record.output.clone(), ());
+        let mut wanted: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        wanted.insert(record.output.clone(), None);
         for e in &manifest.entries {
-            if let Node::File { sha256, .. } = &e.node {
-                wanted.insert(sha256.clone(), ());
+            if let Node::File { sha256, size, .. } = &e.node {
+                wanted.insert(sha256.clone(), Some(*size));
             }
         }
-        // What the remote lacks, or holds so long that a gc may be about to take it.
+        // What the remote lacks, or holds so long that a gc may be about to take it; when
+        // verifying, also what it holds damaged.
         let refresh_before = now_unix() - (self.grace.as_secs() / 2) as i64;
-        let needed: Vec<String> = {
+        let listed: Vec<(String, Option<u64>, bool)> = {
             let index = self.objects_index().await?;
             let index = index.as_ref().expect("loaded");
             wanted
-                .into_keys()
-                .filter(|d| index.get(d).is_none_or(|&t| t < refresh_before))
+                .into_iter()
+                .map(|(d, size)| {
+                    let fresh = index.get(&d).is_some_and(|&t| t >= refresh_before);
+                    (d, size, fresh)
+                })
                 .collect()
         };
-        let uploads = futures::stream::iter(needed.into_iter().map(|digest| {
+        let verify = check == PushCheck::Verify && existing.is_some();
+        let needed: Vec<(String, bool)> =
+            futures::stream::iter(listed.into_iter().map(|(digest, size, fresh)| {
+                let this = self.clone();
+                async move {
+                    if !fresh {
+                        return Ok::<_, RemoteError>(Some((digest, false)));
+                    }
+                    if verify && !this.remote_object_intact(&digest, size).await? {
+                        return Ok(Some((digest, true)));
+                    }
+                    Ok(None)
+                }
+            }))
+            .buffer_unordered(concurrency())
+            .try_filter_map(|x| async move { Ok(x) })
+            .try_collect()
+            .await?;
+        let uploads = futures::stream::iter(needed.into_iter().map(|(digest, damaged)| {
             let this = self.clone();
             let path = local.object_file(&digest);
             async move {
                 let bytes = this.upload_object(&digest, &path).await?;
-                Ok::<_, RemoteError>((digest, bytes))
+                Ok::<_, RemoteError>((digest, bytes, damaged))
             }
         }))
         .buffer_unordered(concurrency())
@@ -471,15 +557,27 @@ impl Inner {
         .await?;
         let now = now_unix();
         if let Some(index) = self.index.lock().await.as_mut() {
-            for (d, _) in &uploads {
+            for (d, _, _) in &uploads {
                 index.insert(d.clone(), now);
             }
         }
-        let stats = PushStats {
+        let repaired = uploads.iter().filter(|u| u.2).count();
+        let mut stats = PushStats {
             objects: uploads.len(),
-            bytes: uploads.iter().map(|(_, b)| b).sum(),
+            bytes: uploads.iter().map(|u| u.1).sum(),
             already: false,
+            repaired,
+            record_replaced: false,
         };
+        if let Some(remote_record) = &existing
+            && remote_record
+                .as_ref()
+                .is_some_and(|r| r.output == record.output)
+        {
+            // The remote's record is ours and every object under it is intact now.
+            stats.already = repaired == 0 && stats.objects == 0;
+            return Ok(stats);
+        }
         if let Some(log) = &record.log {
             let path = local.root().join(log);
             if let Ok(bytes) = tokio::fs::read(&path).await {
@@ -488,8 +586,15 @@ impl Inner {
                     .await?;
             }
         }
-        // The commit point on the remote.
+        // The commit point on the remote. A verified push replaces a broken record, or one
+        // naming another output (a record is only a pointer to a result of the same key, and
+        // ours is the one whose objects were just checked).
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
+        if existing.is_some() {
+            self.store.put(&record_key, PutPayload::from(bytes)).await?;
+            stats.record_replaced = true;
+            return Ok(stats);
+        }
         let put = self
             .store
             .put_opts(
@@ -511,6 +616,30 @@ impl Inner {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether the remote's copy of `digest` exists and hashes to its name (downloaded and
+    /// hashed as it streams; nothing is written).
+    async fn remote_object_intact(
+        &self,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<bool, RemoteError> {
+        let key = self.key(&Store::object_relative(digest));
+        let got = match self.store.get(&key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if size.is_some_and(|s| s != got.meta.size) {
+            return Ok(false);
+        }
+        let mut stream = got.into_stream();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk?);
+        }
+        Ok(hex::encode(hasher.finalize()) == digest)
     }
 
     /// Uploads one local object, re-hashing it on the way; returns its size.
@@ -633,8 +762,11 @@ impl Inner {
             Err(e) => return Err(e.into()),
         };
         let bytes = got.bytes().await?;
-        let record: RunRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            RemoteError::Corrupt(format!("run record {} is unreadable: {e}", fp.short()))
+        let record = RunRecord::from_untrusted(&bytes).map_err(|e| {
+            RemoteError::Corrupt(format!(
+                "run record {} is unreadable ({e}; ignored, a push of this stage replaces it)",
+                fp.short()
+            ))
         })?;
         if record.fingerprint != fp {
             return Err(RemoteError::Corrupt(format!(
@@ -645,6 +777,28 @@ impl Inner {
         let mut stats = PullStats::default();
         if !local.has_object(&record.output) {
             let (tmp, size) = self.download_object(&record.output, &dir, None).await?;
+            // The manifest is checked before it enters the store: its paths are materialised
+            // later, under our cache.
+            let checked = tokio::fs::read(&tmp)
+                .await
+                .map_err(RemoteError::Io)
+                .and_then(|b| {
+                    serde_json::from_slice::<crate::fingerprint::content::Manifest>(&b)
+                        .map_err(|e| e.to_string())
+                        .and_then(|m| m.validate())
+                        .map_err(|e| {
+                            RemoteError::Corrupt(format!(
+                                "tree manifest {} of run record {} is refused ({e}; ignored, a \
+                                 push of this stage replaces it)",
+                                &record.output[..12],
+                                fp.short()
+                            ))
+                        })
+                });
+            if let Err(e) = checked {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
             local.adopt_object(&record.output, &tmp, false)?;
             stats.objects += 1;
             stats.bytes += size;

@@ -171,10 +171,18 @@ impl Engine {
                     let digest = self.store.hasher().digest_path(&abs, Walk { follow_links: true }).map_err(|e| {
                         let d = p.source.diagnostic_at_value(key, "");
                         let what = match &e {
-                            crate::fingerprint::content::HashError::Io { source, .. }
+                            crate::fingerprint::content::HashError::Io { source, path: at }
                                 if source.kind() == std::io::ErrorKind::NotFound =>
                             {
-                                format!("{path} does not exist")
+                                let inside = at.strip_prefix(&abs).ok().filter(|r| !r.as_os_str().is_empty());
+                                match inside {
+                                    Some(rel) if std::fs::symlink_metadata(at).is_ok() => format!(
+                                        "`{}` inside {path} is a symbolic link whose target does not exist",
+                                        rel.display()
+                                    ),
+                                    Some(rel) => format!("`{}` inside {path} disappeared while it was hashed", rel.display()),
+                                    None => format!("{path} does not exist"),
+                                }
                             }
                             other => other.to_string(),
                         };
@@ -686,7 +694,14 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
             Ok((c, record)) => {
                 report.outcome = Outcome::Ran;
                 if let Some(remote) = &engine.remote {
-                    remote.push_in_background(&engine.store, record);
+                    // `--force` says the result was not trusted: the remote's copy of it is
+                    // not trusted either.
+                    let check = if forced {
+                        crate::remote::PushCheck::Verify
+                    } else {
+                        crate::remote::PushCheck::Trust
+                    };
+                    remote.push_in_background(&engine.store, record, check);
                 }
                 (Upstream::Done(c), report)
             }
@@ -735,7 +750,12 @@ fn run_and_commit(
         report::reasons_text(&a.reasons)
     ));
     let out_dir = staging.out_dir();
-    let with = crate::spec::interpolate::resolve_paths(&stage.with, &a.inputs, &out_dir);
+    let with = crate::spec::interpolate::resolve_paths(
+        &stage.with,
+        &a.inputs,
+        &out_dir,
+        stage.kind.shell_keys(),
+    );
     let scratch = store.scratch_dir(stage.kind.name());
     let progress = shared.reporter.started(&stage.name, &a.reasons);
     let cores = std::thread::available_parallelism()

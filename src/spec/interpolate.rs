@@ -10,6 +10,12 @@
 //!
 //! `$${` writes a literal `${`. Parameters are substituted when the file is loaded; `inputs`
 //! and `out` only when the stage runs, so fingerprints never contain absolute paths.
+//!
+//! In a command line (a key a kind lists in `StageKind::shell_keys`, e.g. `run:` of a
+//! `command` stage) every substituted value is **one literal piece of shell text**, quoted for
+//! the place it lands in ([`ShellQuoting`]): bare (`'it'\''s; rm x'`), inside `'…'` or inside
+//! `"…"`. A value can never end a quote, start a command or expand `$(…)`. `${params.KEY:raw}`
+//! inserts a parameter's text as it is, for a value meant to be shell syntax (a list of flags).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,9 +26,14 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ref {
     Param(String),
+    /// `${params.KEY:raw}`: the value's text unquoted, even in a command line.
+    RawParam(String),
     Input(String),
     Out,
-    Stage { name: String, sub: Option<String> },
+    Stage {
+        name: String,
+        sub: Option<String>,
+    },
 }
 
 /// A string split into literal text and references.
@@ -73,8 +84,18 @@ fn parse_ref(inner: &str) -> Result<Ref, String> {
         return Ok(Ref::Out);
     }
     if let Some(key) = inner.strip_prefix("params.") {
+        let (key, raw) = match key.strip_suffix(":raw") {
+            Some(k) => (k.trim_end(), true),
+            None => (key, false),
+        };
         return if key.is_empty() {
             Err("`${params.}` names no parameter".into())
+        } else if key.contains(':') {
+            Err(format!(
+                "`${{{inner}}}`: the only form with `:` is `${{params.KEY:raw}}`"
+            ))
+        } else if raw {
+            Ok(Ref::RawParam(key.into()))
         } else {
             Ok(Ref::Param(key.into()))
         };
@@ -178,34 +199,119 @@ pub fn map_strings(
     })
 }
 
-/// Replaces `${inputs.NAME}` and `${out}` with real paths (run time). Parameters are already
+/// Replaces `${inputs.NAME}` and `${out}` with real paths (run time), quoted as shell words in
+/// the `shell_keys` (a project folder may have a space in its name). Parameters are already
 /// substituted; any other reference was rejected at load time.
 pub fn resolve_paths(
     value: &Value,
     inputs: &BTreeMap<String, std::path::PathBuf>,
     out: &Path,
+    shell_keys: &[&str],
 ) -> Value {
-    let mut f = |_: &str, s: &str| -> Result<Value, WalkError> {
+    let mut f = |key_path: &str, s: &str| -> Result<Value, WalkError> {
         let Ok(pieces) = parse(s) else {
             return Ok(Value::String(s.to_string()));
+        };
+        let mut shell = shell_keys.contains(&key_path).then(ShellQuoting::default);
+        let put = |text: &mut String, value: &str, shell: &Option<ShellQuoting>| match shell {
+            Some(q) => text.push_str(&q.quote(value)),
+            None => text.push_str(value),
         };
         let mut text = String::new();
         for piece in pieces {
             match piece {
-                Piece::Text(t) => text.push_str(&t),
-                Piece::Ref(Ref::Out) => text.push_str(&out.to_string_lossy()),
+                Piece::Text(t) => {
+                    if let Some(q) = &mut shell {
+                        q.feed(&t);
+                    }
+                    text.push_str(&t)
+                }
+                Piece::Ref(Ref::Out) => put(&mut text, &out.to_string_lossy(), &shell),
                 Piece::Ref(Ref::Input(name)) => {
                     if let Some(p) = inputs.get(&name) {
-                        text.push_str(&p.to_string_lossy());
+                        put(&mut text, &p.to_string_lossy(), &shell);
                     }
                 }
                 Piece::Ref(Ref::Param(k)) => text.push_str(&format!("${{params.{k}}}")),
+                Piece::Ref(Ref::RawParam(k)) => text.push_str(&format!("${{params.{k}:raw}}")),
                 Piece::Ref(Ref::Stage { name, .. }) => text.push_str(&format!("${{{name}}}")),
             }
         }
         Ok(Value::String(text))
     };
     map_strings(value, "", &mut f).unwrap_or_else(|_| value.clone())
+}
+
+/// Where a value substituted into a POSIX shell command line lands, found by reading the
+/// literal text before it: bare, inside `'…'`, or inside `"…"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShellContext {
+    #[default]
+    Bare,
+    Single,
+    Double,
+}
+
+/// Follows the quoting of a command line's literal text, and quotes a value for the place it
+/// lands in so that the shell (`sh -c`) or the POSIX word splitting of `shell: false` reads it
+/// back as exactly that text, one piece of one word.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShellQuoting {
+    context: ShellContext,
+    /// The last character fed was an unconsumed backslash (bare or in double quotes).
+    escaping: bool,
+}
+
+impl ShellQuoting {
+    /// Reads literal text of the command line, as the shell will see it.
+    pub fn feed(&mut self, text: &str) {
+        for c in text.chars() {
+            if self.escaping {
+                self.escaping = false;
+                continue;
+            }
+            self.context = match (self.context, c) {
+                (ShellContext::Bare | ShellContext::Double, '\\') => {
+                    self.escaping = true;
+                    self.context
+                }
+                (ShellContext::Bare, '\'') => ShellContext::Single,
+                (ShellContext::Bare, '"') => ShellContext::Double,
+                (ShellContext::Single, '\'') | (ShellContext::Double, '"') => ShellContext::Bare,
+                (context, _) => context,
+            };
+        }
+    }
+
+    pub fn context(&self) -> ShellContext {
+        self.context
+    }
+
+    /// `value` as shell text that reads back as `value` here (the quoting state is unchanged
+    /// after it).
+    pub fn quote(&self, value: &str) -> String {
+        match self.context {
+            ShellContext::Bare => {
+                let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+                if !value.is_empty() && value.chars().all(safe) {
+                    value.to_string()
+                } else {
+                    format!("'{}'", value.replace('\'', "'\\''"))
+                }
+            }
+            ShellContext::Single => value.replace('\'', "'\\''"),
+            ShellContext::Double => {
+                let mut out = String::with_capacity(value.len());
+                for c in value.chars() {
+                    if matches!(c, '\\' | '"' | '$' | '`') {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out
+            }
+        }
+    }
 }
 
 /// Re-escapes literal `${` so a substituted parameter value is not parsed again.
@@ -255,7 +361,77 @@ mod tests {
             &serde_json::json!({"run": "x ${inputs.a} ${out}/y $${z}"}),
             &inputs,
             Path::new("/o"),
+            &[],
         );
         assert_eq!(v, serde_json::json!({"run": "x /c/a /o/y ${z}"}));
+    }
+
+    #[test]
+    fn paths_in_a_command_line_are_quoted_where_they_land() {
+        let inputs = BTreeMap::from([("a".to_string(), std::path::PathBuf::from("/my data/it's"))]);
+        let v = resolve_paths(
+            &serde_json::json!({"run": "x ${inputs.a} \"${out}/y\" '${inputs.a}'", "env": "${out}"}),
+            &inputs,
+            Path::new("/o o"),
+            &["run"],
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "run": "x '/my data/it'\\''s' \"/o o/y\" '/my data/it'\\''s'",
+                "env": "/o o"
+            })
+        );
+    }
+
+    #[test]
+    fn raw_parameters_are_parsed() {
+        assert_eq!(
+            parse("${params.flags:raw}").unwrap(),
+            vec![Piece::Ref(Ref::RawParam("flags".into()))]
+        );
+        assert!(parse("${params.flags:q}").is_err());
+    }
+
+    /// What `sh -c 'printf %s VALUE-AS-QUOTED'` prints must be the value, in every context.
+    #[test]
+    fn quoted_values_read_back_through_a_real_shell() {
+        let nasty = [
+            "plain",
+            "",
+            "two words",
+            "x; touch /tmp/pwned",
+            "$(id)",
+            "`id`",
+            "it's",
+            "say \"hi\"",
+            "back\\slash",
+            "'; echo '",
+            "\"; echo \"",
+            "a\nb",
+            "${HOME}",
+            "*",
+        ];
+        for value in nasty {
+            for (before, after) in [("", ""), ("'", "'"), ("\"", "\""), ("pre-", "-post")] {
+                let mut q = ShellQuoting::default();
+                q.feed(&format!("printf %s {before}"));
+                let line = format!("printf %s {before}{}{after}", q.quote(value));
+                let out = std::process::Command::new("sh")
+                    .args(["-c", &line])
+                    .current_dir(std::env::temp_dir())
+                    .output()
+                    .unwrap();
+                let want = match before {
+                    "pre-" => format!("pre-{value}-post"),
+                    _ => value.to_string(),
+                };
+                assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{line}");
+                // `shell: false` splits with the same rules.
+                let words = shlex::split(&line).expect("balanced");
+                assert_eq!(words.len(), 3, "{line}: {words:?}");
+                assert_eq!(words[2], want, "{line}");
+            }
+        }
     }
 }

@@ -54,11 +54,27 @@ pub struct Source {
     pub file: PathBuf,
     pub text: String,
     pub index: LocationIndex,
+    /// Key paths set by `--set` (full, e.g. `stages.total.with.run`) and the flag as written:
+    /// a problem at or under one of them is located at the flag, not in the file.
+    pub overrides: Vec<(String, String)>,
 }
 
 impl Source {
     /// A diagnostic located at `path` (a key path of the document).
     pub fn diagnostic(&self, path: &str, message: impl Into<String>) -> Diagnostic {
+        if let Some((_, flag)) = self.overrides.iter().rev().find(|(key, _)| {
+            path == key
+                || path
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+        }) {
+            let mut d = Diagnostic::new(PathBuf::from(flag), message);
+            d.key = Some(path.to_string());
+            if let Some(rest) = path.strip_prefix("stages.") {
+                d.stage = rest.split(['.', '[']).next().map(str::to_string);
+            }
+            return d;
+        }
         let mut d = Diagnostic::new(self.file.clone(), message);
         d.key = (!path.is_empty()).then(|| path.to_string());
         if let Some(loc) = self.index.find(path) {
@@ -74,6 +90,10 @@ impl Source {
     /// Like [`Source::diagnostic`] but pointing at the value rather than the key.
     pub fn diagnostic_at_value(&self, path: &str, message: impl Into<String>) -> Diagnostic {
         let mut d = self.diagnostic(path, message);
+        if d.position.is_none() {
+            // Not in the file (a `--set`), or not located at all.
+            return d;
+        }
         if let Some(loc) = self.index.find(path) {
             d.position = Some(loc.value);
             d.source_line = self
@@ -193,27 +213,45 @@ impl std::str::FromStr for Override {
 
 /// Reads, overrides and validates a pipeline file.
 pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeline, Diagnostic> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
+    let bytes = std::fs::read(file).map_err(|e| {
         let mut d = Diagnostic::new(
             file.to_path_buf(),
             format!("cannot read the pipeline file: {e}"),
         );
-        d.help = Some(if e.kind() == std::io::ErrorKind::NotFound {
-            "run from the folder holding pipeline.yaml, or pass its path".into()
-        } else {
-            "check the file's permissions".into()
+        d.help = Some(match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "run from the folder holding pipeline.yaml, or pass its path".into()
+            }
+            std::io::ErrorKind::IsADirectory => "pass the pipeline file, not its folder".into(),
+            _ => "check the file's permissions".into(),
         });
+        d
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        let mut d = Diagnostic::new(
+            file.to_path_buf(),
+            format!(
+                "the pipeline file is not UTF-8 text (byte {} is not valid UTF-8)",
+                good.len()
+            ),
+        );
+        d.position = Some(location::Position { line, column });
+        d.help = Some("save it as UTF-8 (most editors offer the choice when saving)".into());
         d
     })?;
     let dir = std::path::absolute(file)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let source = Arc::new(Source {
+    let mut source = Source {
         file: file.to_path_buf(),
         index: LocationIndex::build(&text),
         text,
-    });
+        overrides: Vec::new(),
+    };
     if let Some((path, first, _second)) = source.index.duplicates.first() {
         let mut d = source.diagnostic(
             path,
@@ -251,9 +289,27 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         }
         d
     })?;
-    for o in overrides {
-        apply_override(&mut yaml, o, &source)?;
+    if yaml.is_null() {
+        let mut d = Diagnostic::new(file.to_path_buf(), "the pipeline file is empty");
+        d.help = Some(
+            "a pipeline has `version: 1` and a `stages:` mapping; see examples/numbers/pipeline.yaml"
+                .into(),
+        );
+        return Err(d);
     }
+    if !yaml.is_mapping() {
+        let mut d = source.diagnostic("", "the pipeline file is not a mapping of keys");
+        d.position = Some(location::Position { line: 1, column: 1 });
+        d.help = Some("a pipeline has `version: 1` and a `stages:` mapping".into());
+        return Err(d);
+    }
+    for o in overrides {
+        let key = apply_override(&mut yaml, o, &source)?;
+        source
+            .overrides
+            .push((key, format!("--set {}={}", o.key, o.value)));
+    }
+    let source = Arc::new(source);
     let json = yaml_to_json(&yaml, "").map_err(|(path, msg)| source.diagnostic(&path, msg))?;
     let raw: RawPipeline = parse_config(&json).map_err(|e| config_diagnostic(&source, "", e))?;
     if raw.version != FORMAT_VERSION {
@@ -280,6 +336,8 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         let base = format!("stages.{name}");
         if !interpolate::is_stage_name(name) {
             let mut d = source.diagnostic(&base, format!("`{name}` is not a valid stage name"));
+            // The name itself is the problem: it cannot be split out of the key path.
+            d.stage = None;
             d.help = Some("stage names use lowercase letters, digits and `_`".into());
             return Err(d);
         }
@@ -417,7 +475,7 @@ fn build_stage(
                 for piece in &pieces {
                     match piece {
                         Piece::Text(t) => resolved.push_str(t),
-                        Piece::Ref(Ref::Param(key)) => {
+                        Piece::Ref(Ref::Param(key) | Ref::RawParam(key)) => {
                             let v = param_value(params, key, &path, source)?;
                             params_used.insert(key.clone(), v.clone());
                             resolved.push_str(&interpolate::scalar_text(v).ok_or_else(|| {
@@ -465,6 +523,7 @@ fn build_stage(
     };
     let declared: Vec<String> = inputs.keys().cloned().collect();
     let with_path = format!("{base}.with");
+    let shell_keys = kind.shell_keys();
     let mut substitute = |key_path: &str, s: &str| -> Result<Value, WalkError> {
         let err = |message: String, help: Option<String>| WalkError {
             path: key_path.to_string(),
@@ -472,28 +531,51 @@ fn build_stage(
             help,
         };
         let pieces = interpolate::parse(s).map_err(|m| err(m, None))?;
-        if let [Piece::Ref(Ref::Param(key))] = pieces.as_slice() {
+        // In a command line, values are quoted for where they land.
+        let mut shell = shell_keys
+            .contains(&key_path)
+            .then(interpolate::ShellQuoting::default);
+        if shell.is_none()
+            && let [Piece::Ref(Ref::Param(key) | Ref::RawParam(key))] = pieces.as_slice()
+        {
             let v = interpolate::lookup_param(params, key)
                 .ok_or_else(|| unknown_param(key, params, key_path))?;
             params_used.insert(key.clone(), v.clone());
             return Ok(v.clone());
         }
+        let mut param_text = |key: &str| -> Result<String, WalkError> {
+            let v = interpolate::lookup_param(params, key)
+                .ok_or_else(|| unknown_param(key, params, key_path))?;
+            params_used.insert(key.to_string(), v.clone());
+            interpolate::scalar_text(v).ok_or_else(|| {
+                err(
+                    format!("parameter `{key}` is a list or map; it can only be a whole value"),
+                    None,
+                )
+            })
+        };
         let mut out = String::new();
         for piece in pieces {
             match piece {
-                Piece::Text(t) => out.push_str(&interpolate::escape(&t)),
+                Piece::Text(t) => {
+                    if let Some(q) = &mut shell {
+                        q.feed(&t);
+                    }
+                    out.push_str(&interpolate::escape(&t))
+                }
                 Piece::Ref(Ref::Param(key)) => {
-                    let v = interpolate::lookup_param(params, &key)
-                        .ok_or_else(|| unknown_param(&key, params, key_path))?;
-                    params_used.insert(key.clone(), v.clone());
-                    let text = interpolate::scalar_text(v).ok_or_else(|| {
-                        err(
-                            format!(
-                                "parameter `{key}` is a list or map; it can only be a whole value"
-                            ),
-                            None,
-                        )
-                    })?;
+                    let text = param_text(&key)?;
+                    match &shell {
+                        Some(q) => out.push_str(&interpolate::escape(&q.quote(&text))),
+                        None => out.push_str(&interpolate::escape(&text)),
+                    }
+                }
+                Piece::Ref(Ref::RawParam(key)) => {
+                    let text = param_text(&key)?;
+                    // A raw value is shell syntax: it moves the quoting state.
+                    if let Some(q) = &mut shell {
+                        q.feed(&text);
+                    }
                     out.push_str(&interpolate::escape(&text));
                 }
                 Piece::Ref(Ref::Input(n)) => {
@@ -683,11 +765,12 @@ fn yaml_to_json(v: &serde_yaml_ng::Value, path: &str) -> Result<Value, (String, 
 }
 
 /// Applies `--set a.b.c=VALUE`: VALUE is read as YAML (`2000` is a number, `true` a bool).
+/// Returns the full key path it set (`stages.total.with.run`).
 fn apply_override(
     doc: &mut serde_yaml_ng::Value,
     o: &Override,
     source: &Source,
-) -> Result<(), Diagnostic> {
+) -> Result<String, Diagnostic> {
     use serde_yaml_ng::Value as Y;
     let bad = |message: String, help: Option<String>| {
         let mut d = Diagnostic::new(
@@ -755,12 +838,12 @@ fn apply_override(
         let key = Y::String(part.clone());
         if i + 1 == full.len() {
             map.insert(key, value);
-            return Ok(());
+            return Ok(full.join("."));
         }
         if !map.contains_key(&key) {
             map.insert(key.clone(), Y::Mapping(Default::default()));
         }
         cur = map.get_mut(&key).expect("just inserted");
     }
-    Ok(())
+    Ok(full.join("."))
 }

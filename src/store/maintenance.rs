@@ -94,7 +94,7 @@ impl Store {
                 if path.extension().is_some_and(|e| e == "json") {
                     let rec = fs::read(&path)
                         .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok());
+                        .and_then(|b| RunRecord::from_untrusted(&b).ok());
                     out.push((path, rec));
                 }
             }
@@ -134,10 +134,16 @@ impl Store {
         }
         let damaged: BTreeSet<&String> = report.damaged_objects.iter().collect();
         let mut bad_records: Vec<(PathBuf, String)> = Vec::new();
+        // Trees that no longer link their (intact) objects: rebuilt, the record kept.
+        let mut stale_trees: Vec<(String, String)> = Vec::new();
         for (path, rec) in self.all_records() {
             report.records += 1;
             let Some(rec) = rec else {
-                bad_records.push((path, "unreadable run record".into()));
+                let why = format!(
+                    "unreadable run record {} (not a record, or one naming paths outside the cache)",
+                    path.strip_prefix(&self.root).unwrap_or(&path).display()
+                );
+                bad_records.push((path, why));
                 continue;
             };
             let problem = match self.manifest(&rec.output) {
@@ -149,15 +155,31 @@ impl Store {
                     Node::File { sha256, .. } if !self.object_path(sha256).exists() => {
                         Some(format!("`{}` is missing", e.path))
                     }
-                    Node::File { sha256, .. } => {
-                        let tree_file = self.tree_dir(&rec.output).join(&e.path);
-                        let tree_exists = self.tree_dir(&rec.output).exists();
-                        (tree_exists && inode(&tree_file) != inode(&self.object_path(sha256)))
-                            .then(|| format!("`{}` in its tree is not the stored object", e.path))
-                    }
+                    Node::File { .. } => None,
                     Node::Dir => None,
                 }),
             };
+            if problem.is_none()
+                && let Ok(m) = self.manifest(&rec.output)
+                && self.tree_dir(&rec.output).exists()
+                && let Some(e) = m.entries.iter().find(|e| match &e.node {
+                    Node::File { sha256, .. } => {
+                        inode(&self.tree_dir(&rec.output).join(&e.path))
+                            != inode(&self.object_path(sha256))
+                    }
+                    Node::Dir => false,
+                })
+            {
+                stale_trees.push((
+                    rec.output.clone(),
+                    format!(
+                        "stage `{}` ({}): `{}` in its tree is not the stored object (its objects are intact: --repair rebuilds the tree)",
+                        rec.stage,
+                        rec.fingerprint.short(),
+                        e.path
+                    ),
+                ));
+            }
             if let Some(p) = problem {
                 bad_records.push((
                     path,
@@ -166,6 +188,20 @@ impl Store {
             }
         }
         report.staging_leftovers = self.staging_leftovers().len();
+        for (output, why) in &stale_trees {
+            report.problems.push(why.clone());
+            if repair {
+                remove_tree(&self.tree_dir(output));
+                match self.check_tree(output) {
+                    Ok(super::TreeState::Intact(_)) => {
+                        report.repaired.push(format!("rebuilt tree: {why}"))
+                    }
+                    Ok(_) | Err(_) => report
+                        .problems
+                        .push(format!("could not rebuild the tree {}", &output[..12])),
+                }
+            }
+        }
         for (path, why) in &bad_records {
             report.problems.push(why.clone());
             if repair {

@@ -49,10 +49,23 @@ use crate::fingerprint::{Fingerprint, Ingredients};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{context}: {source}")]
+    /// `cause` is shown in the message and not chained as a source, so a caller printing the
+    /// chain (`{:#}`) does not repeat it.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+    /// A command that writes was pointed at a cache it cannot write.
+    #[error(
+        "the cache at {} is read-only ({cause}); this command writes to it. Point `--cache-dir` \
+         (or CUSA_PIPE_CACHE) at a writable folder; `status`, `path`, `metrics`, `dag`, \
+         `cache verify` and `cache du` read a read-only cache as it is",
+        root.display()
+    )]
+    ReadOnly {
+        root: PathBuf,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Hash(#[from] HashError),
@@ -62,7 +75,7 @@ pub enum StoreError {
 
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let context = context.into();
-    move |source| StoreError::Io { context, source }
+    move |cause| StoreError::Io { context, cause }
 }
 
 /// A committed result: the commit point of a stage execution.
@@ -92,6 +105,36 @@ pub struct RunRecord {
     pub tool: String,
 }
 
+impl RunRecord {
+    /// Reads a record written by someone else (a remote, a cache folder shared on a disk) and
+    /// checks what is later joined onto our folders: the key and the output are sha256
+    /// digests, the log (if any) a `.log` file under `logs-v1/`
+    /// ([`cusa_stages::safe_path::relative`]).
+    pub fn from_untrusted(bytes: &[u8]) -> Result<RunRecord, String> {
+        let record: RunRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        record.validate()?;
+        Ok(record)
+    }
+
+    /// See [`RunRecord::from_untrusted`].
+    pub fn validate(&self) -> Result<(), String> {
+        use cusa_stages::safe_path::{is_sha256, relative};
+        if !is_sha256(&self.fingerprint.0) {
+            return Err("its key is not a sha256".into());
+        }
+        if !is_sha256(&self.output) {
+            return Err("its output is not a sha256".into());
+        }
+        if let Some(log) = &self.log {
+            relative(log).map_err(|why| format!("its log path: {why}"))?;
+            if !log.starts_with("logs-v1/") || !log.ends_with(".log") {
+                return Err(format!("its log `{log}` is not a log file of the cache"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a tree check found.
 #[derive(Debug)]
 pub enum TreeState {
@@ -102,9 +145,10 @@ pub enum TreeState {
     Damaged(String),
 }
 
-/// A held cache lock (shared or exclusive); released on drop.
+/// A held cache lock (shared or exclusive); released on drop. `None`: a read-only cache that
+/// has no lock file (nothing has ever written it, so nothing can be writing it).
 pub struct CacheLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 /// A staging work directory; its lock tells sweepers it is alive. Removed on drop.
@@ -131,6 +175,17 @@ impl Drop for Staging {
 pub struct Store {
     root: PathBuf,
     hasher: ContentHasher,
+    /// Opened by a command that only reads ([`Store::open_read_only`]): nothing is created,
+    /// swept or repaired, and a staging folder is refused.
+    read_only: bool,
+}
+
+/// Whether an I/O error says "you may not write here".
+fn is_read_only(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied
+    )
 }
 
 const BUCKETS: &[&str] = &[
@@ -147,23 +202,64 @@ const BUCKETS: &[&str] = &[
 ];
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`, for a command that writes.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(root)
-            .map_err(io(format!("creating the cache at {}", root.display())))?;
+        let read_only = |cause: std::io::Error| {
+            if is_read_only(&cause) {
+                StoreError::ReadOnly {
+                    root: root.to_path_buf(),
+                    cause,
+                }
+            } else {
+                StoreError::Io {
+                    context: format!("opening the cache at {}", root.display()),
+                    cause,
+                }
+            }
+        };
+        fs::create_dir_all(root).map_err(read_only)?;
         let root = fs::canonicalize(root)
             .map_err(io(format!("opening the cache at {}", root.display())))?;
         for b in BUCKETS {
-            fs::create_dir_all(root.join(b))
-                .map_err(io(format!("creating {}", root.join(b).display())))?;
+            fs::create_dir_all(root.join(b)).map_err(read_only)?;
         }
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(".lock"))
+            .map_err(read_only)?;
         let tag = root.join("CACHEDIR.TAG");
         if !tag.exists() {
             let text = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by cusa-pipe.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
             atomic::write_file(&tag, text.as_bytes(), false).map_err(io("writing CACHEDIR.TAG"))?;
         }
         let hasher = ContentHasher::new(Some(root.join("stat-v1")));
-        Ok(Store { root, hasher })
+        Ok(Store {
+            root,
+            hasher,
+            read_only: false,
+        })
+    }
+
+    /// Opens the store at `root` for a command that only reads (`status`, `path`, `metrics`,
+    /// `cache verify`, `cache du`): nothing is created, so a cache on a read-only disk or
+    /// shared read-only by a team works, and a cache that does not exist is an empty one.
+    pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+        let root = fs::canonicalize(root)
+            .or_else(|_| std::path::absolute(root))
+            .map_err(io(format!("opening the cache at {}", root.display())))?;
+        let hasher = ContentHasher::new(Some(root.join("stat-v1")));
+        Ok(Store {
+            root,
+            hasher,
+            read_only: true,
+        })
+    }
+
+    /// Whether the store was opened by [`Store::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn root(&self) -> &Path {
@@ -177,12 +273,27 @@ impl Store {
     /// Takes the cache lock, shared (runs) or exclusive (gc); `waiting` is called once if
     /// another process holds it.
     pub fn lock(&self, exclusive: bool, waiting: impl FnOnce()) -> Result<CacheLock, StoreError> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(".lock"))
-            .map_err(io("opening the cache lock"))?;
+        let path = self.root.join(".lock");
+        let file = if self.read_only {
+            // flock works on a file opened for reading, so readers still wait for a `gc`.
+            match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(CacheLock { _file: None }),
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        context: format!("opening the cache lock {}", path.display()),
+                        cause: e,
+                    });
+                }
+            }
+        } else {
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io(format!("opening the cache lock {}", path.display())))?
+        };
         let got = if exclusive {
             file.try_lock()
         } else {
@@ -197,7 +308,7 @@ impl Store {
             }
             .map_err(io("locking the cache"))?;
         }
-        Ok(CacheLock { _file: file })
+        Ok(CacheLock { _file: Some(file) })
     }
 
     /// Holds the execution lock of one fingerprint; `waiting` is called once if another
@@ -222,6 +333,13 @@ impl Store {
 
     /// A fresh staging directory with an empty `out/`.
     pub fn staging(&self) -> Result<Staging, StoreError> {
+        if self.read_only {
+            return Err(StoreError::Damaged(format!(
+                "the cache at {} was opened read-only: nothing can be rebuilt in it (run \
+                 `cusa-pipe run` with a writable cache)",
+                self.root.display()
+            )));
+        }
         let base = self.root.join("staging-v1");
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}-", std::process::id()))
@@ -236,6 +354,9 @@ impl Store {
 
     /// Removes staging directories whose owner is gone. Returns how many were removed.
     pub fn sweep_staging(&self) -> usize {
+        if self.read_only {
+            return 0;
+        }
         let mut swept = 0;
         for dir in self.staging_leftovers() {
             remove_tree(&dir);
@@ -381,7 +502,7 @@ impl Store {
                         }
                         _ => StoreError::Io {
                             context: format!("linking {}", path.display()),
-                            source: e,
+                            cause: e,
                         },
                     })?;
                 }
@@ -395,7 +516,7 @@ impl Store {
             Err(e) => {
                 return Err(StoreError::Io {
                     context: "moving a tree into the store".into(),
-                    source: e,
+                    cause: e,
                 });
             }
         }
@@ -413,7 +534,7 @@ impl Store {
             }
             _ => StoreError::Io {
                 context: format!("reading {}", path.display()),
-                source: e,
+                cause: e,
             },
         })?;
         if hex::encode(Sha256::digest(&bytes)) != digest {
@@ -422,13 +543,23 @@ impl Store {
                 &digest[..12]
             )));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))?;
+        manifest
+            .validate()
+            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))?;
+        Ok(manifest)
     }
 
     /// Checks a committed tree before it is used, re-materialising it from objects if its
     /// folder is gone. Damaged objects are moved to quarantine so the next commit replaces them.
     pub fn check_tree(&self, digest: &str) -> Result<TreeState, StoreError> {
+        self.check_tree_once(digest, true)
+    }
+
+    /// [`Store::check_tree`]; `rebuild`: a tree found damaged whose objects are all intact is
+    /// rebuilt from them and checked again (once).
+    fn check_tree_once(&self, digest: &str, rebuild: bool) -> Result<TreeState, StoreError> {
         let manifest = match self.manifest(digest) {
             Ok(m) => m,
             Err(StoreError::Damaged(d)) => return Ok(TreeState::Missing(d)),
@@ -467,11 +598,17 @@ impl Store {
         }
         let detail = first_difference(&manifest, &actual);
         // Quarantine objects whose content no longer matches their name, then drop the tree.
+        // A tree file that differs is not proof that its object does: a file replaced inside
+        // the tree (a new inode) leaves the object intact, and other trees still link it.
         let want: BTreeMap<&str, &Node> = manifest
             .entries
             .iter()
             .map(|e| (e.path.as_str(), &e.node))
             .collect();
+        if self.read_only {
+            return Ok(TreeState::Damaged(detail));
+        }
+        let mut quarantined = false;
         for e in &actual.entries {
             if let (
                 Node::File { sha256: got, .. },
@@ -480,16 +617,31 @@ impl Store {
                 }),
             ) = (&e.node, want.get(e.path.as_str()))
                 && got != expected
+                && !self.object_intact(expected)
             {
                 self.quarantine(expected);
+                quarantined = true;
             }
         }
         remove_tree(&dir);
+        if rebuild && !quarantined {
+            // Only the tree was touched (a file replaced or added in it): its objects rebuild it.
+            return self.check_tree_once(digest, false);
+        }
         Ok(TreeState::Damaged(detail))
+    }
+
+    /// Whether the object `digest` exists and its content hashes to its name.
+    pub fn object_intact(&self, digest: &str) -> bool {
+        crate::fingerprint::content::sha256_file(&self.object_path(digest))
+            .is_ok_and(|d| hex::encode(d) == digest)
     }
 
     /// Moves a damaged object aside (kept for inspection, never served again).
     pub fn quarantine(&self, digest: &str) {
+        if self.read_only {
+            return;
+        }
         let obj = self.object_path(digest);
         let q = self.root.join("quarantine-v1");
         if fs::create_dir_all(&q).is_ok() {
@@ -550,7 +702,7 @@ impl Store {
     /// The run record of a fingerprint, if committed and readable.
     pub fn read_record(&self, fp: &Fingerprint) -> Option<RunRecord> {
         let bytes = fs::read(self.record_path(fp)).ok()?;
-        serde_json::from_slice::<RunRecord>(&bytes)
+        RunRecord::from_untrusted(&bytes)
             .ok()
             .filter(|r| &r.fingerprint == fp)
     }
@@ -563,7 +715,7 @@ impl Store {
             .into_iter()
             .filter_map(Result::ok)
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .filter_map(|e| serde_json::from_slice::<RunRecord>(&fs::read(e.path()).ok()?).ok())
+            .filter_map(|e| RunRecord::from_untrusted(&fs::read(e.path()).ok()?).ok())
             .collect();
         out.sort_by(|a, b| a.started_at.cmp(&b.started_at));
         out
@@ -581,6 +733,9 @@ impl Store {
 
     /// Removes a run record (its result will be recomputed).
     pub fn remove_record(&self, fp: &Fingerprint) {
+        if self.read_only {
+            return;
+        }
         let _ = fs::remove_file(self.record_path(fp));
     }
 

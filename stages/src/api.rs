@@ -39,6 +39,13 @@ pub trait StageKind: Send + Sync + 'static {
     /// Implementation version; part of every fingerprint of this kind.
     fn version(&self) -> u32;
 
+    /// Keys of `with:` that hold a POSIX shell command line (`command`'s `run`): the engine
+    /// substitutes every `${…}` value there as one literal, quoted piece of shell text, so a
+    /// parameter can never inject a command.
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Load-time check of the `with:` config (parameters already substituted; `${inputs.X}` and
     /// `${out}` still symbolic). Returns project paths the kind reads on its own (for example
     /// `download`'s `file:` source) so the engine hashes them like declared inputs.

@@ -10,6 +10,11 @@
 //!     shell: true                  # default; false splits `run` like a POSIX shell, no shell
 //! ```
 //!
+//! Every `${…}` in `run` becomes one literal piece of shell text, quoted for where it stands
+//! (bare, in `'…'`, in `"…"`): `echo ${params.msg}` with `msg: "x; touch y"` prints `x; touch
+//! y`, with `shell: true` or `false`. `${params.KEY:raw}` pastes a value unquoted, for values
+//! that are meant as shell syntax (several flags).
+//!
 //! Invariants:
 //! * the program runs with the pipeline file's folder as working directory, `${out}` is its
 //!   staging directory, and `CUSA_PIPE_OUT` holds the same path;
@@ -59,6 +64,10 @@ impl StageKind for CommandKind {
 
     fn version(&self) -> u32 {
         1
+    }
+
+    fn shell_keys(&self) -> &'static [&'static str] {
+        &["run"]
     }
 
     fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {

@@ -109,7 +109,7 @@ fn parallel_branches_finish_when_one_fails() {
 }
 
 #[test]
-fn a_missing_input_file_fails_the_stage_with_its_location() {
+fn a_missing_input_file_is_an_invalid_pipeline_with_its_location() {
     let p = Project::new();
     p.write(
         "pipeline.yaml",
@@ -117,11 +117,21 @@ fn a_missing_input_file_fails_the_stage_with_its_location() {
     );
     assert_snapshot!(p.transcript(&["run"]), @r"
     $ cusa-pipe run
-       failed  numbers  input `script`: gen.py does not exist (pipeline.yaml:6:15)
-               help: create it, or fix the path in the pipeline file (paths are relative to it)
-    done: 1 failed in [TIME]
-    [exit 1]
+    error: input `script`: gen.py does not exist (stage `numbers`)
+      --> pipeline.yaml:6:15
+      |
+    6 |       script: gen.py
+      |               ^
+      = help: create it, or fix the path (relative to pipeline.yaml)
+    [exit 2]
     ");
+    // `status` still explains it per stage, without failing the whole listing.
+    let status = p.run(&["status"]);
+    assert!(
+        status.stdout.contains("gen.py does not exist"),
+        "{}",
+        status.stdout
+    );
 }
 
 #[test]

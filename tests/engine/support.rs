@@ -212,6 +212,10 @@ pub enum Reply {
     Cut(Vec<u8>, usize),
     /// Like `Cut`, then stop the whole server (the process "dies").
     CutAndDie(Vec<u8>, usize),
+    /// Like `Body` (ranges honoured) but without ETag or Last-Modified: a dynamic server.
+    NoValidator(Vec<u8>),
+    /// Like `Cut`, without ETag or Last-Modified.
+    CutNoValidator(Vec<u8>, usize),
 }
 
 /// Scripted replies per path.
@@ -291,6 +295,12 @@ impl Drop for HttpServer {
     }
 }
 
+/// Whether a reply carries a validator (ETag).
+enum ReplyKind {
+    Validated,
+    NoValidator,
+}
+
 /// Serves one connection (one request); returns true if the server must die.
 fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool {
     stream.set_nonblocking(false).unwrap();
@@ -339,6 +349,10 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
     };
     let mut stream = stream;
     let dies = matches!(reply, Reply::CutAndDie(..));
+    let reply_kind = match reply {
+        Reply::NoValidator(_) | Reply::CutNoValidator(..) => ReplyKind::NoValidator,
+        _ => ReplyKind::Validated,
+    };
     match reply {
         Reply::Status(code) => {
             let _ = write!(
@@ -347,11 +361,16 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
             );
             false
         }
-        Reply::Body(body) => {
+        Reply::Body(body) | Reply::NoValidator(body) => {
+            let etag = if matches!(reply_kind, ReplyKind::NoValidator) {
+                ""
+            } else {
+                "ETag: \"v1\"\r\n"
+            };
             let start = range.unwrap_or(0).min(body.len() as u64) as usize;
             let head = if range.is_some() {
                 format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n{etag}Connection: close\r\n\r\n",
                     body.len() - start,
                     body.len().saturating_sub(1),
                     body.len()
@@ -363,7 +382,7 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
                     "application/octet-stream"
                 };
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
                     body.len()
                 )
             };
@@ -371,9 +390,14 @@ fn handle(stream: TcpStream, routes: &Routes, log: &Mutex<Vec<String>>) -> bool 
             let _ = stream.write_all(&body[start..]);
             false
         }
-        Reply::Cut(body, n) | Reply::CutAndDie(body, n) => {
+        Reply::Cut(body, n) | Reply::CutAndDie(body, n) | Reply::CutNoValidator(body, n) => {
+            let etag = if matches!(reply_kind, ReplyKind::NoValidator) {
+                ""
+            } else {
+                "ETag: \"v1\"\r\n"
+            };
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
                 body.len()
             );
             let _ = stream.write_all(head.as_bytes());

@@ -117,7 +117,7 @@ pub fn karpathy(path: &Path, restval: Restval) -> Result<RawDataset, StageError>
 /// Per-split CUSA JSON lists.
 pub fn cusa_json(files: &[(String, &Path)]) -> Result<RawDataset, StageError> {
     let mut out = RawDataset::default();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut index: HashMap<String, (usize, usize)> = HashMap::new();
     let mut per_image: HashMap<String, usize> = HashMap::new();
     for (split, path) in files {
         let rows: Vec<Value> = serde_json::from_slice(&read_json(path)?)
@@ -143,15 +143,24 @@ pub fn cusa_json(files: &[(String, &Path)]) -> Result<RawDataset, StageError> {
                 _ => return Err(at("no `caption`")),
             };
             match index.get(&image_id) {
-                Some(&i) if out.images[i].split != *split => {
+                Some(&(i, _)) if out.images[i].split != *split => {
                     return Err(StageError::failed(format!(
                         "image `{image_id}` is in both the {} and the {split} split",
                         out.images[i].split
                     )));
                 }
+                Some(&(i, first)) if out.images[i].path != image => {
+                    return Err(two_files(
+                        path,
+                        &image_id,
+                        (first, &out.images[i].path),
+                        (n, image),
+                        Some("image_id"),
+                    ));
+                }
                 Some(_) => {}
                 None => {
-                    index.insert(image_id.clone(), out.images.len());
+                    index.insert(image_id.clone(), (out.images.len(), n));
                     out.images.push(RawImage {
                         id: image_id.clone(),
                         path: image.to_string(),
@@ -333,6 +342,29 @@ fn column_strings(a: &dyn Array) -> Result<Vec<Option<String>>, String> {
     })
 }
 
+/// One image id given to two different files: the rows would be merged into one image and the
+/// second file silently lost, so it is an error whatever `on_error` says.
+fn two_files(
+    table: &Path,
+    id: &str,
+    (first_row, first): (usize, &str),
+    (row, second): (usize, &str),
+    id_column: Option<&str>,
+) -> StageError {
+    StageError::failed_with_hint(
+        format!(
+            "{} row {row}: image id `{id}` names two files: `{first}` (row {first_row}) and `{second}`",
+            table.display()
+        ),
+        match id_column {
+            Some(c) => format!(
+                "every file needs its own id in column `{c}`; captions of one image repeat both its id and its file"
+            ),
+            None => "every file needs its own image id; captions of one image repeat both its id and its file".into(),
+        },
+    )
+}
+
 /// A caption table.
 pub fn table(
     path: &Path,
@@ -369,7 +401,8 @@ pub fn table(
     let label = col(&columns.label, "label")?;
 
     let mut out = RawDataset::default();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    // Image id → (its index in `out.images`, the first row naming it).
+    let mut index: HashMap<String, (usize, usize)> = HashMap::new();
     for (n, row) in rows.rows.iter().enumerate() {
         let cell = |c: usize| row.get(c).cloned().flatten();
         let line = n + 1;
@@ -387,16 +420,28 @@ pub fn table(
             .and_then(cell)
             .unwrap_or_else(|| default_split.to_string());
         match index.get(&id) {
-            Some(&i) if out.images[i].split != row_split => {
+            Some(&(i, _)) if out.images[i].split != row_split => {
                 return Err(StageError::failed(format!(
                     "{} row {line}: image `{id}` is in both the {} and the {row_split} split",
                     path.display(),
                     out.images[i].split
                 )));
             }
+            Some(&(i, first)) if out.images[i].path != image_path => {
+                return Err(two_files(
+                    path,
+                    &id,
+                    (first, &out.images[i].path),
+                    (line, &image_path),
+                    image_id
+                        .is_some()
+                        .then_some(columns.image_id.as_deref())
+                        .flatten(),
+                ));
+            }
             Some(_) => {}
             None => {
-                index.insert(id.clone(), out.images.len());
+                index.insert(id.clone(), (out.images.len(), line));
                 out.images.push(RawImage {
                     id: id.clone(),
                     path: image_path,

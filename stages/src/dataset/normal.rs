@@ -14,10 +14,16 @@
 //! depend on where the cache lives. Rows keep the input order; the files are byte-for-byte
 //! deterministic for the same input.
 //!
+//! Image paths must stay below the image root (no absolute path, no `..`: see
+//! [`crate::safe_path`]): a file outside the `images:` input is not part of its hash, so a
+//! change to it would leave the stage fresh. Symbolic links inside the root are followed, and
+//! hashed through. An image id given to two files in a table is an error (formats.rs).
+//!
 //! Validation (`on_error: fail | skip`): duplicate image or caption ids, captions of unknown
-//! images, captions empty after cleaning, missing or (with `verify_images`) undecodable image
-//! files, and images left without captions. `fail` stops the stage naming counts and the first
-//! offenders; `skip` drops them and lists them in `report.json`. Nothing is dropped silently.
+//! images, captions empty after cleaning, image paths outside the root, missing or (with
+//! `verify_images`) undecodable image files, and images left without captions. `fail` stops
+//! the stage naming counts and the first offenders; `skip` drops them and lists them in
+//! `report.json`. Nothing is dropped silently.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -166,6 +172,13 @@ pub fn normalize(raw: RawDataset, rules: &Rules<'_>) -> Result<Normal, StageErro
     for (img, dup) in raw.images.into_iter().zip(duplicate) {
         if dup {
             problems.add("duplicate image id", img.id);
+        } else if crate::safe_path::relative(&img.path).is_err() {
+            // Absolute, `..` or empty parts: the file would be read from outside the `images:`
+            // input, whose content is what the fingerprint hashes.
+            problems.add(
+                "image path not below the images root",
+                format!("{} ({})", img.id, img.path),
+            );
         } else {
             images.push(img);
         }

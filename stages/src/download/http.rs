@@ -2,9 +2,13 @@
 //!
 //! The partial file lives in the kind's scratch directory under a name derived from the URL, so
 //! a transfer cut by a dropped connection, a dying server, Ctrl-C or kill -9 continues from the
-//! byte it reached. A `.meta` file beside it keeps the validator (ETag / Last-Modified) and the
-//! announced length; a resume sends `Range` with `If-Range`, and a server that answers 200
-//! instead of 206 (the file changed, or no range support) restarts the transfer from zero.
+//! byte it reached. A `.meta` file beside it keeps the validator (a strong ETag, else
+//! Last-Modified) and the announced length; a resume sends `Range` with `If-Range`, and a server
+//! that answers 200 instead of 206 (the file changed, or no range support) restarts the transfer
+//! from zero. A partial file is only ever continued when something can tell that the rest comes
+//! from the same version: a validator the server gave (and gives again on the 206), or a pinned
+//! `sha256:` that checks the whole file afterwards. Without either, the transfer restarts from
+//! zero rather than risk splicing two versions of the file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -60,6 +64,7 @@ pub fn fetch(
     config: &DownloadConfig,
     ctx: &StageContext<'_>,
     dest: &Path,
+    pinned: bool,
 ) -> Result<Fetched, StageError> {
     std::fs::create_dir_all(ctx.scratch_dir)
         .map_err(|e| StageError::io("creating the download scratch directory", e))?;
@@ -108,6 +113,7 @@ pub fn fetch(
             &mut meta,
             ctx,
             &mut resumed_from,
+            pinned,
         ) {
             Ok(bytes) => {
                 std::fs::rename(&part, dest)
@@ -146,6 +152,7 @@ pub fn fetch(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attempt(
     agent: &ureq::Agent,
     url: &str,
@@ -154,8 +161,18 @@ fn attempt(
     meta: &mut PartMeta,
     ctx: &StageContext<'_>,
     resumed_from: &mut u64,
+    pinned: bool,
 ) -> Result<u64, AttemptError> {
-    let have = part.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut have = part.metadata().map(|m| m.len()).unwrap_or(0);
+    if have > 0 && meta.validator.is_none() && !pinned {
+        ctx.log.line(format!(
+            "{have} bytes kept from an earlier attempt, but the server gave no ETag or \
+             Last-Modified and no sha256 is pinned: nothing can tell they belong to the same \
+             version of the file; restarting from zero"
+        ));
+        let _ = std::fs::remove_file(part);
+        have = 0;
+    }
     let mut request = agent.get(url);
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
@@ -180,7 +197,10 @@ fn attempt(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let validator = header("etag").or_else(|| header("last-modified"));
+    // If-Range needs a strong validator (RFC 9110 §13.1.5): a weak ETag is not one.
+    let validator = header("etag")
+        .filter(|e| !e.starts_with("W/"))
+        .or_else(|| header("last-modified"));
     let content_range = header("content-range");
     let length = response.body().content_length();
 
@@ -199,6 +219,16 @@ fn attempt(
                 let _ = std::fs::remove_file(part);
                 return Err(AttemptError::Retry(format!(
                     "server resumed at byte {start}, not {have}"
+                )));
+            }
+            // A server that ignores If-Range answers 206 for a changed file: its validator
+            // tells.
+            if let (Some(was), Some(now)) = (&meta.validator, &validator)
+                && was != now
+            {
+                let _ = std::fs::remove_file(part);
+                return Err(AttemptError::Retry(format!(
+                    "the file changed on the server ({was} → {now}); restarting from zero"
                 )));
             }
             let file = OpenOptions::new()

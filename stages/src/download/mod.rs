@@ -248,6 +248,12 @@ impl StageKind for DownloadKind {
         let config: DownloadConfig = parse_config(with)?;
         let source = config.source()?;
         let mut checked = Checked::default();
+        if let Some(name) = &config.filename {
+            checked_file_name(name).map_err(|e| {
+                ConfigError::new("filename", e.to_string())
+                    .with_help("set `filename:` to a plain name such as `model.onnx`")
+            })?;
+        }
         match source {
             Source::Urls(urls) => {
                 for url in &urls {
@@ -298,6 +304,15 @@ impl StageKind for DownloadKind {
                     }
                 } else {
                     config.expected_single()?;
+                    if config.filename.is_none() {
+                        let name = http::file_name_from_url(&urls[0])
+                            .map_err(|e| ConfigError::new("url", e.to_string()))?;
+                        checked_file_name(&name).map_err(|e| {
+                            ConfigError::new("url", e.to_string()).with_help(
+                                "add `filename: NAME` to the download stage (a plain name)",
+                            )
+                        })?;
+                    }
                 }
                 pip_only_keys(&config)?;
             }
@@ -390,7 +405,7 @@ impl StageKind for DownloadKind {
                         }
                         None => None,
                     };
-                    let fetched = http::fetch(url, &config, ctx, &dest)?;
+                    let fetched = http::fetch(url, &config, ctx, &dest, expected.is_some())?;
                     *summary
                         .metrics
                         .entry("bytes".into())

@@ -20,8 +20,9 @@
 //!
 //! Commit protocol for a stage result (see [`Store::commit_tree`] and [`Store::write_record`]):
 //! 1. the stage writes into `staging-v1/<id>/out`;
-//! 2. every file is hashed, made read-only, fsync-ed and renamed into `objects-v1/`
-//!    (same filesystem, so rename is atomic); existing objects are reused;
+//! 2. every file is hashed, made read-only, fsync-ed and hard-linked into `objects-v1/`
+//!    (same filesystem, atomic, never replacing: the first copy of a content stays the object,
+//!    so every tree links the same inode); existing objects are reused;
 //! 3. the tree manifest is written as an object, the tree materialised as hard links in a
 //!    staging folder and renamed into `trees-v1/<digest>`;
 //! 4. the run record is written last (temp file, fsync, rename): **that is the commit point**.
@@ -438,8 +439,11 @@ impl Store {
                 fs::Permissions::from_mode(if *exec { 0o555 } else { 0o444 }),
             )
             .map_err(io("making an object read-only"))?;
-            fs::rename(&src, &obj).map_err(io(format!("moving {} into the store", e.path)))?;
-            touched_dirs.insert(dir.to_path_buf());
+            if link_new_object(&src, &obj)
+                .map_err(io(format!("moving {} into the store", e.path)))?
+            {
+                touched_dirs.insert(dir.to_path_buf());
+            }
         }
         let digest = manifest.digest();
         self.put_object_bytes(&digest, &manifest.to_bytes(), staging)?;
@@ -682,10 +686,11 @@ impl Store {
             fs::Permissions::from_mode(if exec { 0o555 } else { 0o444 }),
         )
         .map_err(io("making an object read-only"))?;
-        fs::rename(file, &obj).map_err(io(format!(
+        link_new_object(file, &obj).map_err(io(format!(
             "moving object {} into the store",
             &digest[..12]
         )))?;
+        let _ = fs::remove_file(file);
         atomic::sync_dir(dir).map_err(io("syncing the object store"))
     }
 
@@ -796,6 +801,20 @@ impl Store {
         let bytes = serde_json::to_vec_pretty(entry).expect("history serialises");
         atomic::write_file(&self.root.join("history-v1").join(name), &bytes, false)
             .map_err(io("writing the run history"))
+    }
+}
+
+/// Makes `src` the object at `obj` unless an object is there already; returns whether it did.
+///
+/// A hard link, not a rename: two commits bringing the same content at once must not replace
+/// each other's object, or the tree materialised from the first would link an inode that is no
+/// longer the object (and a repair of one would not reach the other). The first one wins; the
+/// content is the same by its name. `src` stays in the staging folder, removed with it.
+fn link_new_object(src: &Path, obj: &Path) -> std::io::Result<bool> {
+    match fs::hard_link(src, obj) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

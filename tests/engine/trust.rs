@@ -308,12 +308,11 @@ fn parameters_cannot_inject_commands() {
         r#"version: 1
 params:
   name: "x; touch pwned"
-  flags: "-a -b"
 stages:
   greet:
     kind: command
     with:
-      run: printf '%s\n' ${params.name} > ${out}/bare.txt; printf '%s\n' "${params.name}" > ${out}/double.txt; printf '%s\n' '${params.name}' > ${out}/single.txt; printf '[%s]' ${params.flags:raw} > ${out}/raw.txt; printf '[%s]' ${params.flags} > ${out}/quoted.txt
+      run: printf '%s\n' ${params.name} > ${out}/bare.txt; printf '%s\n' "${params.name}" > ${out}/double.txt; printf '%s\n' '${params.name}' > ${out}/single.txt
   split:
     kind: command
     with:
@@ -349,11 +348,29 @@ stages:
         for f in ["bare.txt", "double.txt", "single.txt"] {
             assert_eq!(out("greet", f), format!("{value}\n"), "{value}: {f}");
         }
-        assert_eq!(out("greet", "raw.txt"), "[-a][-b]");
-        assert_eq!(out("greet", "quoted.txt"), "[-a -b]");
         let args: Vec<String> = serde_json::from_str(&out("split", "args.json")).unwrap();
         assert_eq!(args, [value, value], "{value}");
     }
+}
+
+/// `${params.KEY:raw}` is the explicit way to paste shell syntax (several flags).
+#[test]
+fn a_raw_parameter_is_pasted_as_shell_syntax() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        "version: 1\nparams:\n  flags: \"-a -b\"\nstages:\n  flags:\n    kind: command\n    with:\n      run: printf '[%s]' ${params.flags:raw} > ${out}/raw.txt; printf '[%s]' ${params.flags} > ${out}/quoted.txt\n",
+    );
+    assert_eq!(p.run(&["run"]).code, 0);
+    let out = p.output("flags");
+    assert_eq!(
+        std::fs::read_to_string(out.join("raw.txt")).unwrap(),
+        "[-a][-b]"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("quoted.txt")).unwrap(),
+        "[-a -b]"
+    );
 }
 
 /// Defect 3: Two files under one image id: an error naming both rows, never a silent merge.

@@ -189,9 +189,7 @@ pub(crate) fn engine(
     overrides: &[Override],
     cache_dir: Option<PathBuf>,
 ) -> Result<Engine, CliError> {
-    let (pipeline, dag) = load(file, overrides)?;
-    let store = Store::open(&cache_root(cache_dir, &pipeline.dir))?;
-    Ok(Engine::new(pipeline, dag, store))
+    engine_opened(file, overrides, cache_dir, Store::open)
 }
 
 /// Loads the pipeline and opens its store read-only (`status`, `path`, `metrics`): a cache on
@@ -201,8 +199,17 @@ pub(crate) fn engine_read_only(
     overrides: &[Override],
     cache_dir: Option<PathBuf>,
 ) -> Result<Engine, CliError> {
+    engine_opened(file, overrides, cache_dir, Store::open_read_only)
+}
+
+fn engine_opened(
+    file: &Path,
+    overrides: &[Override],
+    cache_dir: Option<PathBuf>,
+    open: fn(&Path) -> Result<Store, crate::store::StoreError>,
+) -> Result<Engine, CliError> {
     let (pipeline, dag) = load(file, overrides)?;
-    let store = Store::open_read_only(&cache_root(cache_dir, &pipeline.dir))?;
+    let store = open(&cache_root(cache_dir, &pipeline.dir))?;
     Ok(Engine::new(pipeline, dag, store))
 }
 

@@ -129,28 +129,17 @@ pub fn push(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
             Ok(s) if s.already => {
                 eprintln!("{:>9}  {stage:width$}  already on the remote", "present")
             }
-            Ok(s) if s.repaired > 0 || s.record_replaced => {
-                pushed += 1;
-                bytes += s.bytes;
-                objects += s.objects;
-                eprintln!(
-                    "{:>9}  {stage:width$}  {} damaged or missing object(s) uploaded again{}",
-                    "repaired",
-                    s.objects,
-                    if s.record_replaced {
-                        ", record replaced"
-                    } else {
-                        ""
-                    }
-                );
-            }
             Ok(s) => {
                 pushed += 1;
                 bytes += s.bytes;
                 objects += s.objects;
+                let (label, what) = match (s.repaired > 0, s.record_replaced) {
+                    (_, true) => ("repaired", "object(s) uploaded again, record replaced"),
+                    (true, false) => ("repaired", "damaged or missing object(s) uploaded again"),
+                    (false, false) => ("pushed", "object(s)"),
+                };
                 eprintln!(
-                    "{:>9}  {stage:width$}  {} object(s), {}",
-                    "pushed",
+                    "{label:>9}  {stage:width$}  {} {what}, {}",
                     s.objects,
                     human(s.bytes)
                 );

@@ -270,8 +270,8 @@ fn a_corrupt_remote_entry_is_repaired_by_the_next_push_that_has_the_good_one() {
     restores("after the record was replaced");
 }
 
-/// Defect 7: A `file://` remote that cannot be created is one warning and a local run (as every other
-/// remote failure of a run); `push` fails with exit 1.
+/// Defect 7: A `file://` remote that cannot be created is one warning and a local run (as every
+/// other remote failure of a run); `push` fails with exit 1.
 #[test]
 fn a_folder_remote_that_cannot_be_created_is_a_warning_and_a_local_run() {
     let text = "version: 1\nremote: file:///proc/cusa-pipe-no-such-remote/cache\nstages:\n  numbers:\n    kind: command\n    with:\n      run: seq 1 10 > ${out}/numbers.txt\n";
@@ -445,29 +445,35 @@ fn image_paths_outside_the_images_root_are_refused() {
     );
 }
 
-/// Defect 6: An unpinned download cut off mid-transfer by a server that gives no validator restarts
-/// from zero: the file changed meanwhile, and a resume would splice the two versions.
-#[test]
-fn a_download_without_a_validator_restarts_instead_of_splicing_two_versions() {
-    let v1 = bytes(600_000, 11);
-    let v2 = bytes(600_000, 12);
+/// A download stage of `/data.bin` from a server without validators that cuts the first transfer of
+/// `first` at 250,000 bytes, then serves `then`; returns the server, the project and the run.
+fn cut_without_validator(first: &[u8], then: &[u8], extra: &str) -> (HttpServer, Project, Run) {
     let server = HttpServer::start(vec![(
         "/data.bin",
         vec![
-            Reply::CutNoValidator(v1.clone(), 250_000),
-            Reply::NoValidator(v2.clone()),
+            Reply::CutNoValidator(first.to_vec(), 250_000),
+            Reply::NoValidator(then.to_vec()),
         ],
     )]);
     let p = Project::new();
     p.write(
         "pipeline.yaml",
         &format!(
-            "version: 1\nstages:\n  fetch:\n    kind: download\n    with:\n      url: {}\n      retries: 2\n      backoff_ms: 20\n",
+            "version: 1\nstages:\n  fetch:\n    kind: download\n    with:\n      url: {}\n      retries: 2\n      backoff_ms: 20\n{extra}",
             server.url("/data.bin")
         ),
     );
     let r = p.run(&["run"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    (server, p, r)
+}
+
+/// Defect 6: An unpinned download cut off mid-transfer by a server that gives no validator restarts
+/// from zero: the file changed meanwhile, and a resume would splice the two versions.
+#[test]
+fn a_download_without_a_validator_restarts_instead_of_splicing_two_versions() {
+    let (v1, v2) = (bytes(600_000, 11), bytes(600_000, 12));
+    let (server, p, _) = cut_without_validator(&v1, &v2, "");
     assert_eq!(server.requests(), ["GET /data.bin", "GET /data.bin"]);
     assert_eq!(
         std::fs::read(p.output("fetch").join("data.bin")).unwrap(),
@@ -480,27 +486,15 @@ fn a_download_without_a_validator_restarts_instead_of_splicing_two_versions() {
 #[test]
 fn a_pinned_download_without_a_validator_still_resumes() {
     let body = bytes(600_000, 13);
-    let server = HttpServer::start(vec![(
-        "/data.bin",
-        vec![
-            Reply::CutNoValidator(body.clone(), 250_000),
-            Reply::NoValidator(body.clone()),
-        ],
-    )]);
-    let p = Project::new();
-    p.write(
-        "pipeline.yaml",
-        &format!(
-            "version: 1\nstages:\n  fetch:\n    kind: download\n    with:\n      url: {}\n      retries: 2\n      backoff_ms: 20\n      sha256: {}\n",
-            server.url("/data.bin"),
-            sha256_hex(&body)
-        ),
-    );
-    let r = p.run(&["run"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let pin = format!("      sha256: {}\n", sha256_hex(&body));
+    let (server, p, _) = cut_without_validator(&body, &body, &pin);
     assert_eq!(
         server.requests(),
         ["GET /data.bin", "GET /data.bin range=250000-"]
+    );
+    assert_eq!(
+        std::fs::read(p.output("fetch").join("data.bin")).unwrap(),
+        body
     );
 }
 
@@ -520,8 +514,8 @@ fn make_writable(path: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Defect 8: A file replaced inside one tree (a new inode) leaves the shared object intact: the tree
-/// is rebuilt from it, nothing is quarantined, and verify stays consistent for both stages.
+/// Defect 8: A file replaced inside one tree (a new inode) leaves the shared object intact: the
+/// tree is rebuilt from it, nothing is quarantined, and verify stays consistent for both stages.
 #[test]
 fn a_file_replaced_in_a_tree_rebuilds_that_tree_and_keeps_the_shared_object() {
     let p = shared_object_project();
@@ -550,9 +544,9 @@ fn a_file_replaced_in_a_tree_rebuilds_that_tree_and_keeps_the_shared_object() {
     );
 }
 
-/// Defect 8: A shared object damaged in place and recovered by one stage's run: verify names the other
-/// stage's stale tree, and `--repair` rebuilds it from the recovered object instead of dropping
-/// a valid result.
+/// Defect 8: A shared object damaged in place and recovered by one stage's run: verify names the
+/// other stage's stale tree, and `--repair` rebuilds it from the recovered object instead of
+/// dropping a valid result.
 #[test]
 fn verify_after_a_recovery_rebuilds_the_other_tree_instead_of_dropping_its_result() {
     use std::os::unix::fs::PermissionsExt;
@@ -648,8 +642,8 @@ fn read_only_cache_run(p: &Project, args: &[&str]) -> Run {
     }
 }
 
-/// Defect 10: A read-only cache (a team's shared folder): `status`, `path`, `metrics`, `cache verify`
-/// and `cache du` read it; `run` says in one clear line that it must write.
+/// Defect 10: A read-only cache (a team's shared folder): `status`, `path`, `metrics`, `cache
+/// verify` and `cache du` read it; `run` says in one clear line that it must write.
 #[test]
 fn a_read_only_cache_is_readable_and_a_writing_command_says_why_it_cannot() {
     let p = shared_object_project();

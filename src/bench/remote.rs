@@ -117,7 +117,7 @@ fn commit(store: &Store, src: &Path, name: &str) -> anyhow::Result<RunRecord> {
         log: None,
         tool: "bench".into(),
     };
-    store.write_record(&record, &staging)?;
+    store.commit(&staging, &record)?;
     Ok(record)
 }
 

@@ -132,17 +132,21 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         super::remote::wait_for_pushes(remote, &reporter);
     }
     reporter.summary(&result.reports, result.interrupted);
-    let history = serde_json::json!({
-        "pipeline": engine.pipeline.file.display().to_string(),
-        "dry_run": args.dry_run,
-        "stages": result.reports.iter().map(|r| serde_json::json!({
-            "name": r.name,
-            "outcome": r.outcome,
-            "fingerprint": r.fingerprint,
-            "reasons": r.reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "seconds": r.seconds,
-        })).collect::<Vec<_>>(),
-    });
+    let history = crate::store::HistoryEntry {
+        pipeline: engine.pipeline.file.display().to_string(),
+        dry_run: args.dry_run,
+        stages: result
+            .reports
+            .iter()
+            .map(|r| crate::store::HistoryStage {
+                name: r.name.clone(),
+                outcome: r.outcome.key().to_string(),
+                fingerprint: r.fingerprint.clone(),
+                reasons: r.reasons.iter().map(ToString::to_string).collect(),
+                seconds: r.seconds,
+            })
+            .collect(),
+    };
     if !args.dry_run
         && let Err(e) = engine.store.write_history(&history)
     {

@@ -61,12 +61,8 @@ impl Remote {
             for (i, (rel, modified, _)) in histories.iter().enumerate() {
                 if i < roots.runs {
                     let got = inner.store.get(&inner.key(rel)).await?.bytes().await?;
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&got) {
-                        for s in v["stages"].as_array().into_iter().flatten() {
-                            if let Some(fp) = s["fingerprint"].as_str() {
-                                keep_fps.insert(Fingerprint(fp.to_string()));
-                            }
-                        }
+                    if let Some(h) = crate::store::HistoryEntry::from_bytes(&got) {
+                        keep_fps.extend(h.fingerprints().cloned());
                     }
                 } else if *modified <= young_after {
                     doomed_histories.push(rel.clone());

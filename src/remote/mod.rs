@@ -255,7 +255,7 @@ impl Remote {
         let Some((record, stats)) = got else {
             return Ok(None);
         };
-        local.write_record(&record, &staging)?;
+        local.commit(&staging, &record)?;
         Ok(Some((record, stats)))
     }
 
@@ -374,21 +374,13 @@ impl Remote {
     }
 
     /// Uploads a history entry (which records a run used), for `cache gc --remote`.
-    pub fn push_history(&self, entry: &serde_json::Value) {
+    pub fn push_history(&self, entry: &crate::store::HistoryEntry) {
         if !self.settings.write || self.is_disabled() {
             return;
         }
         let inner = self.inner.clone();
-        let name = format!(
-            "history-v1/{:020}-{}.json",
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos(),
-            std::process::id()
-        );
-        let bytes = serde_json::to_vec_pretty(entry).expect("history serialises");
-        let key = inner.key(&name);
+        let bytes = entry.to_bytes();
+        let key = inner.key(&crate::store::history_relative());
         let put = self
             .runtime
             .block_on(async move { inner.store.put(&key, PutPayload::from(bytes)).await });

@@ -818,7 +818,7 @@ fn run_and_commit(
         return Err(());
     }
     store
-        .write_record(&record, &staging)
+        .commit(&staging, &record)
         .map_err(|e| fail(report, format!("could not write the run record: {e}")))?;
     log.line(format!("# committed output {digest} in {seconds:.2}s"));
     let _ = store.set_head(&engine.pipeline_id, &stage.name, fp);

@@ -28,6 +28,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The `--json` and history spelling (`would_run`).
+    pub fn key(self) -> &'static str {
+        match self {
+            Outcome::WouldRun => "would_run",
+            other => other.word(),
+        }
+    }
+
     pub fn word(self) -> &'static str {
         match self {
             Outcome::Ran => "ran",

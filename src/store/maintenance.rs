@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{RunRecord, Store, StoreError, inode, io, remove_tree};
+use super::{HistoryEntry, RunRecord, Store, StoreError, inode, io, remove_tree};
 use crate::fingerprint::Fingerprint;
 use crate::fingerprint::content::{Node, sha256_file};
 
@@ -341,21 +341,12 @@ impl Store {
             .collect();
         files.sort();
         files.reverse();
-        let mut out = BTreeSet::new();
-        for f in files.into_iter().take(n) {
-            let Some(v) = fs::read(&f)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            else {
-                continue;
-            };
-            for s in v["stages"].as_array().into_iter().flatten() {
-                if let Some(fp) = s["fingerprint"].as_str() {
-                    out.insert(Fingerprint(fp.to_string()));
-                }
-            }
-        }
-        out
+        files
+            .into_iter()
+            .take(n)
+            .filter_map(|f| HistoryEntry::from_bytes(&fs::read(f).ok()?))
+            .flat_map(|h| h.fingerprints().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// Sizes of the cache's parts.

@@ -18,14 +18,16 @@
 //! | `scratch-v1/<kind>/`         | resumable state of stage kinds (partial downloads)       |
 //! | `quarantine-v1/`             | damaged objects moved aside                              |
 //!
-//! Commit protocol for a stage result (see [`Store::commit_tree`] and [`Store::write_record`]):
+//! Commit protocol for a stage result (see [`Store::commit_tree`] and [`Store::commit`]):
 //! 1. the stage writes into `staging-v1/<id>/out`;
 //! 2. every file is hashed, made read-only, fsync-ed and hard-linked into `objects-v1/`
 //!    (same filesystem, atomic, never replacing: the first copy of a content stays the object,
 //!    so every tree links the same inode); existing objects are reused;
 //! 3. the tree manifest is written as an object, the tree materialised as hard links in a
 //!    staging folder and renamed into `trees-v1/<digest>`;
-//! 4. the run record is written last (temp file, fsync, rename): **that is the commit point**.
+//! 4. the run record is written last (temp file, fsync, rename): **that is the commit point**,
+//!    [`Store::commit`], the only writer of records (the remote's restore uses it too), which
+//!    refuses a record whose tree is not wholly in the store.
 //!
 //! A crash before step 4 leaves only unreferenced objects (removed by `cache gc`) and staging
 //! folders whose lock is free (removed by the next run). Reads verify: a tree is checked against
@@ -104,6 +106,48 @@ pub struct RunRecord {
     pub log: Option<String>,
     /// The cusa-pipe version that committed it.
     pub tool: String,
+}
+
+/// One `run`'s entry in `history-v1/` (and on the remote): which keys it used, so `cache gc`
+/// keeps what the last N runs needed. Written and read only through this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The pipeline file as the user named it (informational).
+    pub pipeline: String,
+    #[serde(default)]
+    pub dry_run: bool,
+    pub stages: Vec<HistoryStage>,
+}
+
+/// One stage of a [`HistoryEntry`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryStage {
+    pub name: String,
+    /// The run's outcome word (`ran`, `cached`, `restored`, `failed`, …).
+    pub outcome: String,
+    /// The key it used; absent when it could not be computed.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl HistoryEntry {
+    /// The keys the run used.
+    pub fn fingerprints(&self) -> impl Iterator<Item = &Fingerprint> {
+        self.stages.iter().filter_map(|s| s.fingerprint.as_ref())
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("history serialises")
+    }
+
+    /// An entry as stored; `None` if unreadable (a history file never fails a command).
+    pub fn from_bytes(bytes: &[u8]) -> Option<HistoryEntry> {
+        serde_json::from_slice(bytes).ok()
+    }
 }
 
 impl RunRecord {
@@ -726,8 +770,29 @@ impl Store {
         out
     }
 
-    /// Writes a run record: the commit point.
-    pub fn write_record(&self, record: &RunRecord, staging: &Staging) -> Result<(), StoreError> {
+    /// **The commit point**, and the only way a run record is written: for a stage run (after
+    /// [`Store::commit_tree`]) and for a result restored from a remote (after its objects were
+    /// adopted) alike. The record is refused unless its output's manifest and every object it
+    /// names are already in the store, so a record can never precede its tree, whatever order
+    /// a caller tries.
+    pub fn commit(&self, staging: &Staging, record: &RunRecord) -> Result<(), StoreError> {
+        record
+            .validate()
+            .map_err(|e| StoreError::Damaged(format!("run record {}: {e}", record.fingerprint)))?;
+        let manifest = self.manifest(&record.output)?;
+        if let Some(e) = manifest.entries.iter().find(
+            |e| matches!(&e.node, Node::File { sha256, .. } if !self.object_path(sha256).exists()),
+        ) {
+            return Err(StoreError::Damaged(format!(
+                "the object of `{}` is not in the store: the record of `{}` would precede its tree",
+                e.path, record.stage
+            )));
+        }
+        self.write_record(record, staging)
+    }
+
+    /// Writes a run record (see [`Store::commit`]).
+    fn write_record(&self, record: &RunRecord, staging: &Staging) -> Result<(), StoreError> {
         let path = self.record_path(&record.fingerprint);
         fs::create_dir_all(path.parent().expect("parent"))
             .map_err(io("creating the records folder"))?;
@@ -793,14 +858,13 @@ impl Store {
     }
 
     /// Appends one run's history entry.
-    pub fn write_history(&self, entry: &Value) -> Result<(), StoreError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let name = format!("{:020}-{}.json", now.as_nanos(), std::process::id());
-        let bytes = serde_json::to_vec_pretty(entry).expect("history serialises");
-        atomic::write_file(&self.root.join("history-v1").join(name), &bytes, false)
-            .map_err(io("writing the run history"))
+    pub fn write_history(&self, entry: &HistoryEntry) -> Result<(), StoreError> {
+        atomic::write_file(
+            &self.root.join(history_relative()),
+            &entry.to_bytes(),
+            false,
+        )
+        .map_err(io("writing the run history"))
     }
 }
 
@@ -816,6 +880,19 @@ fn link_new_object(src: &Path, obj: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// A new history file's path relative to the cache root (the remote uses the same):
+/// `history-v1/<nanoseconds>-<pid>.json`, so names sort by time.
+pub fn history_relative() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "history-v1/{:020}-{}.json",
+        now.as_nanos(),
+        std::process::id()
+    )
 }
 
 /// The identity of a pipeline file in the store (its absolute path, hashed).
@@ -876,4 +953,114 @@ pub fn remove_tree(dir: &Path) {
 /// Inode of a path, if it exists.
 pub(crate) fn inode(path: &Path) -> Option<(u64, u64)> {
     fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(output: &str) -> RunRecord {
+        RunRecord {
+            fingerprint: Fingerprint("c".repeat(64)),
+            stage: "s".into(),
+            ingredients: serde_json::from_value(serde_json::json!({
+                "schema": 2, "kind": "command", "kind_version": 1, "config": {},
+                "params": {}, "inputs": {}
+            }))
+            .unwrap(),
+            output: output.into(),
+            files: 1,
+            bytes: 2,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            seconds: 0.0,
+            notes: vec![],
+            metrics: Default::default(),
+            results: Default::default(),
+            log: None,
+            tool: "test".into(),
+        }
+    }
+
+    /// A committed tree, its record committed: readable.
+    #[test]
+    fn a_record_is_committed_after_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = store.staging().unwrap();
+        fs::write(staging.out_dir().join("a.txt"), "a\n").unwrap();
+        let (_, digest) = store.commit_tree(&staging).unwrap();
+        let r = record(&digest);
+        store.commit(&staging, &r).unwrap();
+        assert_eq!(store.read_record(&r.fingerprint).unwrap().output, digest);
+    }
+
+    /// An object lost between the tree and the record (a failure injected there): the record is
+    /// refused and nothing is committed.
+    #[test]
+    fn a_record_never_precedes_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = store.staging().unwrap();
+        fs::write(staging.out_dir().join("a.txt"), "a\n").unwrap();
+        let (manifest, digest) = store.commit_tree(&staging).unwrap();
+        let Node::File { sha256, .. } = &manifest.entries[0].node else {
+            panic!("a file")
+        };
+        fs::remove_file(store.object_path(sha256)).unwrap();
+        let r = record(&digest);
+        let err = store.commit(&staging, &r).unwrap_err();
+        assert!(err.to_string().contains("would precede its tree"), "{err}");
+        assert!(store.read_record(&r.fingerprint).is_none());
+        // A manifest that is not in the store at all, likewise.
+        let r = record(&"d".repeat(64));
+        assert!(store.commit(&staging, &r).is_err());
+        assert!(store.read_record(&r.fingerprint).is_none());
+    }
+
+    /// History entries are written and read back through one type; `gc` keeps the keys of the
+    /// newest N runs.
+    #[test]
+    fn history_round_trips_and_keeps_the_newest_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = |fp: char| HistoryEntry {
+            pipeline: "p.yaml".into(),
+            dry_run: false,
+            stages: vec![
+                HistoryStage {
+                    name: "a".into(),
+                    outcome: "ran".into(),
+                    fingerprint: Some(Fingerprint(fp.to_string().repeat(64))),
+                    reasons: vec!["no record (never ran)".into()],
+                    seconds: 1.5,
+                },
+                HistoryStage {
+                    name: "b".into(),
+                    outcome: "failed".into(),
+                    fingerprint: None,
+                    reasons: vec![],
+                    seconds: 0.0,
+                },
+            ],
+        };
+        assert_eq!(
+            HistoryEntry::from_bytes(&entry('a').to_bytes()),
+            Some(entry('a'))
+        );
+        for fp in ['a', 'b', 'c'] {
+            store.write_history(&entry(fp)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        fs::write(
+            store.root().join("history-v1/99999999999999999999-1.json"),
+            "{",
+        )
+        .unwrap();
+        let kept = store.recent_fingerprints(3);
+        let want: std::collections::BTreeSet<Fingerprint> = ['b', 'c']
+            .iter()
+            .map(|c| Fingerprint(c.to_string().repeat(64)))
+            .collect();
+        assert_eq!(kept, want);
+    }
 }

@@ -34,6 +34,7 @@
 //! diffed with any JSON tool.
 
 pub mod content;
+pub mod gather;
 mod reason;
 
 use std::collections::BTreeMap;

@@ -1,10 +1,11 @@
 //! Deciding and executing: which stages are fresh, which must run and why, and running them.
 //!
 //! [`Engine::assess`] is the single decision procedure, used by `status`, `run --dry-run` and
-//! `run`: hash the stage's inputs (project files through the stat cache, upstream stages by
-//! their committed output digest), compute the fingerprint, and look for a committed run record
-//! whose output tree is intact. Anything else yields typed [`MissReason`]s, explained against the
-//! last result this pipeline committed for the stage (its *head*).
+//! `run`: gather the stage's ingredients ([`crate::fingerprint::gather`]: project files through
+//! the stat cache, upstream stages by their committed output digest), compute the fingerprint,
+//! and look for a committed run record whose output tree is intact. Anything else yields typed
+//! [`MissReason`]s, explained against the last result this pipeline committed for the stage (its
+//! *head*).
 //!
 //! [`Engine::run`] executes the graph with `dagrs`: one node per stage, the upstream result
 //! passed along the graph's channels, the work itself on blocking threads. Invariants:
@@ -24,7 +25,7 @@ pub mod report;
 pub mod slots;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -35,12 +36,11 @@ use dagrs::{
 };
 use serde::Serialize;
 
-use crate::fingerprint::content::{Manifest, Walk};
-use crate::fingerprint::{
-    Fingerprint, Ingredients, InputIngredient, MissReason, Origin, SCHEMA_VERSION, explain,
-};
+use crate::fingerprint::content::Manifest;
+use crate::fingerprint::gather::{Gathered, UpstreamOutput, gather, miss_reasons, pending_reasons};
+use crate::fingerprint::{Fingerprint, Ingredients, MissReason};
 use crate::graph::Dag;
-use crate::spec::{Input, Pipeline};
+use crate::spec::Pipeline;
 use crate::store::{RunRecord, Store, StoreError, TreeState};
 use report::{Outcome, Reporter, StageReport};
 use slots::Slots;
@@ -83,6 +83,23 @@ pub struct Assessment {
     pub inputs: BTreeMap<String, PathBuf>,
     pub fresh: Option<Committed>,
     pub reasons: Vec<MissReason>,
+}
+
+impl Assessment {
+    fn of(
+        gathered: Gathered,
+        fingerprint: Option<Fingerprint>,
+        fresh: Option<Committed>,
+        reasons: Vec<MissReason>,
+    ) -> Assessment {
+        Assessment {
+            ingredients: gathered.ingredients,
+            fingerprint,
+            inputs: gathered.paths,
+            fresh,
+            reasons,
+        }
+    }
 }
 
 /// A stage that cannot even be assessed (missing input file, bad sub-path).
@@ -155,201 +172,49 @@ impl Engine {
         ups: &HashMap<String, Upstream>,
         forced: bool,
     ) -> Result<Assessment, Blocked> {
-        let p = &self.pipeline;
-        let stage = &p.stages[idx];
-        let mut inputs = BTreeMap::new();
-        let mut paths = BTreeMap::new();
-        let mut pending: Vec<(String, String)> = Vec::new();
-        for (name, input) in &stage.inputs {
-            match input {
-                Input::Project { path, key } => {
-                    let abs = if Path::new(path).is_absolute() {
-                        PathBuf::from(path)
-                    } else {
-                        p.dir.join(path)
-                    };
-                    let digest = self.store.hasher().digest_path(&abs, Walk { follow_links: true }).map_err(|e| {
-                        let d = p.source.diagnostic_at_value(key, "");
-                        let what = match &e {
-                            crate::fingerprint::content::HashError::Io { source, path: at }
-                                if source.kind() == std::io::ErrorKind::NotFound =>
-                            {
-                                let inside = at.strip_prefix(&abs).ok().filter(|r| !r.as_os_str().is_empty());
-                                match inside {
-                                    Some(rel) if std::fs::symlink_metadata(at).is_ok() => format!(
-                                        "`{}` inside {path} is a symbolic link whose target does not exist",
-                                        rel.display()
-                                    ),
-                                    Some(rel) => format!("`{}` inside {path} disappeared while it was hashed", rel.display()),
-                                    None => format!("{path} does not exist"),
-                                }
-                            }
-                            other => other.to_string(),
-                        };
-                        Blocked {
-                            message: format!("input `{name}`: {what} ({})", d.location()),
-                            hint: Some("create it, or fix the path in the pipeline file (paths are relative to it)".into()),
-                        }
-                    })?;
-                    inputs.insert(
-                        name.clone(),
-                        InputIngredient {
-                            digest: digest.digest,
-                            origin: Origin::Project { path: path.clone() },
-                        },
-                    );
-                    paths.insert(name.clone(), abs);
-                }
-                Input::Stage { stage: up, sub } => {
-                    let origin = Origin::Stage {
-                        stage: up.clone(),
-                        sub: sub.clone(),
-                    };
-                    match ups.get(up) {
-                        Some(Upstream::Done(c)) => {
-                            let digest = match sub {
-                                None => c.digest.clone(),
-                                Some(s) => c.manifest.sub_digest(s).ok_or_else(|| {
-                                    let top: BTreeSet<&str> = c
-                                        .manifest
-                                        .entries
-                                        .iter()
-                                        .map(|e| e.path.split('/').next().unwrap_or(""))
-                                        .collect();
-                                    Blocked {
-                                        message: format!(
-                                            "input `{name}`: `{s}` is not in the output of `{up}`"
-                                        ),
-                                        hint: Some(format!(
-                                            "`{up}` wrote: {}",
-                                            if top.is_empty() {
-                                                "nothing".to_string()
-                                            } else {
-                                                top.into_iter().collect::<Vec<_>>().join(", ")
-                                            }
-                                        )),
-                                    }
-                                })?,
-                            };
-                            inputs.insert(name.clone(), InputIngredient { digest, origin });
-                            paths.insert(
-                                name.clone(),
-                                sub.as_ref()
-                                    .map(|s| c.dir.join(s))
-                                    .unwrap_or_else(|| c.dir.clone()),
-                            );
-                        }
-                        _ => {
-                            pending.push((name.clone(), up.clone()));
-                            inputs.insert(
-                                name.clone(),
-                                InputIngredient {
-                                    digest: String::new(),
-                                    origin,
-                                },
-                            );
-                        }
-                    }
-                }
+        let stage = &self.pipeline.stages[idx];
+        let mut gathered = gather(&self.pipeline, stage, self.store.hasher(), |up| {
+            match ups.get(up) {
+                Some(Upstream::Done(c)) => Some(UpstreamOutput {
+                    digest: &c.digest,
+                    manifest: &c.manifest,
+                    dir: &c.dir,
+                }),
+                _ => None,
             }
-        }
-        let mut ingredients = Ingredients {
-            schema: SCHEMA_VERSION,
-            kind: stage.kind.name().to_string(),
-            kind_version: stage.kind.version(),
-            resolved: stage.with.clone(),
-            config: stage.with_symbolic.clone(),
-            params: stage.params_used.clone(),
-            inputs,
-        };
+        })
+        .map_err(|e| Blocked {
+            message: e.message,
+            hint: e.hint,
+        })?;
         let head = self
             .store
             .heads(&self.pipeline_id)
             .get(&stage.name)
             .cloned();
         let previous = head.as_ref().and_then(|h| self.store.read_record(h));
+        let previous = previous.as_ref().map(|r| &r.ingredients);
 
-        if !pending.is_empty() {
+        if !gathered.pending.is_empty() {
             // The key is unknown until upstream runs; still show this stage's own changes.
-            let mut reasons: Vec<MissReason> = Vec::new();
-            for (_, up) in &pending {
-                let r = MissReason::UpstreamPending { stage: up.clone() };
-                if !reasons.contains(&r) {
-                    reasons.push(r);
-                }
-            }
-            if let Some(prev) = &previous {
-                for (name, _) in &pending {
-                    if let (Some(old), Some(new)) = (
-                        prev.ingredients.inputs.get(name),
-                        ingredients.inputs.get_mut(name),
-                    ) {
-                        new.digest = old.digest.clone();
-                    }
-                }
-                reasons.extend(
-                    explain(&prev.ingredients, &ingredients)
-                        .into_iter()
-                        .filter(|r| !matches!(r, MissReason::InputAdded { .. })),
-                );
-            }
-            return Ok(Assessment {
-                ingredients,
-                fingerprint: None,
-                inputs: paths,
-                fresh: None,
-                reasons,
-            });
+            let reasons = pending_reasons(&mut gathered, previous);
+            return Ok(Assessment::of(gathered, None, None, reasons));
         }
-
-        let fp = ingredients.fingerprint();
+        let fp = gathered.ingredients.fingerprint();
         if forced {
-            return Ok(Assessment {
-                ingredients,
-                fingerprint: Some(fp),
-                inputs: paths,
-                fresh: None,
-                reasons: vec![MissReason::Forced],
-            });
+            return Ok(Assessment::of(
+                gathered,
+                Some(fp),
+                None,
+                vec![MissReason::Forced],
+            ));
         }
-        if let Some(fresh) = self.committed(&fp)? {
-            return match fresh {
-                Ok(c) => Ok(Assessment {
-                    ingredients,
-                    fingerprint: Some(fp),
-                    inputs: paths,
-                    fresh: Some(c),
-                    reasons: vec![],
-                }),
-                Err(damage) => Ok(Assessment {
-                    ingredients,
-                    fingerprint: Some(fp),
-                    inputs: paths,
-                    fresh: None,
-                    reasons: vec![damage],
-                }),
-            };
-        }
-        let reasons = match (&head, &previous) {
-            (None, _) => vec![MissReason::NoRecord],
-            (Some(h), _) if *h == fp => vec![MissReason::RecordRemoved],
-            (Some(_), Some(prev)) => {
-                let r = explain(&prev.ingredients, &ingredients);
-                if r.is_empty() {
-                    vec![MissReason::RecordRemoved]
-                } else {
-                    r
-                }
-            }
-            (Some(_), None) => vec![MissReason::RecordRemoved],
+        let reasons = match self.committed(&fp)? {
+            Some(Ok(c)) => return Ok(Assessment::of(gathered, Some(fp), Some(c), vec![])),
+            Some(Err(damage)) => vec![damage],
+            None => miss_reasons(&fp, &gathered.ingredients, head.as_ref(), previous),
         };
-        Ok(Assessment {
-            ingredients,
-            fingerprint: Some(fp),
-            inputs: paths,
-            fresh: None,
-            reasons,
-        })
+        Ok(Assessment::of(gathered, Some(fp), None, reasons))
     }
 
     /// The committed, intact result of `fp`: `None` if there is no record, `Some(Err(reason))`

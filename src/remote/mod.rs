@@ -22,11 +22,16 @@
 //!   downloads and adopted only if its sha256 is its name; a corrupt remote object is a warning
 //!   and the stage runs locally. Local objects are re-hashed as they are uploaded, so a damaged
 //!   local object is never spread.
+//! * **The remote is untrusted.** A record and a tree manifest are validated before anything is
+//!   written locally (`RunRecord::from_untrusted`, `Manifest::validate`: sha256 names, paths
+//!   relative and below the tree, logs under `logs-v1/`); a bad one is refused like a corrupt
+//!   object. The next push that has the good result repairs it ([`PushCheck::Verify`]).
 //! * **Best effort.** A remote that is down, slow or refuses the credentials gives one warning,
 //!   then is left alone for the rest of the process: the run goes on locally and never fails
 //!   because of it. `push` / `pull`, which ask for the remote by name, do fail.
 //! * **No per-object HEADs.** A push lists `objects-v1/` once (paged LIST: 1,000 keys a request)
-//!   and uploads what is missing; a record already on the remote short-cuts the whole push.
+//!   and uploads what is missing; a record already on the remote short-cuts the whole push
+//!   (unless the push verifies: then every object it needs is downloaded and re-hashed).
 //! * **Grace.** `cache gc --remote` never deletes what is younger than the grace period, and a
 //!   push re-uploads an object it relies on when the listing shows it older than half the grace
 //!   period; so an object a concurrent push counts on cannot be deleted under it.

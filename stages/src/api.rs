@@ -3,10 +3,12 @@
 //! The engine knows nothing about ML; a stage kind knows nothing about scheduling, caching or
 //! printing. They meet here:
 //!
-//! * [`StageKind`] is implemented once per kind (`command`, `download`, later `dataset`,
-//!   `teacher`, …). It has a name, an implementation [`StageKind::version`] that enters every
-//!   fingerprint (bump it whenever the same config would now produce different bytes), a
-//!   load-time [`StageKind::check`] of its typed config, and [`StageKind::run`].
+//! * [`StageKind`] is implemented once per kind (`command`, `download`, `dataset`, `teacher`,
+//!   `softlabel`, `train`, `eval`, `export`; see [`crate::registry`]). It has a name, an
+//!   implementation [`StageKind::version`] that enters every fingerprint (bump it whenever the
+//!   same config would now produce different bytes), a load-time [`StageKind::check`] of its
+//!   typed config, [`StageKind::run`], and the keys of its config that hold shell command lines
+//!   ([`StageKind::shell_keys`]: values substituted there are quoted).
 //! * [`StageContext`] is everything a running stage may touch: its declared inputs (read-only
 //!   paths), its output directory `out_dir` (the only place it may write), a private scratch
 //!   directory that survives interruptions (for resumable downloads), its log, its progress

@@ -200,7 +200,11 @@ pub fn pull(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
         };
         match remote.try_restore(&engine.store, fp) {
             Ok(Some((record, stats))) => {
-                let _ = engine.store.set_head(&engine.pipeline_id, name, fp);
+                if let Err(e) = engine.store.set_head(&engine.pipeline_id, name, fp) {
+                    eprintln!(
+                        "warning: `{name}`: could not record the restored result as the stage's latest: {e}"
+                    );
+                }
                 pulled += 1;
                 objects += stats.objects;
                 bytes += stats.bytes;

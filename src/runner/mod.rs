@@ -485,9 +485,7 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
         report.fingerprint = a.fingerprint.clone();
         if let Some(c) = a.fresh {
             report.outcome = Outcome::Cached;
-            let _ = engine
-                .store
-                .set_head(&engine.pipeline_id, &stage.name, &c.fingerprint);
+            record_head(engine, &stage.name, &c.fingerprint, &mut report);
             return (Upstream::Done(c), report);
         }
         report.reasons = a.reasons.clone();
@@ -514,7 +512,7 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
                 Ok(Some(Ok(c))) => {
                     report.outcome = Outcome::Restored;
                     report.seconds = record.seconds;
-                    let _ = engine.store.set_head(&engine.pipeline_id, &stage.name, &fp);
+                    record_head(engine, &stage.name, &fp, &mut report);
                     return (Upstream::Done(c), report);
                 }
                 _ => shared.reporter.line(&format!(
@@ -552,7 +550,7 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
         if !forced && let Ok(Some(Ok(c))) = engine.committed(&fp) {
             report.outcome = Outcome::Cached;
             report.notes.push("committed by a concurrent run".into());
-            let _ = engine.store.set_head(&engine.pipeline_id, &stage.name, &fp);
+            record_head(engine, &stage.name, &fp, &mut report);
             return (Upstream::Done(c), report);
         }
         match run_and_commit(shared, idx, &a, &fp, &grant.gpus, &mut report) {
@@ -583,6 +581,17 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
     shared.reporter.finished(&report);
     shared.reports.lock().expect("reports").insert(idx, report);
     result
+}
+
+/// Records `fp` as the stage's head (the result later misses are explained against). A failure
+/// is a note on the stage's line, not a failed stage: the result is committed, only the next
+/// explanation would be less precise.
+fn record_head(engine: &Engine, stage: &str, fp: &Fingerprint, report: &mut StageReport) {
+    if let Err(e) = engine.store.set_head(&engine.pipeline_id, stage, fp) {
+        report.notes.push(format!(
+            "could not record this result as the stage's latest ({e}); `status` may explain the next change less precisely"
+        ));
+    }
 }
 
 /// Runs the stage in a staging directory and commits its output.
@@ -686,8 +695,8 @@ fn run_and_commit(
         .commit(&staging, &record)
         .map_err(|e| fail(report, format!("could not write the run record: {e}")))?;
     log.line(format!("# committed output {digest} in {seconds:.2}s"));
-    let _ = store.set_head(&engine.pipeline_id, &stage.name, fp);
     report.notes = summary.notes;
+    record_head(engine, &stage.name, fp, report);
     let dir = match store.check_tree(&digest) {
         Ok(TreeState::Intact(dir)) => dir,
         _ => {

@@ -451,3 +451,12 @@ mod tests {
         assert_eq!(err.message, "missing required key `run`");
     }
 }
+
+/// A value as the pretty JSON text (with a final newline) of a file a later stage or a user
+/// reads. Serialising can fail (a map keyed by non-strings): that is an error of the stage,
+/// never an empty file.
+pub fn json_text(value: &impl serde::Serialize, what: &str) -> Result<String, StageError> {
+    serde_json::to_string_pretty(value)
+        .map(|t| t + "\n")
+        .map_err(|e| StageError::failed(format!("cannot serialise {what}: {e}")))
+}

@@ -14,6 +14,7 @@ pub mod export;
 pub mod features;
 pub mod ml;
 pub mod pictures;
+pub mod rng;
 pub mod safe_path;
 pub mod softlabel;
 pub mod teacher;

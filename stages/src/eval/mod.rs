@@ -674,7 +674,7 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     let out = ctx.out_dir;
     std::fs::write(
         out.join("metrics.json"),
-        serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n",
+        crate::api::json_text(&metrics, "metrics.json")?,
     )
     .map_err(|e| StageError::io("writing metrics.json", e))?;
     write_ranks(&out.join("ranks.parquet"), &e, &ranks)?;

@@ -249,7 +249,7 @@ fn write_clip(
     let hf_config = dir.join("config.json");
     std::fs::write(
         &hf_config,
-        serde_json::to_string_pretty(&shape.clip.to_hf_config()).unwrap_or_default() + "\n",
+        crate::api::json_text(&shape.clip.to_hf_config(), "config.json")?,
     )
     .map_err(|e| StageError::io(format!("writing {}", hf_config.display()), e))?;
     tokenizer
@@ -380,7 +380,7 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     });
     std::fs::write(
         out.join("export.json"),
-        serde_json::to_string_pretty(&summary_doc).unwrap_or_default() + "\n",
+        crate::api::json_text(&summary_doc, "summary.json")?,
     )
     .map_err(|e| StageError::io("writing export.json", e))?;
 

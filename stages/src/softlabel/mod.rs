@@ -173,7 +173,7 @@ impl StageKind for SoftlabelKind {
         });
         std::fs::write(
             out.join("report.json"),
-            serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+            crate::api::json_text(&report, "report.json")?,
         )
         .map_err(|e| StageError::io("writing report.json", e))?;
         summary.notes.push(format!(

@@ -116,24 +116,14 @@ pub fn train(c: &TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, St
     }
 }
 
-/// SplitMix64: the per-epoch shuffles.
-struct SplitMix64(u64);
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// The order of the training captions in epoch `epoch` (Fisher–Yates).
+/// The order of the training captions in epoch `epoch` (Fisher–Yates over
+/// [`crate::rng::SplitMix64`]).
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = SplitMix64(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng =
+        crate::rng::SplitMix64::new(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
     order
@@ -463,7 +453,7 @@ fn train_on<B: AutodiffBackend>(
             ));
             std::fs::write(
                 ctx.out_dir.join("vocab.json"),
-                serde_json::to_string_pretty(&vocab).unwrap_or_default() + "\n",
+                crate::api::json_text(&vocab, "the vocabulary")?,
             )
             .map_err(|e| StageError::io("writing vocab.json", e))?;
             let init_shape = shape.clone();
@@ -840,7 +830,7 @@ where
     let metrics = json!({"best_epoch": best_epoch, "val": best["val"]});
     std::fs::write(
         ctx.out_dir.join("metrics.json"),
-        serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n",
+        crate::api::json_text(&metrics, "metrics.json")?,
     )
     .map_err(|e| StageError::io("writing metrics.json", e))?;
     let _ = std::fs::remove_dir_all(&checkpoint_dir);

@@ -143,6 +143,13 @@ impl Manifest {
         hex::encode(Sha256::digest(self.to_bytes()))
     }
 
+    /// Parses a manifest read from outside this process and [`Manifest::validate`]s it.
+    pub fn from_untrusted(bytes: &[u8]) -> Result<Manifest, String> {
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
     /// Checks a manifest read from outside this process (a remote, a shared cache folder)
     /// before any of its paths is materialised: every path relative and below the tree
     /// ([`cusa_stages::safe_path::relative`]), no path twice, no file that another entry would

@@ -122,7 +122,7 @@ impl Remote {
                 if hex::encode(Sha256::digest(&bytes)) != r.output {
                     continue;
                 }
-                if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+                if let Ok(m) = Manifest::from_untrusted(&bytes) {
                     for e in m.entries {
                         if let Node::File { sha256, .. } = e.node {
                             live.insert(sha256);

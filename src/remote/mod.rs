@@ -53,7 +53,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::fingerprint::Fingerprint;
-use crate::fingerprint::content::Node;
+use crate::fingerprint::content::{Manifest, Node};
 use crate::store::{RunRecord, Store, StoreError};
 pub use config::{RemoteSettings, RemoteSource};
 
@@ -314,7 +314,7 @@ impl Remote {
     pub fn remote_result(
         &self,
         fp: &Fingerprint,
-    ) -> Result<Option<(RunRecord, crate::fingerprint::content::Manifest)>, RemoteError> {
+    ) -> Result<Option<(RunRecord, Manifest)>, RemoteError> {
         let inner = self.inner.clone();
         let fp = fp.clone();
         self.runtime.block_on(async move {
@@ -339,12 +339,7 @@ impl Remote {
             if hex::encode(Sha256::digest(&bytes)) != record.output {
                 return Ok(None);
             }
-            Ok(
-                serde_json::from_slice::<crate::fingerprint::content::Manifest>(&bytes)
-                    .ok()
-                    .filter(|m| m.validate().is_ok())
-                    .map(|m| (record, m)),
-            )
+            Ok(Manifest::from_untrusted(&bytes).ok().map(|m| (record, m)))
         })
     }
 
@@ -772,35 +767,35 @@ impl Inner {
             )));
         }
         let mut stats = PullStats::default();
-        if !local.has_object(&record.output) {
+        let manifest = if local.has_object(&record.output) {
+            local.manifest(&record.output)?
+        } else {
             let (tmp, size) = self.download_object(&record.output, &dir, None).await?;
             // The manifest is checked before it enters the store: its paths are materialised
             // later, under our cache.
-            let checked = tokio::fs::read(&tmp)
-                .await
-                .map_err(RemoteError::Io)
-                .and_then(|b| {
-                    serde_json::from_slice::<crate::fingerprint::content::Manifest>(&b)
-                        .map_err(|e| e.to_string())
-                        .and_then(|m| m.validate())
-                        .map_err(|e| {
-                            RemoteError::Corrupt(format!(
-                                "tree manifest {} of run record {} is refused ({e}; ignored, a \
-                                 push of this stage replaces it)",
-                                &record.output[..12],
-                                fp.short()
-                            ))
-                        })
-                });
-            if let Err(e) = checked {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
-            }
+            let checked = match tokio::fs::read(&tmp).await {
+                Ok(bytes) => Manifest::from_untrusted(&bytes).map_err(|e| {
+                    RemoteError::Corrupt(format!(
+                        "tree manifest {} of run record {} is refused ({e}; ignored, a push of \
+                         this stage replaces it)",
+                        &record.output[..12],
+                        fp.short()
+                    ))
+                }),
+                Err(e) => Err(RemoteError::Io(e)),
+            };
+            let manifest = match checked {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+            };
             local.adopt_object(&record.output, &tmp, false)?;
             stats.objects += 1;
             stats.bytes += size;
-        }
-        let manifest = local.manifest(&record.output)?;
+            manifest
+        };
         let mut missing: BTreeMap<String, (bool, u64)> = BTreeMap::new();
         for e in &manifest.entries {
             if let Node::File { sha256, exec, size } = &e.node

@@ -245,7 +245,7 @@ pub fn resolve_paths(
 /// Where a value substituted into a POSIX shell command line lands, found by reading the
 /// literal text before it: bare, inside `'…'`, or inside `"…"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ShellContext {
+enum ShellContext {
     #[default]
     Bare,
     Single,
@@ -281,10 +281,6 @@ impl ShellQuoting {
                 (context, _) => context,
             };
         }
-    }
-
-    pub fn context(&self) -> ShellContext {
-        self.context
     }
 
     /// `value` as shell text that reads back as `value` here (the quoting state is unchanged

@@ -302,11 +302,6 @@ impl Store {
         })
     }
 
-    /// Whether the store was opened by [`Store::open_read_only`].
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -591,12 +586,8 @@ impl Store {
                 &digest[..12]
             )));
         }
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))?;
-        manifest
-            .validate()
-            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))?;
-        Ok(manifest)
+        Manifest::from_untrusted(&bytes)
+            .map_err(|e| StoreError::Damaged(format!("tree manifest {}: {e}", &digest[..12])))
     }
 
     /// Checks a committed tree before it is used, re-materialising it from objects if its
@@ -981,14 +972,20 @@ mod tests {
         }
     }
 
+    /// A store with one committed tree (`a.txt`): the store, its staging, manifest and digest.
+    fn one_tree(dir: &Path) -> (Store, Staging, Manifest, String) {
+        let store = Store::open(dir).unwrap();
+        let staging = store.staging().unwrap();
+        fs::write(staging.out_dir().join("a.txt"), "a\n").unwrap();
+        let (manifest, digest) = store.commit_tree(&staging).unwrap();
+        (store, staging, manifest, digest)
+    }
+
     /// A committed tree, its record committed: readable.
     #[test]
     fn a_record_is_committed_after_its_tree() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let staging = store.staging().unwrap();
-        fs::write(staging.out_dir().join("a.txt"), "a\n").unwrap();
-        let (_, digest) = store.commit_tree(&staging).unwrap();
+        let (store, staging, _, digest) = one_tree(dir.path());
         let r = record(&digest);
         store.commit(&staging, &r).unwrap();
         assert_eq!(store.read_record(&r.fingerprint).unwrap().output, digest);
@@ -999,10 +996,7 @@ mod tests {
     #[test]
     fn a_record_never_precedes_its_tree() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let staging = store.staging().unwrap();
-        fs::write(staging.out_dir().join("a.txt"), "a\n").unwrap();
-        let (manifest, digest) = store.commit_tree(&staging).unwrap();
+        let (store, staging, manifest, digest) = one_tree(dir.path());
         let Node::File { sha256, .. } = &manifest.entries[0].node else {
             panic!("a file")
         };

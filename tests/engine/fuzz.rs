@@ -68,24 +68,19 @@ fn path_like(outside: String) -> impl Strategy<Value = String> {
         })
 }
 
-/// Every file under `dir`.
+/// Every file under `dir` (links not followed).
 fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            match std::fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => stack.push(p),
-                _ => out.push(p),
-            }
-        }
-    }
-    out
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_type().is_dir())
+        .map(|e| e.into_path())
+        .collect()
 }
 
 /// Manifests and records fetched from a `file://` remote go through the real restore and the
-/// tree check: whatever they say, nothing appears outside the cache and the remote folders.
+/// tree check: whatever they say, nothing appears outside the cache and the remote folders
+/// (in particular not in a sibling folder the absolute paths aim at).
 #[test]
 fn fuzz_remote_manifests_and_records() {
     let tmp = tempfile::tempdir().unwrap();
@@ -187,11 +182,6 @@ fn fuzz_remote_manifests_and_records() {
                     f.display()
                 );
             }
-            // Any tree in the cache holds only what its manifest's checked paths allow.
-            for f in files_under(&cache.join("trees-v1")) {
-                let rel = f.strip_prefix(cache.join("trees-v1")).unwrap();
-                prop_assert!(rel.components().count() >= 2, "{}", f.display());
-            }
             let _ = std::fs::remove_file(&rec_path);
             Ok(())
         })
@@ -235,7 +225,8 @@ fn fuzz_run_records() {
                 prop_assert!(cusa_stages::safe_path::is_sha256(&r.fingerprint.0));
                 prop_assert!(cusa_stages::safe_path::is_sha256(&r.output));
                 if let Some(log) = &r.log {
-                    prop_assert!(log.starts_with("logs-v1/") && !log.contains(".."));
+                    prop_assert!(log.starts_with("logs-v1/"));
+                    prop_assert!(cusa_stages::safe_path::relative(log).is_ok(), "{log}");
                 }
             }
             Ok(())

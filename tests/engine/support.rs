@@ -77,8 +77,16 @@ impl Project {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.args(args)
+        self.command_under(BIN, &[], args)
+    }
+
+    /// The binary run through `program pre…` (e.g. `unshare … sh -c '…' sh BIN`), with the same
+    /// folder and environment as [`Project::command`]; `BIN` and `args` follow `pre`.
+    pub fn command_under(&self, program: &str, pre: &[&str], args: &[&str]) -> Command {
+        let mut c = Command::new(program);
+        c.args(pre)
+            .args((program != BIN).then_some(BIN))
+            .args(args)
             .current_dir(self.path())
             .env_remove("CUSA_PIPE_CACHE")
             .env_remove("CUSA_PIPE_REMOTE")

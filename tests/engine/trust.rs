@@ -5,7 +5,7 @@
 //! before its fix.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::dataset::{column, images};
 use crate::support::*;
@@ -24,31 +24,29 @@ fn clone_of(text: &str) -> Project {
     p
 }
 
+/// Every file below `dir`, sorted.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
+}
+
 /// The only run record under `root/runs-v1`.
 fn only_record(root: &Path) -> PathBuf {
-    let found: Vec<PathBuf> = walkdir(root.join("runs-v1"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
+    let found = files_below(&root.join("runs-v1"));
     assert_eq!(found.len(), 1, "{found:?}");
     found[0].clone()
 }
 
-fn walkdir(dir: PathBuf) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+/// The outcome of the one stage `numbers` in a `run --json`.
+fn numbers_outcome(r: &Run) -> String {
+    let outcomes = Project::outcomes(&r.stdout);
+    assert_eq!(outcomes.len(), 1, "{}", r.stderr);
+    outcomes[0].1.clone()
 }
 
 /// Writes `bytes` as an object of the remote (named by their sha256); returns the digest.
@@ -127,12 +125,7 @@ fn remote_entries_naming_paths_outside_the_cache_write_nothing_there() {
         let runner = clone_of(&text);
         let r = runner.run(&["run", "--json"]);
         assert_eq!(r.code, 0, "{case}: {}", r.stderr);
-        assert_eq!(
-            Project::outcomes(&r.stdout),
-            [("numbers".to_string(), "ran".to_string())],
-            "{case}: {}",
-            r.stderr
-        );
+        assert_eq!(numbers_outcome(&r), "ran", "{case}: {}", r.stderr);
         assert!(
             r.stderr.contains("warning: remote") && r.stderr.contains("is refused"),
             "{case}: {}",
@@ -151,12 +144,7 @@ fn remote_entries_naming_paths_outside_the_cache_write_nothing_there() {
         // The next teammate restores the good result.
         let next = clone_of(&text);
         let r = next.run(&["run", "--json"]);
-        assert_eq!(
-            Project::outcomes(&r.stdout),
-            [("numbers".to_string(), "restored".to_string())],
-            "{case}: {}",
-            r.stderr
-        );
+        assert_eq!(numbers_outcome(&r), "restored", "{case}: {}", r.stderr);
     }
 }
 
@@ -179,12 +167,7 @@ fn a_remote_record_whose_log_leaves_the_cache_is_refused() {
         let second = clone_of(&text);
         let r = second.run(&["run", "--json"]);
         assert_eq!(r.code, 0, "{log}: {}", r.stderr);
-        assert_eq!(
-            Project::outcomes(&r.stdout),
-            [("numbers".to_string(), "ran".to_string())],
-            "{log}: {}",
-            r.stderr
-        );
+        assert_eq!(numbers_outcome(&r), "ran", "{log}: {}", r.stderr);
         assert!(r.stderr.contains("is unreadable"), "{log}: {}", r.stderr);
         assert!(is_empty_dir(victim.path()), "{log}");
     }
@@ -212,12 +195,7 @@ fn a_corrupt_remote_entry_is_repaired_by_the_next_push_that_has_the_good_one() {
         let p = clone_of(&text);
         let r = p.run(&["run", "--json"]);
         assert_eq!(r.code, 0, "{why}: {}", r.stderr);
-        assert_eq!(
-            Project::outcomes(&r.stdout),
-            [("numbers".to_string(), "restored".to_string())],
-            "{why}: {}",
-            r.stderr
-        );
+        assert_eq!(numbers_outcome(&r), "restored", "{why}: {}", r.stderr);
         assert_eq!(
             std::fs::read(p.output("numbers").join("numbers.txt")).unwrap(),
             numbers
@@ -285,10 +263,7 @@ fn a_folder_remote_that_cannot_be_created_is_a_warning_and_a_local_run() {
         r.stderr
     );
     assert!(r.stderr.contains("going on without it"), "{}", r.stderr);
-    assert_eq!(
-        Project::outcomes(&r.stdout),
-        [("numbers".to_string(), "ran".to_string())]
-    );
+    assert_eq!(numbers_outcome(&r), "ran");
     let push = p.run(&["push"]);
     assert_eq!(push.code, 1, "{}", push.stderr);
     assert!(
@@ -620,19 +595,12 @@ fn a_closed_stdout_is_a_quiet_exit() {
 /// Runs the binary in a private mount namespace where the project's cache is a read-only bind
 /// mount: a real read-only file system ("Read-only file system"), even for root.
 fn read_only_cache_run(p: &Project, args: &[&str]) -> Run {
-    let cache = p.path().join("cache");
     let script = format!(
         "mount --bind -o ro '{0}' '{0}' && exec \"$@\"",
-        cache.display()
+        p.path().join("cache").display()
     );
-    let out = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &script, "sh", BIN])
-        .args(args)
-        .current_dir(p.path())
-        .env_remove("CUSA_PIPE_CACHE")
-        .env_remove("CUSA_PIPE_REMOTE")
-        .env("CUSA_PIPE_CONFIG", p.path().join(".cusa-pipe-user.yaml"))
-        .stdin(Stdio::null())
+    let out = p
+        .command_under("unshare", &["-rm", "sh", "-c", &script, "sh"], args)
         .output()
         .expect("unshare runs (util-linux)");
     Run {
@@ -761,7 +729,7 @@ fn verify_names_an_unreadable_record() {
 }
 
 fn only_record_of(cache: &Path, stage: &str) -> PathBuf {
-    walkdir(cache.join("runs-v1"))
+    files_below(&cache.join("runs-v1"))
         .into_iter()
         .find(|p| {
             std::fs::read_to_string(p).is_ok_and(|t| t.contains(&format!("\"stage\": \"{stage}\"")))

@@ -97,8 +97,8 @@ fn commit(store: &Store, src: &Path, name: &str) -> anyhow::Result<RunRecord> {
         schema: SCHEMA_VERSION,
         kind: "bench".into(),
         kind_version: 1,
-        resolved: serde_json::json!({ "name": name }),
         config: serde_json::json!({ "name": name }),
+        written: serde_json::json!({ "name": name }),
         params: Default::default(),
         inputs: Default::default(),
     };

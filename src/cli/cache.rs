@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::CliError;
+use crate::runner::report::human;
 use crate::store::Store;
 
 #[derive(Subcommand)]
@@ -53,21 +54,6 @@ pub enum CacheCommand {
         #[arg(long, default_value = "pipeline.yaml")]
         pipeline: PathBuf,
     },
-}
-
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// The store for `pipeline` (or `./cache` when the file does not exist).

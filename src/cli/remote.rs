@@ -10,10 +10,9 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::cache::human;
 use super::{CliError, EXIT_STAGE_FAILED};
 use crate::remote::Remote;
-use crate::runner::report::Reporter;
+use crate::runner::report::human;
 use crate::runner::{Engine, Upstream};
 use crate::spec::Override;
 
@@ -238,53 +237,4 @@ pub fn pull(args: TransferArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
         remote.describe()
     );
     Ok(if failed > 0 { EXIT_STAGE_FAILED } else { 0 })
-}
-
-/// Waits for a run's background pushes with a progress bar; reports what was pushed and warns
-/// (once) about failures.
-pub(crate) fn wait_for_pushes(remote: &Remote, reporter: &Reporter) {
-    let pending = remote.pending();
-    let bar = (pending > 0 && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("  pushing  {wide_bar} {pos}/{len}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let results = remote.finish(|done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total as u64);
-            b.set_position(done as u64);
-        }
-    });
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let (mut pushed, mut bytes) = (0, 0);
-    for (stage, r) in &results {
-        match r {
-            Ok(s) if !s.already => {
-                pushed += 1;
-                bytes += s.bytes;
-                if s.repaired > 0 || s.record_replaced {
-                    reporter.line(&format!(
-                        " repaired  `{stage}` on {}: {} damaged or missing object(s) uploaded again{}",
-                        remote.describe(),
-                        s.repaired,
-                        if s.record_replaced { ", record replaced" } else { "" }
-                    ));
-                }
-            }
-            Ok(_) => {}
-            Err(e) => remote.failed(&format!("pushing `{stage}`"), e),
-        }
-    }
-    if pushed > 0 {
-        reporter.line(&format!(
-            "   pushed  {pushed} result(s), {} to {}",
-            human(bytes),
-            remote.describe()
-        ));
-    }
 }

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use cusa_stages::api::Cancel;
-use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::{CliError, EXIT_INTERRUPTED, EXIT_STAGE_FAILED};
 use crate::runner::report::{Outcome, Reporter};
@@ -88,76 +86,9 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
             true,
         )?
     };
-    let _lock = engine.store.lock(false, || {
-        reporter.waiting("the cache is locked by `cusa-pipe cache gc`")
-    })?;
-    let swept = engine.store.sweep_staging();
-    if swept > 0 {
-        reporter.line(&format!(
-            "  cleaned  {swept} staging folder(s) left by an interrupted run"
-        ));
-    }
-
-    let cancel = Cancel::new();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+    let result = crate::runner::session::execute(engine, &settings, reporter.clone())
         .map_err(|e| CliError::Other(e.into()))?;
-    let signal_handle = signals.handle();
-    let watcher = {
-        let (cancel, reporter) = (cancel.clone(), reporter.clone());
-        std::thread::spawn(move || {
-            for (n, _) in signals.forever().enumerate() {
-                if n == 0 {
-                    reporter.line(
-                        "interrupted: stopping running stages (press Ctrl-C again to kill them)",
-                    );
-                    cancel.cancel(libc::SIGTERM);
-                    let cancel = cancel.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(std::time::Duration::from_secs(5));
-                        cancel.signal_groups(libc::SIGKILL);
-                    });
-                } else {
-                    cancel.signal_groups(libc::SIGKILL);
-                }
-            }
-        })
-    };
-
-    let engine = Arc::new(engine);
-    let result = engine.run(&settings, reporter.clone(), cancel);
-    signal_handle.close();
-    let _ = watcher.join();
-
-    if let Some(remote) = &engine.remote {
-        super::remote::wait_for_pushes(remote, &reporter);
-    }
     reporter.summary(&result.reports, result.interrupted);
-    let history = crate::store::HistoryEntry {
-        pipeline: engine.pipeline.file.display().to_string(),
-        dry_run: args.dry_run,
-        stages: result
-            .reports
-            .iter()
-            .map(|r| crate::store::HistoryStage {
-                name: r.name.clone(),
-                outcome: r.outcome.key().to_string(),
-                fingerprint: r.fingerprint.clone(),
-                reasons: r.reasons.iter().map(ToString::to_string).collect(),
-                seconds: r.seconds,
-            })
-            .collect(),
-    };
-    if !args.dry_run
-        && let Err(e) = engine.store.write_history(&history)
-    {
-        reporter.line(&format!("warning: {e}"));
-    }
-    if !args.dry_run
-        && let Some(remote) = &engine.remote
-        && result.reports.iter().any(|r| r.outcome == Outcome::Ran)
-    {
-        remote.push_history(&history);
-    }
     if args.json {
         println!(
             "{}",

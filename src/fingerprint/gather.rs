@@ -148,8 +148,8 @@ pub fn gather<'a>(
         schema: SCHEMA_VERSION,
         kind: stage.kind.name().to_string(),
         kind_version: stage.kind.version(),
-        resolved: stage.with.clone(),
-        config: stage.with_symbolic.clone(),
+        config: stage.config.clone(),
+        written: stage.written.clone(),
         params: stage.params_used.clone(),
         inputs,
     };

@@ -8,16 +8,18 @@
 //! | `schema`        | [`SCHEMA_VERSION`]; bump to invalidate every cache entry at once  |
 //! | `kind`          | the stage kind (`command`, `download`, …)                         |
 //! | `kind_version`  | the kind's implementation version (`StageKind::version`)          |
-//! | `resolved`      | the `with:` block the stage runs with (+ `--set`): parameters     |
-//! |                 | substituted, `${inputs.X}` and `${out}` symbolic                  |
+//! | `config`        | the kind's normalised `with:` (+ `--set`): parameters substituted,|
+//! |                 | every default and preset written in, `${inputs.X}`/`${out}` kept  |
 //! | `inputs`        | per input name: content digest of a project file/folder, or the   |
 //! |                 | *output* digest of the upstream stage (or of the sub-path read)   |
 //!
 //! Left out on purpose:
 //! * **how a value was written**: `seed: ${params.seed}` with `seed: 0` and `seed: 0` written
-//!   out are the same computation, so the same key. `config` (the `with:` block as written,
-//!   parameters symbolic) and `params` (the values of the parameters it reads) are kept beside
-//!   the key to explain a miss as "param seed changed 0 → 1", never hashed;
+//!   out are the same computation, so the same key; so are a default left out and written in,
+//!   and a preset named and spelt out (its values are hashed, not its name: a preset whose
+//!   values change reruns exactly the stages using it). `written` (the `with:` block as
+//!   written, parameters symbolic) and `params` (the values of the parameters it reads) are
+//!   kept beside the key to explain a miss as "param seed changed 0 → 1", never hashed;
 //! * the stage's **name** and an input's **origin** (path or upstream stage name): renaming
 //!   does not change what is computed; origins are kept beside the key only to explain misses;
 //! * **mtimes and absolute paths**: a moved project or cache, or a fresh clone, keeps its keys;
@@ -46,8 +48,9 @@ use sha2::{Digest, Sha256};
 pub use reason::{MissReason, explain};
 
 /// Version of the fingerprint scheme itself (2: the resolved `with:` is hashed, not the text
-/// as written plus the parameters' values).
-pub const SCHEMA_VERSION: u32 = 2;
+/// as written plus the parameters' values; 3: the kind's normalised config is hashed, with
+/// defaults and presets written in).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Everything a stage's result depends on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,12 +58,14 @@ pub struct Ingredients {
     pub schema: u32,
     pub kind: String,
     pub kind_version: u32,
-    /// `with:` as the stage runs it (parameters substituted). Hashed. Absent (null) in the
-    /// records of schema 1.
-    #[serde(default)]
-    pub resolved: Value,
-    /// `with:` as written (+ `--set`), parameters symbolic; explanation only, never hashed.
+    /// The kind's normalised config, as the stage runs it (parameters substituted, defaults
+    /// and presets written in, references symbolic). Hashed. (In records of schemas 1 and 2
+    /// this key held the `with:` as written.)
     pub config: Value,
+    /// `with:` as written (+ `--set`), parameters symbolic; explanation only, never hashed.
+    /// Absent (null) in records of schemas 1 and 2.
+    #[serde(default)]
+    pub written: Value,
     /// The parameters `config` reads, with their values; explanation only, never hashed.
     pub params: BTreeMap<String, Value>,
     pub inputs: BTreeMap<String, InputIngredient>,
@@ -108,14 +113,14 @@ impl Ingredients {
             schema: u32,
             kind: &'a str,
             kind_version: u32,
-            resolved: &'a Value,
+            config: &'a Value,
             inputs: BTreeMap<&'a str, &'a str>,
         }
         let hashed = Hashed {
             schema: self.schema,
             kind: &self.kind,
             kind_version: self.kind_version,
-            resolved: &self.resolved,
+            config: &self.config,
             inputs: self
                 .inputs
                 .iter()
@@ -138,8 +143,8 @@ mod tests {
             schema: SCHEMA_VERSION,
             kind: "command".into(),
             kind_version: 1,
-            resolved: serde_json::json!({"run": "python3 ${inputs.script} 1000"}),
-            config: serde_json::json!({"run": "python3 ${inputs.script} ${params.n}"}),
+            config: serde_json::json!({"run": "python3 ${inputs.script} 1000"}),
+            written: serde_json::json!({"run": "python3 ${inputs.script} ${params.n}"}),
             params: BTreeMap::from([("n".into(), Value::from(1000))]),
             inputs: BTreeMap::from([(
                 "script".into(),
@@ -162,14 +167,14 @@ mod tests {
         };
         assert_eq!(a.fingerprint(), b.fingerprint());
         let mut c = base();
-        c.resolved = serde_json::json!({"run": "python3 ${inputs.script} 1000"});
+        c.config = serde_json::json!({"run": "python3 ${inputs.script} 1000"});
         assert_eq!(a.fingerprint(), c.fingerprint());
     }
 
     #[test]
     fn a_value_written_out_has_the_key_of_the_parameter_it_equals() {
         let mut written_out = base();
-        written_out.config = written_out.resolved.clone();
+        written_out.written = written_out.config.clone();
         written_out.params.clear();
         assert_eq!(base().fingerprint(), written_out.fingerprint());
     }
@@ -187,7 +192,7 @@ mod tests {
         x.inputs.get_mut("script").unwrap().digest = "bb".into();
         assert_ne!(a, x.fingerprint());
         let mut x = base();
-        x.resolved = serde_json::json!({"run": "python3 ${inputs.script} 2000"});
+        x.config = serde_json::json!({"run": "python3 ${inputs.script} 2000"});
         assert_ne!(a, x.fingerprint());
     }
 
@@ -201,5 +206,5 @@ mod tests {
     /// sha256(b"cusa-pipe stage fingerprint\0" + json.dumps(ingredients, sort_keys=True,
     /// separators=(",", ":"), ensure_ascii=False)) in Python, over schema, kind, kind_version,
     /// resolved and the input digests.
-    const STABLE_KEY: &str = "db58259efad468a260902cc0d66dc94679aadd904a2d98a479720f24ee4eecda";
+    const STABLE_KEY: &str = "a81da83267faa7b80570507bf5f2df85d279ebbde067c475ad0347dd69d186a8";
 }

@@ -152,10 +152,12 @@ fn show_pair(old: &Option<Value>, new: &Option<Value>) -> (String, String) {
 pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
     let mut out = Vec::new();
     if old.schema != new.schema {
+        // Configs of another scheme are not comparable key by key; the scheme is the reason.
         out.push(MissReason::SchemaChanged {
             old: old.schema,
             new: new.schema,
         });
+        return out;
     }
     if old.kind != new.kind {
         out.push(MissReason::KindChanged {
@@ -181,7 +183,17 @@ pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
             });
         }
     }
-    diff_config("with", Some(&old.config), Some(&new.config), &mut out);
+    // What the user changed: a parameter (above) or the text of `with:`. When neither did and
+    // the key still moved, a default or preset of the kind changed: show the values.
+    let before = out.len();
+    diff_config("with", Some(&old.written), Some(&new.written), &mut out);
+    if out.len() == before
+        && !out
+            .iter()
+            .any(|r| matches!(r, MissReason::ParamChanged { .. }))
+    {
+        diff_config("with", Some(&old.config), Some(&new.config), &mut out);
+    }
     let inputs: BTreeSet<&String> = old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in inputs {
         match (old.inputs.get(name), new.inputs.get(name)) {
@@ -233,9 +245,9 @@ mod tests {
             schema: SCHEMA_VERSION,
             kind: "command".into(),
             kind_version: 1,
-            config: serde_json::json!({"run": run, "env": {"A": "1"}}),
+            config: serde_json::json!({"run": run, "env": {"A": "1"}, "shell": true}),
+            written: serde_json::json!({"run": run, "env": {"A": "1"}}),
             params: BTreeMap::from([("n".into(), Value::from(n))]),
-            resolved: Value::Null,
             inputs: BTreeMap::from([
                 (
                     "script".into(),
@@ -293,11 +305,40 @@ mod tests {
     fn added_and_removed_keys_read_as_unset() {
         let a = ing(1, "r", "s", "u");
         let mut b = a.clone();
+        b.written["shell"] = Value::Bool(false);
         b.config["shell"] = Value::Bool(false);
         b.inputs.remove("script");
         assert_eq!(
             words(&a, &b),
             vec!["with.shell (unset) → false", "input `script` removed"]
+        );
+    }
+
+    #[test]
+    fn a_default_or_preset_changed_in_the_kind_shows_the_values_it_now_runs_with() {
+        let a = ing(1, "r", "s", "u");
+        let mut b = a.clone();
+        b.config["shell"] = Value::Bool(false);
+        assert_eq!(words(&a, &b), vec!["with.shell true → false"]);
+        // A change the user made is named as written, not again as its normalised value.
+        let mut c = a.clone();
+        c.written["run"] = Value::from("q");
+        c.config["run"] = Value::from("q");
+        assert_eq!(words(&a, &c), vec![r#"with.run "r" → "q""#]);
+    }
+
+    #[test]
+    fn another_schema_is_the_only_reason_given() {
+        let mut old = ing(1, "r", "s", "u");
+        old.schema = SCHEMA_VERSION - 1;
+        old.written = Value::Null;
+        let new = ing(2, "q", "t", "v");
+        assert_eq!(
+            words(&old, &new),
+            vec![format!(
+                "fingerprint schema {} → {SCHEMA_VERSION}",
+                SCHEMA_VERSION - 1
+            )]
         );
     }
 

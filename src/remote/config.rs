@@ -116,21 +116,45 @@ pub fn read_user_config(path: &Path) -> Result<UserConfig, String> {
     })
 }
 
+/// A wrong setting of a remote, with the key it is about (so a caller can locate it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SettingError {
+    pub key: SettingKey,
+    pub message: String,
+}
+
+/// Which setting of a remote a [`SettingError`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingKey {
+    Url,
+    Grace,
+    /// `options.NAME`.
+    Option(String),
+}
+
+impl SettingError {
+    fn new(key: SettingKey, message: String) -> Self {
+        SettingError { key, message }
+    }
+}
+
 /// Checks a remote URL's form; the message says what is accepted.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+pub fn check_url(url: &str) -> Result<(), SettingError> {
+    let bad = |m: String| SettingError::new(SettingKey::Url, m);
+    let parsed = url::Url::parse(url).map_err(|e| bad(format!("`{url}` is not a URL: {e}")))?;
     match parsed.scheme() {
         "s3" | "s3a" | "gs" | "az" | "adl" | "azure" | "abfs" | "abfss" | "http" | "https"
         | "file" => Ok(()),
-        other => Err(format!(
+        other => Err(bad(format!(
             "`{other}://` is not a remote this build can reach; use s3://, gs://, az://, \
              http(s):// or file://"
-        )),
+        ))),
     }
 }
 
 /// Checks the option names against the store the URL selects (no network, no credentials).
-pub fn check_options(url: &str, options: &BTreeMap<String, Value>) -> Result<(), String> {
+pub fn check_options(url: &str, options: &BTreeMap<String, Value>) -> Result<(), SettingError> {
     use object_store::ObjectStoreScheme as S;
     let Ok(parsed) = url::Url::parse(url) else {
         return Ok(());
@@ -148,10 +172,13 @@ pub fn check_options(url: &str, options: &BTreeMap<String, Value>) -> Result<(),
             _ => false,
         };
         if !known {
-            return Err(format!(
-                "option `{k}`: not an option of {} stores (see object_store's config keys, e.g. \
-                 `endpoint`, `region`, `allow_http`)",
-                url.split("://").next().unwrap_or(url)
+            return Err(SettingError::new(
+                SettingKey::Option(k.clone()),
+                format!(
+                    "option `{k}`: not an option of {} stores (see object_store's config keys, \
+                     e.g. `endpoint`, `region`, `allow_http`)",
+                    url.split("://").next().unwrap_or(url)
+                ),
             ));
         }
     }
@@ -163,20 +190,29 @@ pub fn settings(
     name: &str,
     raw: &RawRemote,
     source: RemoteSource,
-) -> Result<RemoteSettings, String> {
+) -> Result<RemoteSettings, SettingError> {
     check_url(&raw.url)?;
     check_options(&raw.url, &raw.options)?;
     let grace = match &raw.grace {
         None => Duration::from_secs(24 * 3600),
-        Some(g) => humantime::parse_duration(g)
-            .map_err(|e| format!("grace `{g}`: {e} (write e.g. `24h` or `30m`)"))?,
+        Some(g) => humantime::parse_duration(g).map_err(|e| {
+            SettingError::new(
+                SettingKey::Grace,
+                format!("grace `{g}`: {e} (write e.g. `24h` or `30m`)"),
+            )
+        })?,
     };
     let mut options = BTreeMap::new();
     for (k, v) in &raw.options {
         let text = match v {
             Value::String(s) => s.clone(),
             Value::Bool(_) | Value::Number(_) => v.to_string(),
-            _ => return Err(format!("option `{k}`: give a string, number or boolean")),
+            _ => {
+                return Err(SettingError::new(
+                    SettingKey::Option(k.clone()),
+                    format!("option `{k}`: give a string, number or boolean"),
+                ));
+            }
         };
         options.insert(k.clone(), text);
     }

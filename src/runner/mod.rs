@@ -22,6 +22,7 @@
 //!   a grace period; nothing partial is committed; the exit code is 130.
 
 pub mod report;
+pub mod session;
 pub mod slots;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -624,8 +625,8 @@ fn run_and_commit(
         report::reasons_text(&a.reasons)
     ));
     let out_dir = staging.out_dir();
-    let with = crate::spec::interpolate::resolve_paths(
-        &stage.with,
+    let bound = crate::spec::interpolate::resolve_paths(
+        &stage.config,
         &a.inputs,
         &out_dir,
         stage.kind.shell_keys(),
@@ -651,7 +652,7 @@ fn run_and_commit(
     };
     let started_at = SystemTime::now();
     let clock = Instant::now();
-    let summary = stage.kind.run(&with, &ctx);
+    let summary = stage.kind.run(&bound, &ctx);
     let summary = match summary {
         Ok(s) if !shared.cancel.is_cancelled() => s,
         Ok(_) | Err(StageError::Cancelled) => {

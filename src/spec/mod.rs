@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cusa_stages::api::{ConfigError, StageKind, closest, parse_config};
+use cusa_stages::api::{ConfigError, PointsAt, StageKind, closest, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -111,10 +111,11 @@ pub struct Stage {
     pub name: String,
     pub kind: Arc<dyn StageKind>,
     /// `with:` as written (after `--set`), parameters still symbolic: explains cache misses.
-    pub with_symbolic: Value,
-    /// `with:` with parameters substituted; `${inputs.X}` / `${out}` still symbolic (hashed
-    /// into the fingerprint).
-    pub with: Value,
+    pub written: Value,
+    /// The kind's normalised config: parameters substituted, defaults and presets written in,
+    /// `${inputs.X}` / `${out}` still symbolic. Hashed into the fingerprint; the runner binds
+    /// the references to paths and hands it to the kind.
+    pub config: Value,
     /// Parameters this stage reads, with their values.
     pub params_used: BTreeMap<String, Value>,
     /// Declared inputs plus the kind's implicit ones, by name.
@@ -391,15 +392,13 @@ fn remote_decl(v: &Value, source: &Source) -> Result<RemoteDecl, Diagnostic> {
     if let Err(e) =
         crate::remote::config::settings("pipeline", &raw, crate::remote::RemoteSource::Pipeline)
     {
-        let key = if e.starts_with("grace") {
-            "remote.grace".to_string()
-        } else if let Some(rest) = e.strip_prefix("option `") {
-            format!("remote.options.{}", rest.split('`').next().unwrap_or(""))
-        } else {
-            at.to_string()
+        use crate::remote::config::SettingKey;
+        let key = match &e.key {
+            SettingKey::Grace => "remote.grace".to_string(),
+            SettingKey::Option(name) => format!("remote.options.{name}"),
+            SettingKey::Url => at.to_string(),
         };
-        let key = key.as_str();
-        let mut d = source.diagnostic_at_value(key, e);
+        let mut d = source.diagnostic_at_value(&key, e.message);
         d.help = Some(
             "e.g. `remote: s3://bucket/prefix`, or a name from ~/.config/cusa-pipe/config.yaml"
                 .into(),
@@ -516,7 +515,7 @@ fn build_stage(
     }
 
     // `with:`: substitute parameters, check references.
-    let with_symbolic = if raw.with.is_null() {
+    let written = if raw.with.is_null() {
         Value::Object(Default::default())
     } else {
         raw.with
@@ -611,7 +610,7 @@ fn build_stage(
         }
         Ok(Value::String(out))
     };
-    let with = interpolate::map_strings(&with_symbolic, "", &mut substitute).map_err(|e| {
+    let with = interpolate::map_strings(&written, "", &mut substitute).map_err(|e| {
         let path = if e.path.is_empty() {
             with_path.clone()
         } else {
@@ -647,8 +646,8 @@ fn build_stage(
     Ok(Stage {
         name: name.to_string(),
         kind,
-        with_symbolic,
-        with,
+        written,
+        config: checked.config,
         params_used,
         inputs,
         gpus: raw.resources.gpu,
@@ -689,10 +688,9 @@ fn config_diagnostic(source: &Source, base: &str, e: ConfigError) -> Diagnostic 
         (false, true) => base.to_string(),
         (false, false) => format!("{base}.{}", e.path),
     };
-    let mut d = if e.message.starts_with("unknown key") || e.message.starts_with("missing") {
-        source.diagnostic(&path, e.message)
-    } else {
-        source.diagnostic_at_value(&path, e.message)
+    let mut d = match e.points_at {
+        PointsAt::Key => source.diagnostic(&path, e.message),
+        PointsAt::Value => source.diagnostic_at_value(&path, e.message),
     };
     d.help = e.help;
     d

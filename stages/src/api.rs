@@ -30,10 +30,53 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// A stage kind: typed config, implementation version, execution.
+/// A stage kind with a typed config. Each kind implements this once; the engine reaches every
+/// kind through [`StageKind`], which one generic impl derives from it (parse, validate,
+/// normalise and the error mapping live there, not in eight copies).
+pub trait Kind: Send + Sync + 'static {
+    /// The typed `with:` block. `Serialize` gives the normalised form the engine hashes; it
+    /// must parse back to the same value (checked on every load).
+    type Config: Serialize + DeserializeOwned;
+
+    /// The `kind:` name in the pipeline file.
+    const NAME: &'static str;
+
+    /// Implementation version; part of every fingerprint of this kind. Bump it when the same
+    /// normalised config would now produce different bytes. Defaults and presets need no bump:
+    /// they are part of the normalised config.
+    const VERSION: u32;
+
+    /// Keys of `with:` that hold a POSIX shell command line (`command`'s `run`): the engine
+    /// substitutes every `${…}` value there as one literal, quoted piece of shell text, so a
+    /// parameter can never inject a command.
+    const SHELL_KEYS: &'static [&'static str] = &[];
+
+    /// Parses `with:` (parameters substituted; `${inputs.X}` and `${out}` still symbolic).
+    /// The default is serde with located errors; a kind whose presets supply keys overrides it.
+    fn parse(with: &Value) -> Result<Self::Config, ConfigError> {
+        parse_config(with)
+    }
+
+    /// Validates a parsed config and normalises it in place: every default a preset or the
+    /// kind supplies is written into the config, so the engine hashes the values a stage runs
+    /// with, and two spellings of one computation share a key. Runs once, at load time.
+    /// Returns what the kind learnt (project paths it reads on its own).
+    fn validate(
+        config: &mut Self::Config,
+        declared_inputs: &[String],
+    ) -> Result<Checked, ConfigError>;
+
+    /// Executes the stage. The config is the normalised one with every `${…}` reference
+    /// resolved to a real path.
+    fn run(&self, config: Self::Config, ctx: &StageContext<'_>)
+    -> Result<StageSummary, StageError>;
+}
+
+/// The engine's view of a stage kind, with the config as JSON. Implemented for every [`Kind`].
 pub trait StageKind: Send + Sync + 'static {
     /// The `kind:` name in the pipeline file.
     fn name(&self) -> &'static str;
@@ -41,25 +84,78 @@ pub trait StageKind: Send + Sync + 'static {
     /// Implementation version; part of every fingerprint of this kind.
     fn version(&self) -> u32;
 
-    /// Keys of `with:` that hold a POSIX shell command line (`command`'s `run`): the engine
-    /// substitutes every `${…}` value there as one literal, quoted piece of shell text, so a
-    /// parameter can never inject a command.
-    fn shell_keys(&self) -> &'static [&'static str] {
-        &[]
-    }
+    /// Keys of `with:` that hold a shell command line ([`Kind::SHELL_KEYS`]).
+    fn shell_keys(&self) -> &'static [&'static str];
 
-    /// Load-time check of the `with:` config (parameters already substituted; `${inputs.X}` and
-    /// `${out}` still symbolic). Returns project paths the kind reads on its own (for example
-    /// `download`'s `file:` source) so the engine hashes them like declared inputs.
+    /// Load-time parse, validation and normalisation of `with:` (parameters substituted;
+    /// `${inputs.X}` and `${out}` still symbolic).
     fn check(&self, with: &Value, declared_inputs: &[String]) -> Result<Checked, ConfigError>;
 
-    /// Executes the stage. `with` has every `${…}` reference resolved to a real path.
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError>;
+    /// Executes the stage with the normalised config of [`Checked::config`], every `${…}`
+    /// reference resolved to a real path.
+    fn run(&self, config: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError>;
+}
+
+impl<K: Kind> StageKind for K {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn version(&self) -> u32 {
+        K::VERSION
+    }
+
+    fn shell_keys(&self) -> &'static [&'static str] {
+        K::SHELL_KEYS
+    }
+
+    fn check(&self, with: &Value, declared_inputs: &[String]) -> Result<Checked, ConfigError> {
+        let mut config = K::parse(with)?;
+        let mut checked = K::validate(&mut config, declared_inputs)?;
+        checked.config = normalised::<K>(&config)?;
+        Ok(checked)
+    }
+
+    fn run(&self, config: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
+        // The config was parsed and normalised at load time; failing now is a defect of the
+        // kind's round trip, which `check` rules out.
+        let config = K::parse(config).map_err(|e| {
+            StageError::failed(format!(
+                "the normalised `{}` config no longer parses at {}: {}",
+                K::NAME,
+                if e.path.is_empty() { "with" } else { &e.path },
+                e.message
+            ))
+        })?;
+        Kind::run(self, config, ctx)
+    }
+}
+
+/// The normalised config as JSON, checked to parse back to itself (what is hashed is exactly
+/// what runs).
+fn normalised<K: Kind>(config: &K::Config) -> Result<Value, ConfigError> {
+    let bug = |what: String| {
+        ConfigError::new(
+            "",
+            format!("`{}` cannot normalise this config: {what}", K::NAME),
+        )
+        .with_help("this is a defect of cusa-pipe; please report it with the stage's `with:`")
+    };
+    let value = serde_json::to_value(config).map_err(|e| bug(e.to_string()))?;
+    let again = K::parse(&value).map_err(|e| bug(format!("{} ({})", e.message, e.path)))?;
+    let again = serde_json::to_value(&again).map_err(|e| bug(e.to_string()))?;
+    if again != value {
+        return Err(bug("it does not parse back to itself".into()));
+    }
+    Ok(value)
 }
 
 /// What [`StageKind::check`] learnt about a config.
 #[derive(Debug, Default, Clone)]
 pub struct Checked {
+    /// The normalised config (defaults and presets applied), as the engine hashes it and the
+    /// kind runs it; set by the generic [`StageKind`] impl.
+    pub config: Value,
     /// Extra project paths the stage reads, by the config key that names them (`with.file`).
     pub implicit_inputs: Vec<ImplicitInput>,
 }
@@ -81,16 +177,38 @@ pub struct ImplicitInput {
 pub struct ConfigError {
     /// Key path relative to `with`, in `a.b[0].c` form; empty for the whole block.
     pub path: String,
+    /// Whether the diagnostic points at the key (unknown or missing keys) or at its value.
+    pub points_at: PointsAt,
     pub message: String,
     pub help: Option<String>,
 }
 
+/// Where in a `key: value` line a [`ConfigError`] points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PointsAt {
+    /// The key itself is wrong (unknown) or absent (missing, pointed at its parent).
+    Key,
+    /// The value under the key is wrong.
+    #[default]
+    Value,
+}
+
 impl ConfigError {
+    /// A wrong value under `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             path: path.into(),
+            points_at: PointsAt::Value,
             message: message.into(),
             help: None,
+        }
+    }
+
+    /// A wrong or missing key at `path`.
+    pub fn at_key(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            points_at: PointsAt::Key,
+            ..Self::new(path, message)
         }
     }
 
@@ -132,7 +250,7 @@ fn config_error_from_serde(path: String, message: &str) -> ConfigError {
             .filter(|(i, _)| i % 2 == 1)
             .map(|(_, s)| s)
             .collect();
-        let mut err = ConfigError::new(path, format!("unknown key `{field}`"));
+        let mut err = ConfigError::at_key(path, format!("unknown key `{field}`"));
         err.help = Some(match closest(field, &candidates) {
             Some(best) => format!(
                 "did you mean `{best}`? known keys: {}",
@@ -144,7 +262,7 @@ fn config_error_from_serde(path: String, message: &str) -> ConfigError {
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or(rest);
-        return ConfigError::new(path, format!("missing required key `{field}`"));
+        return ConfigError::at_key(path, format!("missing required key `{field}`"));
     }
     ConfigError::new(path, message.to_string())
 }

@@ -30,15 +30,12 @@ use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 
 /// The typed `with:` block of a command stage.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
     /// The command line; `${inputs.NAME}`, `${out}` and `${params.KEY}` are substituted.
@@ -57,21 +54,13 @@ fn default_true() -> bool {
 
 pub struct CommandKind;
 
-impl StageKind for CommandKind {
-    fn name(&self) -> &'static str {
-        "command"
-    }
+impl Kind for CommandKind {
+    type Config = CommandConfig;
+    const NAME: &'static str = "command";
+    const VERSION: u32 = 1;
+    const SHELL_KEYS: &'static [&'static str] = &["run"];
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn shell_keys(&self) -> &'static [&'static str] {
-        &["run"]
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let config: CommandConfig = parse_config(with)?;
+    fn validate(config: &mut CommandConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if config.run.trim().is_empty() {
             return Err(ConfigError::new("run", "`run` is empty").with_help(
                 "give the command line to execute, e.g. `python3 make.py ${out}/data.txt`",
@@ -92,9 +81,11 @@ impl StageKind for CommandKind {
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let config: CommandConfig =
-            parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(
+        &self,
+        config: CommandConfig,
+        ctx: &StageContext<'_>,
+    ) -> Result<StageSummary, StageError> {
         let (program, mut command) = if config.shell {
             let mut c = Command::new("sh");
             c.arg("-c").arg(&config.run);

@@ -34,31 +34,43 @@ impl Device {
         }
     }
 
-    /// The GPU to use, or why the CPU (`Ok(Err(why))`), judging the setting, the build and
-    /// the engine's grant; the caller adds its own runtime checks through
-    /// [`Device::without_cuda`].
-    pub fn gpu(self, granted: &[usize]) -> Result<Result<usize, String>, StageError> {
+    /// Where to compute, judging the setting, the build and the engine's grant; the caller
+    /// adds its own runtime checks through [`Device::without_cuda`].
+    pub fn choose(self, granted: &[usize]) -> Result<Choice, StageError> {
         if self == Device::Cpu {
-            return Ok(Err("`device: cpu`".into()));
+            return Ok(Choice::Cpu("`device: cpu`".into()));
         }
-        if !cfg!(feature = "cuda") {
-            return self
-                .without_cuda(
-                    "this cusa-pipe was built without the `cuda` feature",
-                    "rebuild with `cargo build --release --features cuda`",
-                )
-                .map(Err);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = granted;
+            self.without_cuda(
+                "this cusa-pipe was built without the `cuda` feature",
+                "rebuild with `cargo build --release --features cuda`",
+            )
+            .map(Choice::Cpu)
         }
+        #[cfg(feature = "cuda")]
         match granted.first() {
-            Some(&gpu) => Ok(Ok(gpu)),
+            Some(&gpu) => Ok(Choice::Gpu(gpu)),
             None => self
                 .without_cuda(
                     "the stage has no GPU",
                     "add `resources: {gpu: 1}` to the stage (and run on a machine with an NVIDIA GPU)",
                 )
-                .map(Err),
+                .map(Choice::Cpu),
         }
     }
+}
+
+/// What [`Device::choose`] decided. A GPU can only be chosen in a build with the `cuda`
+/// feature: without it the variant does not exist, so no caller needs an unreachable arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// The CPU, and why (for the log).
+    Cpu(String),
+    /// This granted GPU (the kind's runtime checks may still fall back to the CPU).
+    #[cfg(feature = "cuda")]
+    Gpu(usize),
 }
 
 #[cfg(test)]
@@ -67,16 +79,24 @@ mod tests {
 
     #[test]
     fn auto_falls_back_with_a_reason_and_cuda_refuses() {
-        assert_eq!(Device::Cpu.gpu(&[0]).unwrap(), Err("`device: cpu`".into()));
-        let auto = Device::Auto.gpu(&[]).unwrap().unwrap_err();
-        let refused = Device::Cuda.gpu(&[]).unwrap_err().to_string();
+        assert_eq!(
+            Device::Cpu.choose(&[0]).unwrap(),
+            Choice::Cpu("`device: cpu`".into())
+        );
+        let Choice::Cpu(auto) = Device::Auto.choose(&[]).unwrap() else {
+            panic!("no GPU was granted")
+        };
+        let refused = Device::Cuda.choose(&[]).unwrap_err().to_string();
         assert_eq!(refused, format!("`device: cuda` but {auto}"));
-        if cfg!(feature = "cuda") {
-            assert_eq!(Device::Auto.gpu(&[3]).unwrap(), Ok(3));
+        #[cfg(feature = "cuda")]
+        {
+            assert_eq!(Device::Auto.choose(&[3]).unwrap(), Choice::Gpu(3));
             assert_eq!(auto, "the stage has no GPU");
-        } else {
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
             assert_eq!(auto, "this cusa-pipe was built without the `cuda` feature");
-            assert!(Device::Cuda.gpu(&[3]).is_err());
+            assert!(Device::Cuda.choose(&[3]).is_err());
         }
     }
 }

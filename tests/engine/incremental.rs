@@ -155,6 +155,28 @@ fn a_value_written_out_in_place_of_its_parameter_keeps_the_cached_result() {
 }
 
 #[test]
+fn a_default_spelt_out_keeps_the_cached_result_and_another_value_is_explained() {
+    let p = numbers_project();
+    assert_eq!(p.run(&["run"]).code, 0);
+    // `shell: true` and `env: {}` are the defaults: the normalised config, hence the key, is
+    // the same.
+    assert_snapshot!(p.transcript(&["status", "--set", "other.with.shell=true", "--set", "other.with.env={}"]), @r"
+    $ cusa-pipe status --set other.with.shell=true --set other.with.env={}
+    fresh  numbers  [HASH]
+    fresh  total    [HASH]
+    fresh  other    [HASH]
+    [exit 0]
+    ");
+    assert_snapshot!(p.transcript(&["status", "--set", "other.with.shell=false"]), @r"
+    $ cusa-pipe status --set other.with.shell=false
+    fresh  numbers  [HASH]
+    fresh  total    [HASH]
+    stale  other    with.shell (unset) → false
+    [exit 0]
+    ");
+}
+
+#[test]
 fn set_overrides_apply_to_one_run_and_are_explained() {
     let p = numbers_project();
     assert_eq!(p.run(&["run"]).code, 0);

@@ -1,15 +1,15 @@
 //! Caption cleaning presets.
 //!
 //! `cusa` is exactly the reference `pre_caption` (CUSA code, inherited from X-VLM; see
-//! `shared/docs/METHOD.md`), quirks included: only *runs* of two or more whitespace characters
+//! `docs/method.md`), quirks included: only *runs* of two or more whitespace characters
 //! are collapsed (a single tab survives), `split(' ')` splits on spaces only, and an empty result
 //! is an error. It is checked against the Python function on tricky captions
 //! (`scripts/fixtures/pre_caption.py` → `stages/tests/fixtures/pre_caption.json`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Which cleaning to apply to captions.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Clean {
     /// The reference `pre_caption`.

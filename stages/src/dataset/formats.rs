@@ -13,14 +13,14 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow_array::{Array, RecordBatch};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::normal::{Dropped, RawCaption, RawDataset, RawImage};
 use crate::api::StageError;
 
 /// Where COCO's `restval` images go.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Restval {
     #[default]
@@ -185,7 +185,7 @@ pub fn cusa_json(files: &[(String, &Path)]) -> Result<RawDataset, StageError> {
 }
 
 /// Column names of a `table`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Columns {
     /// Image path, relative to the image root.
@@ -464,7 +464,7 @@ pub fn table(
 }
 
 /// `positives: {eccv: DIR, split: test}`: the ECCV Caption extended positives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PositivesConfig {
     /// A folder holding the `eccv-caption` package's `eccv_image_to_caption.json` and

@@ -34,18 +34,16 @@ pub mod scenes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 use clean::Clean;
 use formats::{Columns, PositivesConfig, Restval};
 use normal::{OnError, Rules};
 use scenes::ScenesConfig;
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     Karpathy,
@@ -66,7 +64,8 @@ impl Format {
 }
 
 /// One annotation file, or one per split.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum Annotations {
     One(String),
     PerSplit(BTreeMap<String, String>),
@@ -95,7 +94,7 @@ impl<'de> Deserialize<'de> for Annotations {
 }
 
 /// The typed `with:` block of a dataset stage.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     pub format: Format,
@@ -204,17 +203,12 @@ impl DatasetConfig {
 
 pub struct DatasetKind;
 
-impl StageKind for DatasetKind {
-    fn name(&self) -> &'static str {
-        "dataset"
-    }
+impl Kind for DatasetKind {
+    type Config = DatasetConfig;
+    const NAME: &'static str = "dataset";
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let config: DatasetConfig = parse_config(with)?;
+    fn validate(config: &mut DatasetConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         config.check_keys()?;
         if config.max_words == 0 {
             return Err(ConfigError::new(
@@ -225,9 +219,11 @@ impl StageKind for DatasetKind {
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let config: DatasetConfig =
-            parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(
+        &self,
+        config: DatasetConfig,
+        ctx: &StageContext<'_>,
+    ) -> Result<StageSummary, StageError> {
         let project = |p: &str| ctx.resolve(p);
         let one = || match &config.annotations {
             Some(Annotations::One(p)) => Ok(project(p)),

@@ -83,7 +83,7 @@ pub struct RawDataset {
 }
 
 /// What to do with bad rows.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
     #[default]

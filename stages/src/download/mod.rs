@@ -43,17 +43,17 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    Checked, ConfigError, ImplicitInput, StageContext, StageError, StageKind, StageSummary,
-    parse_config,
+    Checked, ConfigError, ImplicitInput, Kind, StageContext, StageError, StageSummary,
 };
 
 /// One value or a list of values.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -91,7 +91,8 @@ impl<'de> Deserialize<'de> for OneOrMany {
 }
 
 /// Expected digests: one for a single file, or one per wheel member.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum Sha256Spec {
     One(String),
     PerMember(BTreeMap<String, String>),
@@ -121,7 +122,7 @@ impl<'de> Deserialize<'de> for Sha256Spec {
 }
 
 /// The typed `with:` block of a download stage.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DownloadConfig {
     /// An http(s) URL.
@@ -235,17 +236,12 @@ fn check_hex(key: &str, hex: &str) -> Result<String, ConfigError> {
 
 pub struct DownloadKind;
 
-impl StageKind for DownloadKind {
-    fn name(&self) -> &'static str {
-        "download"
-    }
+impl Kind for DownloadKind {
+    type Config = DownloadConfig;
+    const NAME: &'static str = "download";
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let config: DownloadConfig = parse_config(with)?;
+    fn validate(config: &mut DownloadConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         let source = config.source()?;
         let mut checked = Checked::default();
         if let Some(name) = &config.filename {
@@ -314,11 +310,11 @@ impl StageKind for DownloadKind {
                         })?;
                     }
                 }
-                pip_only_keys(&config)?;
+                pip_only_keys(config)?;
             }
             Source::File(path) => {
                 config.expected_single()?;
-                pip_only_keys(&config)?;
+                pip_only_keys(config)?;
                 if !path.contains("${") {
                     checked.implicit_inputs.push(ImplicitInput {
                         name: "file".into(),
@@ -377,9 +373,11 @@ impl StageKind for DownloadKind {
         Ok(checked)
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let config: DownloadConfig =
-            parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(
+        &self,
+        config: DownloadConfig,
+        ctx: &StageContext<'_>,
+    ) -> Result<StageSummary, StageError> {
         let source = config.source().map_err(|e| StageError::failed(e.message))?;
         let mut summary = StageSummary::default();
         match source {

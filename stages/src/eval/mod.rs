@@ -33,12 +33,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, StringArray, UInt32Array};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 use crate::features;
 use crate::ml::clip::ClipInputs;
 use crate::ml::retrieval::{self, Matrix, Ranks};
@@ -51,7 +49,7 @@ use crate::train::load::TrainedStudent;
 use crate::train::run::{Head, embed_rows, embed_split};
 
 /// `with:` of an eval stage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// A `dataset` stage's output folder.
@@ -115,24 +113,18 @@ impl EvalConfig {
 
 pub struct EvalKind;
 
-impl StageKind for EvalKind {
-    fn name(&self) -> &'static str {
-        "eval"
-    }
+impl Kind for EvalKind {
+    type Config = EvalConfig;
+    const NAME: &'static str = "eval";
+    // 2: results in the run record (for `cusa-pipe metrics`).
+    const VERSION: u32 = 2;
 
-    fn version(&self) -> u32 {
-        // 2: results in the run record (for `cusa-pipe metrics`).
-        2
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: EvalConfig = parse_config(with)?;
+    fn validate(c: &mut EvalConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         c.validate()?;
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: EvalConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(&self, c: EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         evaluate(&c, ctx)
     }
 }

@@ -26,16 +26,14 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 use crate::train::load::TrainedStudent;
 
 /// One compared run.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// A label for tables and plots (`base`, `cusa`).
@@ -47,7 +45,7 @@ pub struct RunConfig {
 }
 
 /// `with:` of an export stage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// The `dataset` stage's output the runs were trained and measured on (captions, pictures
@@ -101,23 +99,17 @@ impl ExportConfig {
 
 pub struct ExportKind;
 
-impl StageKind for ExportKind {
-    fn name(&self) -> &'static str {
-        "export"
-    }
+impl Kind for ExportKind {
+    type Config = ExportConfig;
+    const NAME: &'static str = "export";
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: ExportConfig = parse_config(with)?;
+    fn validate(c: &mut ExportConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         c.validate()?;
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: ExportConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(&self, c: ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         export(&c, ctx)
     }
 }

@@ -1,4 +1,4 @@
-//! The training losses of shared/docs/METHOD.md, exactly: the base InfoNCE with multi-positive
+//! The training losses of docs/method.md, exactly: the base InfoNCE with multi-positive
 //! targets, the VSE++ hinge with hardest negatives, CSA and USA.
 //!
 //! Invariants:

@@ -1,4 +1,4 @@
-//! Retrieval metrics of METHOD.md on embeddings: R@1/5/10 both ways and RSUM, and mAP@R /
+//! Retrieval metrics of docs/method.md on embeddings: R@1/5/10 both ways and RSUM, and mAP@R /
 //! R-Precision against extended positive sets.
 //!
 //! i2t: an image's rank is the best rank among all its captions; t2i: the rank of the caption's

@@ -8,7 +8,7 @@
 //! encoder (`layers`, `heads`, feed-forward 2·width, GELU, no dropout: dropout draws from the
 //! backend's process-wide generator, which concurrent stages share, and would break
 //! same-seed-same-bytes), padding masked, mean over the real words. Both then go through the
-//! heads of METHOD.md ([`Heads`]).
+//! heads of docs/method.md ([`Heads`]).
 
 use burn::module::Module;
 use burn::nn::transformer::{

@@ -1,4 +1,4 @@
-//! Students: a backbone per modality, then the heads METHOD.md prescribes.
+//! Students: a backbone per modality, then the heads docs/method.md prescribes.
 //!
 //! Every student ends in, per modality, a *cross* head (LayerNorm → Linear(d, d)) whose output is
 //! the retrieval embedding f, and — when USA is on — a separate *uni* head (a second LayerNorm →
@@ -16,7 +16,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
-/// Clamp ranges of the temperatures (METHOD.md).
+/// Clamp ranges of the temperatures (docs/method.md).
 pub const TAU_RANGE: (f64, f64) = (0.01, 0.10);
 pub const TAU_C_RANGE: (f64, f64) = (0.10, 0.99);
 pub const TAU_U_RANGE: (f64, f64) = (0.10, 1.00);

@@ -20,17 +20,15 @@ use std::sync::Arc;
 
 use arrow_array::{Float32Array, UInt32Array};
 use rayon::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 use crate::features::{self, Features};
 use crate::teacher::Precision;
 
 /// `with:` of a softlabel stage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SoftlabelConfig {
     /// A `dataset` stage's output folder.
@@ -52,25 +50,19 @@ fn default_split() -> String {
 
 pub struct SoftlabelKind;
 
-impl StageKind for SoftlabelKind {
-    fn name(&self) -> &'static str {
-        "softlabel"
-    }
+impl Kind for SoftlabelKind {
+    type Config = SoftlabelConfig;
+    const NAME: &'static str = "softlabel";
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: SoftlabelConfig = parse_config(with)?;
+    fn validate(c: &mut SoftlabelConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if c.neighbours == Some(0) {
             return Err(ConfigError::new("neighbours", "must be at least 1"));
         }
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: SoftlabelConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(&self, c: SoftlabelConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         let dataset = ctx.resolve(&c.dataset);
         let captions = crate::dataset::read::captions(&dataset, &c.split)?;
         if captions.is_empty() {

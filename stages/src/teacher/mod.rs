@@ -41,21 +41,19 @@ mod text;
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, closest, parse_config,
-};
+use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary, closest};
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Modality {
     Text,
     Image,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     #[default]
@@ -66,7 +64,7 @@ pub enum Pooling {
     None,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -75,7 +73,7 @@ pub enum Precision {
 }
 
 /// The typed `with:` block of a teacher stage.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherConfig {
     pub modality: Modality,
@@ -117,7 +115,8 @@ pub struct TeacherConfig {
 }
 
 /// `preprocess:` — a preset name or explicit settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum PreprocessChoice {
     Preset(String),
     Custom(preprocess::Preprocess),
@@ -170,17 +169,12 @@ fn default_batch() -> usize {
 
 pub struct TeacherKind;
 
-impl StageKind for TeacherKind {
-    fn name(&self) -> &'static str {
-        "teacher"
-    }
+impl Kind for TeacherKind {
+    type Config = TeacherConfig;
+    const NAME: &'static str = "teacher";
+    const VERSION: u32 = 1;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: TeacherConfig = parse_config(with)?;
+    fn validate(c: &mut TeacherConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if c.modality == Modality::Text && c.tokenizer.is_none() {
             return Err(ConfigError::new(
                 "",
@@ -197,11 +191,23 @@ impl StageKind for TeacherKind {
                 "must be at least 1",
             ));
         }
+        // A preset is hashed as the values it stands for: a preset edited in a later release
+        // reruns exactly the teachers that use it.
+        match (&c.preprocess, c.modality) {
+            (Some(choice), _) => c.preprocess = Some(PreprocessChoice::Custom(choice.resolve()?)),
+            (None, Modality::Image) => {
+                return Err(ConfigError::at_key(
+                    "",
+                    "an image teacher needs `preprocess:` (a preset or the settings)",
+                )
+                .with_help("e.g. `preprocess: clip` (also `imagenet`, `dinov2`)"));
+            }
+            (None, Modality::Text) => {}
+        }
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: TeacherConfig = parse_config(with).map_err(|e| StageError::failed(e.message))?;
+    fn run(&self, c: TeacherConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         let path = |p: &str| ctx.resolve(p);
         let (model_path, lib, dataset) = (path(&c.model), path(&c.onnxruntime), path(&c.dataset));
         let model_bytes = std::fs::read(&model_path)
@@ -282,7 +288,7 @@ impl StageKind for TeacherKind {
                 let pre = c
                     .preprocess
                     .as_ref()
-                    .expect("checked at load")
+                    .ok_or_else(|| StageError::failed("an image teacher needs `preprocess:`"))?
                     .resolve()
                     .map_err(|e| StageError::failed(e.message))?;
                 let root =

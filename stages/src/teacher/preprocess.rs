@@ -8,10 +8,10 @@
 //! to 8 bits before the vertical pass. Tests pin the cropped bytes to Pillow's on real photos.
 
 use image::RgbImage;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Resampling filter.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Interpolation {
     Bicubic,
@@ -19,7 +19,7 @@ pub enum Interpolation {
 }
 
 /// How pixels become a tensor.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocess {
     /// Shortest side after resizing (with `crop`), or `[width, height]` for a plain resize.
@@ -44,7 +44,8 @@ fn default_layout() -> String {
     "nchw".into()
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Resize {
     Shortest(u32),
     Exact([u32; 2]),

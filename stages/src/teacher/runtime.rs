@@ -19,7 +19,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 
 use crate::api::StageError;
-use crate::device::Device;
+use crate::device::{Choice, Device};
 
 /// The loaded library (path and sha256: paths differ between cache trees, content must not) and
 /// the process's one environment.
@@ -88,15 +88,24 @@ fn place(
         provider: "CPU",
         why,
     };
-    let gpu = match device.gpu(gpus)? {
-        Ok(gpu) => gpu,
-        Err(why) => return Ok((builder, cpu(why))),
-    };
-    #[cfg(not(feature = "cuda"))]
-    {
-        unreachable!("Device::gpu grants GPU {gpu} only in a build with the `cuda` feature")
+    match device.choose(gpus)? {
+        Choice::Cpu(why) => Ok((builder, cpu(why))),
+        #[cfg(feature = "cuda")]
+        Choice::Gpu(gpu) => place_cuda(builder, device, gpu),
     }
-    #[cfg(feature = "cuda")]
+}
+
+/// Registers the CUDA execution provider for `gpu`, or falls back as `device` allows.
+#[cfg(feature = "cuda")]
+fn place_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    device: Device,
+    gpu: usize,
+) -> Result<(ort::session::builder::SessionBuilder, Placement), StageError> {
+    let cpu = |why: String| Placement {
+        provider: "CPU",
+        why,
+    };
     {
         use ort::ep::ExecutionProvider;
         if !ort::ep::CUDA::is_available().unwrap_or(false) {

@@ -369,6 +369,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Writes the defaults that depend on other keys (the preset's reduction and temperature
+    /// decay, `lr_min` = lr/10) into the config, so the key hashes the values training uses.
+    pub fn normalise(&mut self) {
+        if self.loss.base == BaseLoss::Infonce {
+            self.loss.reduction = Some(self.reduction());
+        }
+        self.decay_temperatures = Some(self.decay_temperatures());
+        self.lr_min = Some(self.lr_min());
+    }
+
     pub fn reduction(&self) -> Reduction {
         self.loss.reduction.unwrap_or(match self.preset {
             Some(Preset::CusaReference | Preset::CusaClip) => Reduction::Reference,

@@ -1,5 +1,5 @@
 //! `train`: a student trained with a base loss and, optionally, CSA and USA from precomputed
-//! soft labels (shared/docs/METHOD.md), on burn — ndarray on the CPU, CUDA behind the `cuda`
+//! soft labels (docs/method.md), on burn — ndarray on the CPU, CUDA behind the `cuda`
 //! feature.
 //!
 //! Invariants:
@@ -27,33 +27,32 @@ pub(crate) mod run;
 use serde_json::Value;
 
 use crate::api::{
-    Checked, ConfigError, StageContext, StageError, StageKind, StageSummary, parse_config,
+    Checked, ConfigError, Kind, StageContext, StageError, StageSummary, parse_config,
 };
 pub use config::TrainConfig;
 
 pub struct TrainKind;
 
-impl StageKind for TrainKind {
-    fn name(&self) -> &'static str {
-        "train"
+impl Kind for TrainKind {
+    type Config = TrainConfig;
+    const NAME: &'static str = "train";
+    // 2: config.json records the architecture (`student: {kind, …}`); scenes-small.
+    // 3: `accumulate` (recorded in config.json); the clip student; presets fill defaults.
+    // 4: `warmup` (recorded in config.json).
+    // Defaults and presets need no bump: they are in the normalised config.
+    const VERSION: u32 = 4;
+
+    fn parse(with: &Value) -> Result<TrainConfig, ConfigError> {
+        parse_config(&config::with_preset_defaults(with))
     }
 
-    fn version(&self) -> u32 {
-        // 2: config.json records the architecture (`student: {kind, …}`); scenes-small.
-        // 3: `accumulate` (recorded in config.json); the clip student; presets fill defaults.
-        // 4: `warmup` (recorded in config.json).
-        4
-    }
-
-    fn check(&self, with: &Value, _declared_inputs: &[String]) -> Result<Checked, ConfigError> {
-        let c: TrainConfig = parse_config(&config::with_preset_defaults(with))?;
+    fn validate(c: &mut TrainConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         c.validate()?;
+        c.normalise();
         Ok(Checked::default())
     }
 
-    fn run(&self, with: &Value, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        let c: TrainConfig = parse_config(&config::with_preset_defaults(with))
-            .map_err(|e| StageError::failed(e.message))?;
+    fn run(&self, c: TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
         run::train(&c, ctx)
     }
 }

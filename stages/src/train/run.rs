@@ -19,6 +19,7 @@ use super::config::{
 };
 use super::data::{self, Rows, TrainingData};
 use crate::api::{StageContext, StageError, StageSummary};
+use crate::device::Choice;
 use crate::ml::loss;
 use crate::ml::optim::{GroupedAccumulator, GroupedAdamW, cosine_lr, warmup_factor};
 use crate::ml::retrieval::{self, Matrix, Recalls};
@@ -43,25 +44,17 @@ enum Placement {
 /// Picks the device; probes for a CUDA driver before any CUDA call (burn 0.21's CUDA backend
 /// panics when there is none).
 fn place(device: Device, gpus: &[usize]) -> Result<Placement, StageError> {
-    let gpu = match device.gpu(gpus)? {
-        Ok(gpu) => gpu,
-        Err(why) => return Ok(Placement::Cpu(why)),
-    };
-    #[cfg(not(feature = "cuda"))]
-    {
-        unreachable!("Device::gpu grants GPU {gpu} only in a build with the `cuda` feature")
-    }
-    #[cfg(feature = "cuda")]
-    {
-        if !cuda_driver_present() {
-            return device
-                .without_cuda(
-                    "no CUDA driver was found (libcuda.so.1 does not load)",
-                    "install the NVIDIA driver, or use `device: cpu`",
-                )
-                .map(Placement::Cpu);
-        }
-        Ok(Placement::Cuda(gpu))
+    match device.choose(gpus)? {
+        Choice::Cpu(why) => Ok(Placement::Cpu(why)),
+        #[cfg(feature = "cuda")]
+        Choice::Gpu(_) if !cuda_driver_present() => device
+            .without_cuda(
+                "no CUDA driver was found (libcuda.so.1 does not load)",
+                "install the NVIDIA driver, or use `device: cpu`",
+            )
+            .map(Placement::Cpu),
+        #[cfg(feature = "cuda")]
+        Choice::Gpu(gpu) => Ok(Placement::Cuda(gpu)),
     }
 }
 

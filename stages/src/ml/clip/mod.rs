@@ -7,7 +7,7 @@
 //! - [`weights`]: Hugging Face and open_clip safetensors in, the Hugging Face layout out.
 //! - [`tokenizer`]: CLIP's byte-level BPE, id for id with OpenAI's tokenizer.
 //!
-//! The student ([`ClipStudent`]) puts the heads of METHOD.md on CLIP's projected outputs, as
+//! The student ([`ClipStudent`]) puts the heads of docs/method.md on CLIP's projected outputs, as
 //! the reference code does (`ln_cross_*_projection` → `cross_*_projection` on
 //! `encode_image`/`encode_text`): the cross heads give the retrieval embedding f (also in the
 //! baseline), the uni heads the USA embedding g. CLIP's own logit scale is kept (and exported)
@@ -146,7 +146,7 @@ pub struct ClipStudentShape {
     pub uni_heads: bool,
 }
 
-/// CLIP with the heads of METHOD.md on its projected outputs.
+/// CLIP with the heads of docs/method.md on its projected outputs.
 #[derive(Module, Debug)]
 pub struct ClipStudent<B: Backend> {
     pub clip: Clip<B>,

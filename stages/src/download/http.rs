@@ -9,6 +9,9 @@
 //! from the same version: a validator the server gave (and gives again on the 206), or a pinned
 //! `sha256:` that checks the whole file afterwards. Without either, the transfer restarts from
 //! zero rather than risk splicing two versions of the file.
+//!
+//! The client is reqwest's blocking one, the HTTP stack the team cache (object_store) already
+//! builds: one stack, one TLS setup (rustls with ring, the system's trust store).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -90,14 +93,7 @@ pub fn fetch(
         };
     }
 
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(config.timeout_s.min(30))))
-        .timeout_recv_response(Some(Duration::from_secs(config.timeout_s)))
-        .timeout_per_read(Some(Duration::from_secs(config.timeout_s)))
-        .user_agent(concat!("cusa-pipe/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = client(config)?;
 
     let mut resumed_from = 0u64;
     let mut failures: u32 = 0;
@@ -152,9 +148,24 @@ pub fn fetch(
     }
 }
 
+/// The HTTP client of one transfer: `timeout_s` bounds connecting (at most 30 s), waiting for
+/// the response, and each read of the body (not the whole transfer); redirects are followed;
+/// bodies are never decoded (the bytes on disk are the bytes served).
+fn client(config: &DownloadConfig) -> Result<reqwest::blocking::Client, StageError> {
+    // reqwest is built without a default crypto provider; the first caller in the process
+    // installs ring's (the engine's team cache does the same), later ones find it there.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(config.timeout_s.min(30)))
+        .timeout(Duration::from_secs(config.timeout_s))
+        .user_agent(concat!("cusa-pipe/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| StageError::failed(format!("cannot set up the HTTP client: {e}")))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attempt(
-    agent: &ureq::Agent,
+    agent: &reqwest::blocking::Client,
     url: &str,
     part: &PathBuf,
     meta_path: &Path,
@@ -188,7 +199,7 @@ fn attempt(
             String::new()
         }
     ));
-    let response = request.call().map_err(classify)?;
+    let response = request.send().map_err(classify)?;
     let status = response.status().as_u16();
     let header = |name: &str| {
         response
@@ -202,7 +213,7 @@ fn attempt(
         .filter(|e| !e.starts_with("W/"))
         .or_else(|| header("last-modified"));
     let content_range = header("content-range");
-    let length = response.body().content_length();
+    let length = response.content_length();
 
     let (mut file, start, total) = match status {
         200 => {
@@ -276,7 +287,7 @@ fn attempt(
     write_meta(meta_path, meta);
     ctx.progress.set_length(total);
 
-    let mut body = response.into_body().into_reader();
+    let mut body = response;
     let mut buf = vec![0u8; 256 * 1024];
     let mut pos = start;
     loop {
@@ -317,32 +328,79 @@ fn attempt(
     Ok(pos)
 }
 
-fn classify(err: ureq::Error) -> AttemptError {
-    match err {
-        // rustls reports handshake and certificate failures inside I/O errors.
-        ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
-            AttemptError::Fatal(tls_failure(&e))
-        }
-        ureq::Error::Io(e) => AttemptError::Retry(format!("connection failed: {e}")),
-        ureq::Error::Timeout(t) => AttemptError::Retry(format!("timed out ({t})")),
-        ureq::Error::ConnectionFailed => AttemptError::Retry("connection failed".into()),
-        ureq::Error::Protocol(e) => AttemptError::Retry(format!("HTTP protocol error: {e}")),
-        ureq::Error::HostNotFound => AttemptError::Fatal(StageError::failed_with_hint(
-            "host not found",
-            "check the host name in the URL and this machine's network access",
-        )),
-        e @ (ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_)) => {
-            AttemptError::Fatal(tls_failure(&e))
-        }
-
-        e => AttemptError::Fatal(StageError::failed(format!("request failed: {e}"))),
+fn classify(err: reqwest::Error) -> AttemptError {
+    // The causes below reqwest's error: rustls for handshakes and certificates, the resolver's
+    // and the socket's I/O errors for the rest.
+    let mut tls = false;
+    let mut unresolved = false;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        tls |= is_tls(cause);
+        let text = cause.to_string();
+        unresolved |= text.contains("failed to lookup address")
+            || text.contains("Name or service not known")
+            || text.contains("dns error");
+        source = cause.source();
     }
+    let detail = innermost(&err);
+    if tls {
+        return AttemptError::Fatal(tls_failure(&detail));
+    }
+    if unresolved {
+        return AttemptError::Fatal(StageError::failed_with_hint(
+            format!("host not found ({detail})"),
+            "check the host name in the URL and this machine's network access",
+        ));
+    }
+    if err.is_builder() {
+        return AttemptError::Fatal(StageError::failed_with_hint(
+            format!("cannot request this URL: {detail}"),
+            "check the URL in the pipeline file (http:// or https://)",
+        ));
+    }
+    if err.is_timeout() {
+        return AttemptError::Retry(format!("timed out ({detail})"));
+    }
+    if err.is_connect() {
+        return AttemptError::Retry(format!("connection failed ({detail})"));
+    }
+    if err.is_request() || err.is_body() {
+        return AttemptError::Retry(format!("HTTP protocol error: {detail}"));
+    }
+    AttemptError::Fatal(StageError::failed(format!("request failed: {detail}")))
+}
+
+/// Whether `cause` is a rustls error, possibly inside I/O errors (which hide their inner error
+/// from `source()`; hyper-rustls wraps it twice).
+fn is_tls(mut cause: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if cause.is::<rustls::Error>() {
+            return true;
+        }
+        match cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => cause = inner,
+            None => return false,
+        }
+    }
+}
+
+/// The most specific message in an error's chain (reqwest's own says only "error sending
+/// request").
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = err;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
 }
 
 fn tls_failure(e: &dyn std::fmt::Display) -> StageError {
     StageError::failed_with_hint(
         format!("TLS error: {e}"),
-        "the secure connection failed (certificate, or not a TLS server); check the URL (http vs https) and the system clock",
+        "the secure connection failed (certificate, or not a TLS server); check the URL (http vs https), the system clock and the CA certificates of this machine (Debian: ca-certificates)",
     )
 }
 

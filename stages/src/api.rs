@@ -578,3 +578,13 @@ pub fn json_text(value: &impl serde::Serialize, what: &str) -> Result<String, St
         .map(|t| t + "\n")
         .map_err(|e| StageError::failed(format!("cannot serialise {what}: {e}")))
 }
+
+/// The name a config value is written as in `with:` (its serde form: `infonce`, `cls`), for
+/// files that record it. Never a `Debug` string: that is not a format.
+pub fn config_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(e) => format!("<{e}>"),
+    }
+}

@@ -524,7 +524,7 @@ pub fn write(
         positives_per_caption,
         format,
         image_root,
-        clean: format!("{:?}", rules.clean).to_lowercase(),
+        clean: crate::api::config_name(&rules.clean),
         max_words: rules.max_words,
         splits,
         positives: n.positives.len(),

@@ -229,10 +229,7 @@ impl Kind for TeacherKind {
         let mut meta = HashMap::from([
             ("model_sha256".to_string(), model_sha),
             ("output".to_string(), output.clone()),
-            (
-                "pooling".to_string(),
-                format!("{:?}", c.pooling).to_lowercase(),
-            ),
+            ("pooling".to_string(), crate::api::config_name(&c.pooling)),
             ("normalize".to_string(), c.normalize.to_string()),
             ("split".to_string(), c.split.clone()),
         ]);

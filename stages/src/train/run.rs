@@ -797,7 +797,7 @@ where
     .map_err(|e| StageError::io("copying the best weights", e))?;
     let record = TrainingRecord {
         student: architecture,
-        base_loss: format!("{:?}", c.loss.base).to_lowercase(),
+        base_loss: crate::api::config_name(&c.loss.base),
         reduction: format!("{reduction:?}").to_lowercase(),
         alpha: c.loss.csa.map(|x| x.alpha),
         beta: c.loss.usa.map(|x| x.beta),

@@ -102,8 +102,11 @@ fn cycle_diagnostic(p: &Pipeline, deps: &[Vec<usize>], missing: &[usize]) -> Dia
                 .inputs
                 .iter()
                 .find(|(_, i)| matches!(i, Input::Stage { stage, .. } if stage == producer))
-                .map(|(k, _)| format!("stages.{}.inputs.{k}", closing.name))
-                .unwrap_or_else(|| format!("stages.{}", closing.name));
+                .and_then(|(k, _)| closing.written_at.get(k).cloned())
+                .unwrap_or_else(|| {
+                    let written = closing.element.as_ref().map_or(&closing.name, |e| &e.stage);
+                    format!("stages.{written}")
+                });
             let mut d = p.source.diagnostic_at_value(
                 &input_key,
                 format!(
@@ -133,35 +136,117 @@ fn edges<'a>(p: &'a Pipeline, dag: &Dag) -> Vec<(&'a str, &'a str, &'a str)> {
     let mut out = Vec::new();
     for &i in &dag.order {
         for (input, src) in &p.stages[i].inputs {
-            if let Input::Stage { stage, .. } = src {
-                out.push((stage.as_str(), input.as_str(), p.stages[i].name.as_str()));
+            if let Input::Stage { stage, sub } = src {
+                // Inputs written as references are named by position: label them by the
+                // sub-path they read, if any.
+                let label = match (input.starts_with('@'), sub) {
+                    (false, _) => input.as_str(),
+                    (true, Some(sub)) => sub.as_str(),
+                    (true, None) => "",
+                };
+                out.push((stage.as_str(), label, p.stages[i].name.as_str()));
             }
         }
     }
     out
 }
 
-pub fn render(p: &Pipeline, dag: &Dag, format: Format) -> String {
+/// A node of the drawing: a stage, or (collapsed) all elements of a matrix stage.
+struct Node {
+    name: String,
+    kind: &'static str,
+    /// `variant (base, cusa) × seed (0, 1)` for a collapsed matrix.
+    axes: Option<String>,
+    gpus: u32,
+    from: Vec<String>,
+}
+
+fn nodes(p: &Pipeline, dag: &Dag, collapse: bool) -> Vec<Node> {
+    let node_of = |i: usize| -> String {
+        let s = &p.stages[i];
+        match (&s.element, collapse) {
+            (Some(e), true) => e.stage.clone(),
+            _ => s.name.clone(),
+        }
+    };
+    let mut out: Vec<Node> = Vec::new();
+    for &i in &dag.order {
+        let name = node_of(i);
+        let from: Vec<String> = dag.deps[i].iter().map(|&j| node_of(j)).collect();
+        if let Some(n) = out.iter_mut().find(|n| n.name == name) {
+            for f in from {
+                if !n.from.contains(&f) {
+                    n.from.push(f);
+                }
+            }
+            continue;
+        }
+        let s = &p.stages[i];
+        let axes = match (&s.element, collapse) {
+            (Some(e), true) => {
+                let parts: Vec<String> = e
+                    .labels
+                    .iter()
+                    .map(|(axis, _)| {
+                        let mut labels: Vec<&str> = Vec::new();
+                        for t in &p.stages {
+                            if let Some(l) = t
+                                .element
+                                .as_ref()
+                                .filter(|x| x.stage == e.stage)
+                                .and_then(|x| x.label(axis))
+                                && !labels.contains(&l)
+                            {
+                                labels.push(l);
+                            }
+                        }
+                        format!("{axis} ({})", labels.join(", "))
+                    })
+                    .collect();
+                Some(parts.join(" × "))
+            }
+            _ => None,
+        };
+        let mut deduped: Vec<String> = Vec::new();
+        for f in from {
+            if !deduped.contains(&f) {
+                deduped.push(f);
+            }
+        }
+        out.push(Node {
+            name,
+            kind: s.kind.name(),
+            axes,
+            gpus: s.gpus,
+            from: deduped,
+        });
+    }
+    out
+}
+
+/// The pipeline's graph as text, Graphviz dot or Mermaid; `collapse` draws each matrix stage
+/// as one node with its axes instead of one node per element.
+pub fn render(p: &Pipeline, dag: &Dag, format: Format, collapse: bool) -> String {
+    let nodes = nodes(p, dag, collapse);
     let mut out = String::new();
-    let name = |i: usize| p.stages[i].name.as_str();
+    let label = |n: &Node| match &n.axes {
+        Some(axes) => format!("{} ({}) [{axes}]", n.name, n.kind),
+        None => format!("{} ({})", n.name, n.kind),
+    };
     match format {
         Format::Text => {
-            let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
-            let kind_width = p
-                .stages
-                .iter()
-                .map(|s| s.kind.name().len())
-                .max()
-                .unwrap_or(0);
-            for &i in &dag.order {
-                let s = &p.stages[i];
-                let from: Vec<&str> = dag.deps[i].iter().map(|&j| name(j)).collect();
-                let mut line = format!("{:width$}  {:kind_width$}", s.name, s.kind.name());
-                if !from.is_empty() {
-                    line.push_str(&format!("  ← {}", from.join(", ")));
+            let width = nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
+            let kind_width = nodes.iter().map(|n| n.kind.len()).max().unwrap_or(0);
+            for n in &nodes {
+                let mut line = format!("{:width$}  {:kind_width$}", n.name, n.kind);
+                if let Some(axes) = &n.axes {
+                    line.push_str(&format!("  [{axes}]"));
                 }
-                if s.gpus > 0 {
-                    line.push_str(&format!("  [gpu: {}]", s.gpus));
+                if !n.from.is_empty() {
+                    line.push_str(&format!("  ← {}", n.from.join(", ")));
+                }
+                if n.gpus > 0 {
+                    line.push_str(&format!("  [gpu: {}]", n.gpus));
                 }
                 out.push_str(line.trim_end());
                 out.push('\n');
@@ -171,31 +256,59 @@ pub fn render(p: &Pipeline, dag: &Dag, format: Format) -> String {
             out.push_str(
                 "digraph pipeline {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
             );
-            for &i in &dag.order {
-                out.push_str(&format!(
-                    "  \"{}\" [label=\"{}\\n({})\"];\n",
-                    name(i),
-                    name(i),
-                    p.stages[i].kind.name()
-                ));
+            for n in &nodes {
+                let text = match &n.axes {
+                    Some(axes) => format!("{}\\n({})\\n{axes}", n.name, n.kind),
+                    None => format!("{}\\n({})", n.name, n.kind),
+                };
+                out.push_str(&format!("  \"{}\" [label=\"{text}\"];\n", n.name));
             }
-            for (from, input, to) in edges(p, dag) {
-                out.push_str(&format!("  \"{from}\" -> \"{to}\" [label=\"{input}\"];\n"));
+            if collapse {
+                for n in &nodes {
+                    for f in &n.from {
+                        out.push_str(&format!("  \"{f}\" -> \"{}\";\n", n.name));
+                    }
+                }
+            } else {
+                for (from, input, to) in edges(p, dag) {
+                    match input {
+                        "" => out.push_str(&format!("  \"{from}\" -> \"{to}\";\n")),
+                        _ => out
+                            .push_str(&format!("  \"{from}\" -> \"{to}\" [label=\"{input}\"];\n")),
+                    }
+                }
             }
             out.push_str("}\n");
         }
         Format::Mermaid => {
+            // Mermaid ids are plain words: elements (`train@seed=1`) get `n<index>`.
+            let id = |name: &str| -> String {
+                if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    name.to_string()
+                } else {
+                    format!(
+                        "n{}",
+                        nodes.iter().position(|n| n.name == name).unwrap_or(0)
+                    )
+                }
+            };
             out.push_str("flowchart LR\n");
-            for &i in &dag.order {
-                out.push_str(&format!(
-                    "  {}[\"{} ({})\"]\n",
-                    name(i),
-                    name(i),
-                    p.stages[i].kind.name()
-                ));
+            for n in &nodes {
+                out.push_str(&format!("  {}[\"{}\"]\n", id(&n.name), label(n)));
             }
-            for (from, input, to) in edges(p, dag) {
-                out.push_str(&format!("  {from} -->|{input}| {to}\n"));
+            if collapse {
+                for n in &nodes {
+                    for f in &n.from {
+                        out.push_str(&format!("  {} --> {}\n", id(f), id(&n.name)));
+                    }
+                }
+            } else {
+                for (from, input, to) in edges(p, dag) {
+                    match input {
+                        "" => out.push_str(&format!("  {} --> {}\n", id(from), id(to))),
+                        _ => out.push_str(&format!("  {} -->|{input}| {}\n", id(from), id(to))),
+                    }
+                }
             }
         }
     }

@@ -1,4 +1,4 @@
-//! `cusa-pipe dag [PIPELINE] [--format text|dot|mermaid]`
+//! `cusa-pipe dag [PIPELINE] [--format text|dot|mermaid] [--collapse]`
 
 use std::path::PathBuf;
 
@@ -13,10 +13,16 @@ pub struct DagArgs {
     pipeline: PathBuf,
     #[arg(long, value_enum, default_value = "text")]
     format: DagFormat,
+    /// Draw each matrix stage as one node with its axes, not one node per element
+    #[arg(long)]
+    collapse: bool,
 }
 
 pub fn dag(args: DagArgs) -> Result<i32, CliError> {
     let (pipeline, dag) = super::load(&args.pipeline, &[])?;
-    print!("{}", crate::graph::render(&pipeline, &dag, args.format));
+    print!(
+        "{}",
+        crate::graph::render(&pipeline, &dag, args.format, args.collapse)
+    );
     Ok(0)
 }

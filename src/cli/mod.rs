@@ -299,28 +299,34 @@ pub(crate) fn name_width(p: &Pipeline) -> usize {
     p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0)
 }
 
-/// Stage names → indices, or a usage error with a suggestion.
+/// Stage names and patterns (`train@*`, `train@variant=cusa`, comma-separated lists) →
+/// indices without repeats, in the order named, or a usage error with a suggestion.
 pub(crate) fn stage_indices(p: &Pipeline, names: &[String]) -> Result<Vec<usize>, CliError> {
-    let all: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    names
-        .iter()
-        .flat_map(|n| {
-            n.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .map(|n| {
-            all.iter().position(|s| *s == n).ok_or_else(|| {
-                let hint = match cusa_stages::api::closest(&n, &all) {
-                    Some(c) => format!("did you mean `{c}`?"),
-                    None => format!("stages: {}", all.join(", ")),
-                };
-                CliError::Usage(format!("no stage `{n}` in {}; {hint}", p.file.display()))
-            })
-        })
-        .collect()
+    let mut out = Vec::new();
+    for name in names.iter().flat_map(|n| crate::spec::split_stage_list(n)) {
+        for i in p.select(&name).map_err(CliError::Usage)? {
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The one stage a name or pattern names, or a usage error listing what it matched.
+pub(crate) fn stage_index(p: &Pipeline, name: &str) -> Result<usize, CliError> {
+    let found = p.select(name).map_err(CliError::Usage)?;
+    match found.as_slice() {
+        [i] => Ok(*i),
+        many => {
+            let names: Vec<&str> = many.iter().map(|&i| p.stages[i].name.as_str()).collect();
+            Err(CliError::Usage(format!(
+                "`{name}` names {} stages; pick one: {}",
+                many.len(),
+                names.join(", ")
+            )))
+        }
+    }
 }
 
 pub(crate) use crate::graph::Format as DagFormat;

@@ -27,7 +27,8 @@ pub fn path(args: PathArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError>
         None => (args.target.clone(), None),
     };
     let engine = super::engine_read_only(&args.pipeline, &args.set, cache_dir)?;
-    let idx = super::stage_indices(&engine.pipeline, std::slice::from_ref(&name))?[0];
+    let idx = super::stage_index(&engine.pipeline, &name)?;
+    let name = engine.pipeline.stages[idx].name.clone();
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")
     })?;

@@ -109,7 +109,8 @@ pub fn gather<'a>(
                                     .collect();
                                 GatherError {
                                     message: format!(
-                                        "input `{name}`: `{s}` is not in the output of `{up}`"
+                                        "{}: `{s}` is not in the output of `{up}`",
+                                        Input::label(name, input)
                                     ),
                                     hint: Some(format!(
                                         "`{up}` wrote: {}",
@@ -252,7 +253,8 @@ mod tests {
         );
 
         let mut b = gather(&p, &p.stages[1], &hasher, |_| None).unwrap();
-        assert_eq!(b.pending, [("x".to_string(), "a".to_string())]);
+        // Upstream outputs are named by position.
+        assert_eq!(b.pending, [("@0".to_string(), "a".to_string())]);
         assert_eq!(
             pending_reasons(&mut b, None),
             [MissReason::UpstreamPending { stage: "a".into() }]
@@ -286,10 +288,10 @@ mod tests {
         };
         let b = gather(&p, &p.stages[1], &hasher, up).unwrap();
         assert_eq!(
-            b.ingredients.inputs["x"].digest,
+            b.ingredients.inputs["@0"].digest,
             manifest.sub_digest("x.txt").unwrap()
         );
-        assert_eq!(b.paths["x"], out.join("x.txt"));
+        assert_eq!(b.paths["@0"], out.join("x.txt"));
 
         std::fs::remove_file(dir.path().join("gen.sh")).unwrap();
         let err = gather(&p, &p.stages[0], &hasher, |_| None).err().unwrap();
@@ -306,7 +308,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             err.message,
-            "input `x`: `x.txt` is not in the output of `a`"
+            "`${a/x.txt}`: `x.txt` is not in the output of `a`"
         );
         assert_eq!(err.hint.as_deref(), Some("`a` wrote: nothing"));
     }

@@ -10,8 +10,9 @@
 //! | `kind_version`  | the kind's implementation version (`StageKind::version`)          |
 //! | `config`        | the kind's normalised `with:` (+ `--set`): parameters substituted,|
 //! |                 | every default and preset written in, `${inputs.X}`/`${out}` kept  |
-//! | `inputs`        | per input name: content digest of a project file/folder, or the   |
-//! |                 | *output* digest of the upstream stage (or of the sub-path read)   |
+//! | `inputs`        | per input: content digest of a project file/folder (by its name), |
+//! |                 | or the *output* digest of an upstream stage or of the sub-path    |
+//! |                 | read (by position: `@0`, `@1`, … in the order `config` uses them) |
 //!
 //! Left out on purpose:
 //! * **how a value was written**: `seed: ${params.seed}` with `seed: 0` and `seed: 0` written
@@ -21,7 +22,9 @@
 //!   written, parameters symbolic) and `params` (the values of the parameters it reads) are
 //!   kept beside the key to explain a miss as "param seed changed 0 → 1", never hashed;
 //! * the stage's **name** and an input's **origin** (path or upstream stage name): renaming
-//!   does not change what is computed; origins are kept beside the key only to explain misses;
+//!   does not change what is computed; origins are kept beside the key only to explain misses.
+//!   Upstream outputs are named by position, not by the input name they were declared under,
+//!   so `inputs: {d: ${scenes}}` + `${inputs.d}` and `${scenes}` written in `with:` are one key;
 //! * **mtimes and absolute paths**: a moved project or cache, or a fresh clone, keeps its keys;
 //!   `${inputs.X}` and `${out}` stay symbolic in `config`;
 //! * `resources:` (how many GPUs): scheduling, not content;
@@ -49,8 +52,9 @@ pub use reason::{MissReason, explain};
 
 /// Version of the fingerprint scheme itself (2: the resolved `with:` is hashed, not the text
 /// as written plus the parameters' values; 3: the kind's normalised config is hashed, with
-/// defaults and presets written in).
-pub const SCHEMA_VERSION: u32 = 3;
+/// defaults and presets written in; 4: upstream outputs named by position, so a reference
+/// written in `with:` and one declared under `inputs:` are the same key).
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Everything a stage's result depends on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,5 +210,5 @@ mod tests {
     /// sha256(b"cusa-pipe stage fingerprint\0" + json.dumps(ingredients, sort_keys=True,
     /// separators=(",", ":"), ensure_ascii=False)) in Python, over schema, kind, kind_version,
     /// resolved and the input digests.
-    const STABLE_KEY: &str = "a81da83267faa7b80570507bf5f2df85d279ebbde067c475ad0347dd69d186a8";
+    const STABLE_KEY: &str = "e8e2f8662ba46bb84fc49b2c7756f1c5db01a2a5a1ab6e8aff6a4491456a4950";
 }

@@ -197,11 +197,15 @@ pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
     let inputs: BTreeSet<&String> = old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in inputs {
         match (old.inputs.get(name), new.inputs.get(name)) {
-            (None, Some(_)) => out.push(MissReason::InputAdded { name: name.clone() }),
-            (Some(_), None) => out.push(MissReason::InputRemoved { name: name.clone() }),
+            (None, Some(b)) => out.push(MissReason::InputAdded {
+                name: input_label(name, &b.origin),
+            }),
+            (Some(a), None) => out.push(MissReason::InputRemoved {
+                name: input_label(name, &a.origin),
+            }),
             (Some(a), Some(b)) if a.digest != b.digest => out.push(match &b.origin {
                 Origin::Stage { stage, .. } => MissReason::UpstreamChanged {
-                    input: name.clone(),
+                    input: input_label(name, &b.origin),
                     stage: stage.clone(),
                 },
                 Origin::Project { path } => MissReason::InputChanged {
@@ -213,6 +217,18 @@ pub fn explain(old: &Ingredients, new: &Ingredients) -> Vec<MissReason> {
         }
     }
     out
+}
+
+/// How an input is named in a reason: by its name, or — for an upstream output, named by
+/// position (`@0`) — by the stage (`numbers`) or the reference (`${numbers/x.txt}`) it reads.
+fn input_label(name: &str, origin: &Origin) -> String {
+    match origin {
+        Origin::Stage { stage, sub } if name.starts_with('@') => match sub {
+            Some(s) => format!("${{{stage}/{s}}}"),
+            None => stage.clone(),
+        },
+        _ => name.to_string(),
+    }
 }
 
 /// Leaf-level differences of two config trees, as `with.a.b` keys.

@@ -123,6 +123,9 @@ impl From<StoreError> for Blocked {
 #[derive(Debug, Serialize)]
 pub struct StatusRow {
     pub name: String,
+    /// For an element of a matrix stage: the stage as written and its labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<crate::spec::Element>,
     /// `fresh`, `stale` or `error`.
     pub state: &'static str,
     #[serde(serialize_with = "report_reasons")]
@@ -258,6 +261,7 @@ impl Engine {
         let mut rows = Vec::new();
         for &i in &self.dag.order {
             let name = self.pipeline.stages[i].name.clone();
+            let matrix = self.pipeline.stages[i].element.clone();
             let broken_up = self.dag.deps[i]
                 .iter()
                 .map(|&j| &self.pipeline.stages[j].name)
@@ -265,6 +269,7 @@ impl Engine {
             if let Some(up) = broken_up {
                 rows.push(StatusRow {
                     name: name.clone(),
+                    matrix: matrix.clone(),
                     state: "error",
                     reasons: vec![],
                     fingerprint: None,
@@ -285,6 +290,7 @@ impl Engine {
                     );
                     rows.push(StatusRow {
                         name,
+                        matrix: matrix.clone(),
                         state,
                         reasons: a.reasons,
                         fingerprint: a.fingerprint,
@@ -295,6 +301,7 @@ impl Engine {
                     ups.insert(name.clone(), Upstream::Broken);
                     rows.push(StatusRow {
                         name,
+                        matrix: matrix.clone(),
                         state: "error",
                         reasons: vec![],
                         fingerprint: None,
@@ -384,11 +391,13 @@ impl Engine {
         let reports: Vec<StageReport> = selected
             .iter()
             .map(|i| {
-                reports_by_idx.remove(i).unwrap_or_else(|| {
+                let mut r = reports_by_idx.remove(i).unwrap_or_else(|| {
                     let mut r = StageReport::new(&self.pipeline.stages[*i].name, Outcome::Skipped);
                     r.error = Some("not scheduled".into());
                     r
-                })
+                });
+                r.matrix = self.pipeline.stages[*i].element.clone();
+                r
             })
             .collect();
         RunResult {

@@ -52,6 +52,9 @@ impl Outcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
     pub name: String,
+    /// For an element of a matrix stage: the stage as written and its labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<crate::spec::Element>,
     pub outcome: Outcome,
     pub seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +81,7 @@ impl StageReport {
     pub fn new(name: &str, outcome: Outcome) -> Self {
         StageReport {
             name: name.to_string(),
+            matrix: None,
             outcome,
             seconds: 0.0,
             fingerprint: None,

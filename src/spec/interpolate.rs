@@ -3,13 +3,16 @@
 //! | form               | allowed in        | becomes                                         |
 //! |--------------------|-------------------|-------------------------------------------------|
 //! | `${params.KEY}`    | inputs, with      | the parameter's value (typed if it is the whole string) |
-//! | `${STAGE}`         | inputs            | another stage's whole output tree               |
-//! | `${STAGE/sub/path}`| inputs            | a file or folder inside that tree               |
+//! | `${STAGE}`         | inputs, with      | another stage's whole output tree (an upstream)  |
+//! | `${STAGE/sub/path}`| inputs, with      | a file or folder inside that tree               |
+//! | `${STAGE@SEL}`     | inputs, with      | elements of a matrix stage ([`super::matrix`])  |
 //! | `${inputs.NAME}`   | with              | the absolute path of a declared input           |
 //! | `${out}`           | with              | the stage's own output directory                |
+//! | `${matrix.AXIS}`   | a matrix stage    | the element's value on that axis (`:name`: its label) |
 //!
-//! `$${` writes a literal `${`. Parameters are substituted when the file is loaded; `inputs`
-//! and `out` only when the stage runs, so fingerprints never contain absolute paths.
+//! `$${` writes a literal `${`. Parameters and matrix values are substituted when the file is
+//! loaded; stage references become inputs of the stage; `inputs` and `out` are bound only when
+//! the stage runs, so fingerprints never contain absolute paths.
 //!
 //! In a command line (a key a kind lists in `StageKind::shell_keys`, e.g. `run:` of a
 //! `command` stage) every substituted value is **one literal piece of shell text**, quoted for
@@ -32,8 +35,73 @@ pub enum Ref {
     Out,
     Stage {
         name: String,
+        /// `@…` after the name: which elements of a matrix stage.
+        select: Option<Select>,
         sub: Option<String>,
     },
+    /// `${matrix.AXIS}` (the value) or `${matrix.AXIS:name}` (the label).
+    Matrix {
+        axis: String,
+        label: bool,
+    },
+}
+
+/// The elements a reference picks from a matrix stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// `@*`: every element (that agrees with the referring element on shared axes).
+    All,
+    /// `@axis=label,…`: the elements with these labels (the rest as for `@*`).
+    Pick(Vec<(String, String)>),
+}
+
+impl std::fmt::Display for Select {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Select::All => f.write_str("*"),
+            Select::Pick(kv) => {
+                let parts: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Ref {
+    /// The reference as it is written, `${…}` included.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ref::Param(k) => write!(f, "${{params.{k}}}"),
+            Ref::RawParam(k) => write!(f, "${{params.{k}:raw}}"),
+            Ref::Input(n) => write!(f, "${{inputs.{n}}}"),
+            Ref::Out => f.write_str("${out}"),
+            Ref::Stage { name, select, sub } => {
+                write!(f, "${{{name}")?;
+                if let Some(s) = select {
+                    write!(f, "@{s}")?;
+                }
+                if let Some(s) = sub {
+                    write!(f, "/{s}")?;
+                }
+                f.write_str("}")
+            }
+            Ref::Matrix { axis, label } => {
+                write!(f, "${{matrix.{axis}{}}}", if *label { ":name" } else { "" })
+            }
+        }
+    }
+}
+
+/// Pieces back to the text they were parsed from (literal `${` escaped again).
+pub fn unparse(pieces: &[Piece]) -> String {
+    let mut out = String::new();
+    for p in pieces {
+        match p {
+            Piece::Text(t) => out.push_str(&escape(t)),
+            Piece::Ref(r) => out.push_str(&r.to_string()),
+        }
+    }
+    out
 }
 
 /// A string split into literal text and references.
@@ -107,9 +175,29 @@ fn parse_ref(inner: &str) -> Result<Ref, String> {
             Ok(Ref::Input(name.into()))
         };
     }
+    if let Some(axis) = inner.strip_prefix("matrix.") {
+        let (axis, label) = match axis.strip_suffix(":name") {
+            Some(a) => (a.trim_end(), true),
+            None => (axis, false),
+        };
+        return if !is_stage_name(axis) {
+            Err(format!(
+                "`${{{inner}}}`: write `${{matrix.AXIS}}` or `${{matrix.AXIS:name}}`"
+            ))
+        } else {
+            Ok(Ref::Matrix {
+                axis: axis.into(),
+                label,
+            })
+        };
+    }
     let (name, sub) = match inner.split_once('/') {
         Some((n, s)) => (n, Some(s.trim_matches('/'))),
         None => (inner, None),
+    };
+    let (name, select) = match name.split_once('@') {
+        Some((n, sel)) => (n, Some(parse_select(inner, sel)?)),
+        None => (name, None),
     };
     if !is_stage_name(name) {
         return Err(format!(
@@ -125,8 +213,43 @@ fn parse_ref(inner: &str) -> Result<Ref, String> {
     }
     Ok(Ref::Stage {
         name: name.into(),
+        select,
         sub: sub.filter(|s| !s.is_empty()).map(str::to_string),
     })
+}
+
+fn parse_select(inner: &str, sel: &str) -> Result<Select, String> {
+    let sel = sel.trim();
+    if sel == "*" {
+        return Ok(Select::All);
+    }
+    let bad = || {
+        format!(
+            "`${{{inner}}}`: after `@` write `*` or `axis=label,…` (e.g. `@variant=cusa,seed=1`)"
+        )
+    };
+    let mut picks: Vec<(String, String)> = Vec::new();
+    for part in sel.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(bad)?;
+        let (k, v) = (k.trim(), v.trim());
+        if !is_stage_name(k) || !is_label(v) {
+            return Err(bad());
+        }
+        if picks.iter().any(|(a, _)| a == k) {
+            return Err(format!("`${{{inner}}}` picks axis `{k}` twice"));
+        }
+        picks.push((k.into(), v.into()));
+    }
+    Ok(Select::Pick(picks))
+}
+
+/// A matrix label (`cusa`, `0`, `1e-3`, `0.5`): letters, digits and `_ . + -`, so that an
+/// element's name reads back unambiguously and is safe in a path and a shell word.
+pub fn is_label(label: &str) -> bool {
+    !label.is_empty()
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c))
 }
 
 /// Stage names are `[a-z0-9_]+`.
@@ -234,7 +357,9 @@ pub fn resolve_paths(
                 }
                 Piece::Ref(Ref::Param(k)) => text.push_str(&format!("${{params.{k}}}")),
                 Piece::Ref(Ref::RawParam(k)) => text.push_str(&format!("${{params.{k}:raw}}")),
-                Piece::Ref(Ref::Stage { name, .. }) => text.push_str(&format!("${{{name}}}")),
+                Piece::Ref(r @ (Ref::Stage { .. } | Ref::Matrix { .. })) => {
+                    text.push_str(&r.to_string())
+                }
             }
         }
         Ok(Value::String(text))
@@ -342,8 +467,37 @@ mod tests {
             parse("${numbers/data/n.txt}").unwrap(),
             vec![Piece::Ref(Ref::Stage {
                 name: "numbers".into(),
+                select: None,
                 sub: Some("data/n.txt".into())
             })]
+        );
+        let r = parse("${train@variant=cusa,seed=1/metrics.json}").unwrap();
+        assert_eq!(
+            r,
+            vec![Piece::Ref(Ref::Stage {
+                name: "train".into(),
+                select: Some(Select::Pick(vec![
+                    ("variant".into(), "cusa".into()),
+                    ("seed".into(), "1".into())
+                ])),
+                sub: Some("metrics.json".into())
+            })]
+        );
+        assert_eq!(unparse(&r), "${train@variant=cusa,seed=1/metrics.json}");
+        assert_eq!(
+            parse("${train@*}").unwrap(),
+            vec![Piece::Ref(Ref::Stage {
+                name: "train".into(),
+                select: Some(Select::All),
+                sub: None
+            })]
+        );
+        assert!(parse("${train@seed}").is_err());
+        assert!(parse("${train@seed=1,seed=2}").is_err());
+        assert!(parse("${train@seed=a b}").is_err());
+        assert_eq!(
+            parse("x ${matrix.seed} ${matrix.variant:name} $${y}").map(|p| unparse(&p)),
+            Ok("x ${matrix.seed} ${matrix.variant:name} $${y}".to_string())
         );
         assert!(parse("${numbers/../etc}").is_err());
         assert!(parse("${Numbers}").is_err());

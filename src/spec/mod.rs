@@ -3,11 +3,16 @@
 //! This is the only module that reads raw YAML. Everything downstream works on [`Pipeline`],
 //! whose invariants are:
 //! * every stage has a known kind whose `with:` config passed the kind's typed check;
-//! * every `${STAGE}` input names an existing stage, every `${inputs.NAME}` a declared input,
-//!   every `${params.KEY}` an existing parameter; no stage reference hides in `with:`;
+//! * a stage with `matrix:` is expanded into its elements ([`matrix`]), each an ordinary stage
+//!   named `stage@axis=label,…`, `${matrix.AXIS}` substituted;
+//! * every stage reference (`${STAGE}`, `${STAGE/sub}`, `${STAGE@…}`), whether under `inputs:`
+//!   or written in `with:`, names an existing stage (element) and is an input of the stage;
+//!   every `${inputs.NAME}` names a declared input, every `${params.KEY}` an existing parameter;
 //! * parameters are substituted (typed when a value is exactly `${params.KEY}`), while the
 //!   symbolic `with:` is kept too, so a fingerprint can say "param `n` 1000 → 2000" rather than
 //!   "config changed";
+//! * stage inputs are named by position (`@0`, … in the order the config uses them), so the
+//!   two ways of writing a reference are one cache key;
 //! * `--set` overrides are applied before validation, so they are checked like the file.
 //!
 //! Cycles are found by [`crate::graph`], which names the stages on the cycle.
@@ -15,6 +20,7 @@
 pub mod diagnostic;
 pub mod interpolate;
 pub mod location;
+pub mod matrix;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -28,6 +34,8 @@ use crate::remote::config::{RawRemote, RemoteDecl};
 pub use diagnostic::Diagnostic;
 use interpolate::{Piece, Ref, WalkError};
 use location::LocationIndex;
+pub use matrix::Element;
+use matrix::{Matrix, Resolved, Universe};
 
 /// The pipeline-file format version this build reads.
 pub const FORMAT_VERSION: u64 = 1;
@@ -47,6 +55,105 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// The team cache declared by the file (`remote:`), if any.
     pub remote: Option<RemoteDecl>,
+}
+
+impl Pipeline {
+    /// The stages a command-line pattern names, in declaration order: a stage or element by
+    /// name (`train@variant=cusa,seed=1`, labels in any order), every element of a matrix stage
+    /// (`train`, `train@*`), or those with some labels (`train@variant=cusa`). The error says
+    /// what exists.
+    pub fn select(&self, pattern: &str) -> Result<Vec<usize>, String> {
+        if let Some(i) = self.stages.iter().position(|s| s.name == pattern) {
+            return Ok(vec![i]);
+        }
+        let (stage, selector) = match pattern.split_once('@') {
+            Some((s, sel)) => (s, Some(sel)),
+            None => (pattern, None),
+        };
+        let elements: Vec<(usize, &Element)> = self
+            .stages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.element.as_ref().filter(|e| e.stage == stage)?)))
+            .collect();
+        if elements.is_empty() {
+            let mut written: Vec<&str> = Vec::new();
+            for s in &self.stages {
+                let n = s
+                    .element
+                    .as_ref()
+                    .map_or(s.name.as_str(), |e| e.stage.as_str());
+                if !written.contains(&n) {
+                    written.push(n);
+                }
+            }
+            return Err(format!(
+                "no stage `{pattern}` in {}; {}",
+                self.file.display(),
+                match closest(stage, &written) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => format!("stages: {}", written.join(", ")),
+                }
+            ));
+        }
+        let picks: Vec<(&str, &str)> = match selector.map(str::trim) {
+            None | Some("*") => Vec::new(),
+            Some(sel) => sel
+                .split(',')
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.trim(), v.trim()))
+                        .ok_or_else(|| {
+                            format!("`{pattern}`: after `@` write `*` or `axis=label,…`")
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let axes = &elements[0].1.labels;
+        for (k, v) in &picks {
+            if !axes.iter().any(|(a, _)| a == k) {
+                let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+                return Err(format!(
+                    "`{pattern}`: `{stage}` has no axis `{k}` (its axes: {})",
+                    names.join(", ")
+                ));
+            }
+            if !elements.iter().any(|(_, e)| e.label(k) == Some(v)) {
+                let mut labels: Vec<&str> = Vec::new();
+                for (_, e) in &elements {
+                    let l = e.label(k).unwrap_or_default();
+                    if !labels.contains(&l) {
+                        labels.push(l);
+                    }
+                }
+                return Err(format!(
+                    "`{pattern}`: `{stage}` has no element with {k}={v} ({k}: {})",
+                    labels.join(", ")
+                ));
+            }
+        }
+        Ok(elements
+            .into_iter()
+            .filter(|(_, e)| picks.iter().all(|(k, v)| e.label(k) == Some(v)))
+            .map(|(i, _)| i)
+            .collect())
+    }
+}
+
+/// Splits a command line's comma-separated stage list, keeping an element's labels together
+/// (`a,train@variant=cusa,seed=1` is two names).
+pub fn split_stage_list(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match out.last_mut() {
+            Some(last) if last.contains('@') && part.contains('=') && !part.contains('@') => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
 }
 
 /// The file's text and location index, kept for errors found after loading.
@@ -108,7 +215,10 @@ impl Source {
 
 /// One validated stage.
 pub struct Stage {
+    /// The stage's name; an element of a matrix stage is `train@variant=cusa,seed=1`.
     pub name: String,
+    /// For an element of a matrix stage: the stage as written and its labels.
+    pub element: Option<Element>,
     pub kind: Arc<dyn StageKind>,
     /// `with:` as written (after `--set`), parameters still symbolic: explains cache misses.
     pub written: Value,
@@ -118,8 +228,11 @@ pub struct Stage {
     pub config: Value,
     /// Parameters this stage reads, with their values.
     pub params_used: BTreeMap<String, Value>,
-    /// Declared inputs plus the kind's implicit ones, by name.
+    /// Declared inputs, the stage references of `with:` and the kind's implicit inputs, by
+    /// name (stage inputs by position, `@0`, …: see `canonical_inputs`).
     pub inputs: BTreeMap<String, Input>,
+    /// Where each input is written in the file (its key path), to locate errors.
+    pub written_at: BTreeMap<String, String>,
     /// GPUs the stage needs (`resources: {gpu: N}`).
     pub gpus: u32,
 }
@@ -131,6 +244,20 @@ pub enum Input {
     Project { path: String, key: String },
     /// Another stage's output tree, or a path inside it.
     Stage { stage: String, sub: Option<String> },
+}
+
+impl Input {
+    /// How messages name an input: `input `script`` for a named one, the reference itself
+    /// (`${scenes/report.json}`) for a stage input (named by position, `@0`).
+    pub fn label(name: &str, input: &Input) -> String {
+        match input {
+            Input::Stage { stage, sub } if name.starts_with('@') => match sub {
+                Some(s) => format!("`${{{stage}/{s}}}`"),
+                None => format!("`${{{stage}}}`"),
+            },
+            _ => format!("input `{name}`"),
+        }
+    }
 }
 
 impl Stage {
@@ -174,6 +301,9 @@ struct RawPipeline {
 #[serde(deny_unknown_fields)]
 struct RawStage {
     kind: String,
+    /// Axes to expand the stage over ([`matrix`]).
+    #[serde(default)]
+    matrix: Option<Value>,
     #[serde(default)]
     inputs: serde_json::Map<String, Value>,
     #[serde(default)]
@@ -182,7 +312,7 @@ struct RawStage {
     resources: RawResources,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawResources {
     #[serde(default)]
@@ -331,8 +461,7 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         None | Some(Value::Null) => None,
         Some(v) => Some(remote_decl(v, &source)?),
     };
-    let names: Vec<&str> = raw.stages.keys().map(String::as_str).collect();
-    let mut stages = Vec::new();
+    let mut raws: Vec<(&str, RawStage)> = Vec::new();
     for (name, raw_stage) in &raw.stages {
         let base = format!("stages.{name}");
         if !interpolate::is_stage_name(name) {
@@ -344,14 +473,94 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         }
         let raw_stage: RawStage =
             parse_config(raw_stage).map_err(|e| config_diagnostic(&source, &base, e))?;
-        stages.push(build_stage(
-            name,
-            raw_stage,
-            &raw.params,
-            &names,
-            kinds,
-            &source,
-        )?);
+        raws.push((name, raw_stage));
+    }
+    let mut matrices = BTreeMap::new();
+    for (name, raw_stage) in &raws {
+        if let Some(m) = &raw_stage.matrix {
+            let m = Matrix::parse(m, &|k| interpolate::lookup_param(&raw.params, k).cloned())
+                .map_err(|e| {
+                    let mut d =
+                        source.diagnostic_at_value(&format!("stages.{name}.{}", e.path), e.message);
+                    d.help = e.help;
+                    d
+                })?;
+            matrices.insert(name.to_string(), m);
+        }
+    }
+    let universe = Universe {
+        written: raws.iter().map(|(n, _)| n.to_string()).collect(),
+        matrices,
+    };
+    let mut stages = Vec::new();
+    for (name, raw_stage) in raws {
+        let Some(m) = universe.matrices.get(name) else {
+            stages.push(build_stage(
+                name,
+                None,
+                raw_stage,
+                &raw.params,
+                &universe,
+                kinds,
+                &source,
+            )?);
+            continue;
+        };
+        for element in m.elements(name) {
+            let values = |axis: &str, label: bool| {
+                let l = element.label(axis)?;
+                Some(if label {
+                    Value::String(l.to_string())
+                } else {
+                    m.value(axis, l).cloned()?
+                })
+            };
+            let source = &source;
+            let at = |part: String| {
+                move |e: interpolate::WalkError| {
+                    let path = match e.path.is_empty() {
+                        true => format!("stages.{name}.{part}"),
+                        false => format!("stages.{name}.{part}.{}", e.path),
+                    };
+                    let mut d = source.diagnostic_at_value(&path, e.message);
+                    d.help = e.help;
+                    d
+                }
+            };
+            // Twice: a value may itself read another axis (`csa: {alpha: "${matrix.alpha}"}`).
+            let twice = |v: &Value| {
+                matrix::substitute(v, &values).and_then(|v| matrix::substitute(&v, &values))
+            };
+            let mut inputs = serde_json::Map::new();
+            for (k, v) in &raw_stage.inputs {
+                let v = twice(v).map_err(at(format!("inputs.{k}")))?;
+                inputs.insert(k.clone(), v);
+            }
+            let with = twice(&raw_stage.with).map_err(at("with".into()))?;
+            let element_raw = RawStage {
+                kind: raw_stage.kind.clone(),
+                inputs,
+                with,
+                resources: raw_stage.resources.clone(),
+                matrix: None,
+            };
+            let element_name = element.name();
+            stages.push(
+                build_stage(
+                    name,
+                    Some(element),
+                    element_raw,
+                    &raw.params,
+                    &universe,
+                    kinds,
+                    source,
+                )
+                .map_err(|mut d| {
+                    d.stage = Some(element_name);
+                    d
+                })?,
+            );
+        }
     }
     Ok(Pipeline {
         file: file.to_path_buf(),
@@ -409,14 +618,15 @@ fn remote_decl(v: &Value, source: &Source) -> Result<RemoteDecl, Diagnostic> {
 }
 
 fn build_stage(
-    name: &str,
+    written_name: &str,
+    element: Option<Element>,
     raw: RawStage,
     params: &serde_json::Map<String, Value>,
-    names: &[&str],
+    universe: &Universe,
     kinds: &Kinds,
     source: &Source,
 ) -> Result<Stage, Diagnostic> {
-    let base = format!("stages.{name}");
+    let base = format!("stages.{written_name}");
     let kind = kinds.get(raw.kind.as_str()).cloned().ok_or_else(|| {
         let known: Vec<&str> = kinds.keys().copied().collect();
         let mut d = source.diagnostic_at_value(
@@ -430,11 +640,32 @@ fn build_stage(
         d
     })?;
     let mut params_used = BTreeMap::new();
+    let no_axis = |axis: &str| {
+        let message = match &element {
+            Some(_) => format!("`${{matrix.{axis}}}`: the stage's matrix has no axis `{axis}`"),
+            None => format!("`${{matrix.{axis}}}` in a stage without `matrix:`"),
+        };
+        let help = match &element {
+            Some(e) => {
+                let axes: Vec<&str> = e.labels.iter().map(|(a, _)| a.as_str()).collect();
+                format!("its axes: {}", axes.join(", "))
+            }
+            None => "give the stage a `matrix:`, or use `${matrix.AXIS}` inside a list item that reads `${STAGE@*}`".into(),
+        };
+        (message, help)
+    };
 
     // Inputs: a stage reference, or a project path (parameters allowed).
     let mut inputs = BTreeMap::new();
+    let mut written_at: BTreeMap<String, String> = BTreeMap::new();
     for (input, value) in &raw.inputs {
         let path = format!("{base}.inputs.{input}");
+        if input.starts_with('@') {
+            return Err(source.diagnostic(
+                &path,
+                format!("input names cannot start with `@` (`{input}`)"),
+            ));
+        }
         let Value::String(text) = value else {
             let mut d =
                 source.diagnostic_at_value(&path, format!("input `{input}` must be a string"));
@@ -446,29 +677,33 @@ fn build_stage(
         };
         let pieces = interpolate::parse(text).map_err(|m| source.diagnostic_at_value(&path, m))?;
         let parsed = match pieces.as_slice() {
-            [Piece::Ref(Ref::Stage { name: up, sub })] => {
-                if !names.contains(&up.as_str()) {
+            [
+                Piece::Ref(Ref::Stage {
+                    name: up,
+                    select,
+                    sub,
+                }),
+            ] => match universe.resolve(up, select.as_ref(), written_name, element.as_ref()) {
+                Ok(Resolved::One(stage)) => Input::Stage {
+                    stage,
+                    sub: sub.clone(),
+                },
+                Ok(Resolved::Many(_)) => {
                     let mut d = source.diagnostic_at_value(
                         &path,
-                        format!("input `{input}` refers to unknown stage `{up}`"),
+                        format!("input `{input}` is a list of stages (`{text}`)"),
                     );
-                    d.help = Some(match closest(up, names) {
-                        Some(n) => format!("did you mean `${{{n}}}`?"),
-                        None => format!("stages: {}", names.join(", ")),
-                    });
+                    d.help = Some(format!(
+                        "an input is one stage; write the list in `with:` (e.g. `runs: \"{text}\"`)"
+                    ));
                     return Err(d);
                 }
-                if up == name {
-                    return Err(source.diagnostic_at_value(
-                        &path,
-                        format!("stage `{name}` cannot read its own output"),
-                    ));
+                Err(e) => {
+                    let mut d = source.diagnostic_at_value(&path, e.message);
+                    d.help = e.help;
+                    return Err(d);
                 }
-                Input::Stage {
-                    stage: up.clone(),
-                    sub: sub.clone(),
-                }
-            }
+            },
             _ => {
                 let mut resolved = String::new();
                 for piece in &pieces {
@@ -492,6 +727,12 @@ fn build_stage(
                             d.help = Some("write `${stage}` or `${stage/sub/path}` alone".into());
                             return Err(d);
                         }
+                        Piece::Ref(Ref::Matrix { axis, .. }) => {
+                            let (message, help) = no_axis(axis);
+                            let mut d = source.diagnostic_at_value(&path, message);
+                            d.help = Some(help);
+                            return Err(d);
+                        }
                         Piece::Ref(Ref::Input(_) | Ref::Out) => {
                             return Err(source.diagnostic_at_value(
                                 &path,
@@ -512,16 +753,31 @@ fn build_stage(
             }
         };
         inputs.insert(input.clone(), parsed);
+        written_at.insert(input.clone(), path);
     }
 
-    // `with:`: substitute parameters, check references.
+    // `with:`: lists of matrix elements spelt out, parameters substituted, stage references
+    // turned into inputs.
     let written = if raw.with.is_null() {
         Value::Object(Default::default())
     } else {
         raw.with
     };
-    let declared: Vec<String> = inputs.keys().cloned().collect();
     let with_path = format!("{base}.with");
+    let located = |e: WalkError| {
+        let path = if e.path.is_empty() {
+            with_path.clone()
+        } else {
+            format!("{with_path}.{}", e.path)
+        };
+        let mut d = source.diagnostic_at_value(&path, e.message);
+        d.help = e.help;
+        d
+    };
+    let listed =
+        expand_lists(&written, "", universe, written_name, element.as_ref()).map_err(&located)?;
+    let declared: Vec<String> = inputs.keys().cloned().collect();
+    let mut inferred: BTreeMap<String, (Input, String)> = BTreeMap::new();
     let shell_keys = kind.shell_keys();
     let mut substitute = |key_path: &str, s: &str| -> Result<Value, WalkError> {
         let err = |message: String, help: Option<String>| WalkError {
@@ -585,7 +841,7 @@ fn build_stage(
                             Some(match closest(&n, &names) {
                                 Some(c) => format!("did you mean `${{inputs.{c}}}`?"),
                                 None if names.is_empty() => format!(
-                                    "declare it under `inputs:` first, e.g. `{n}: path/or/${{stage}}`"
+                                    "write the stage reference itself (`${{STAGE}}`), or declare a file under `inputs:`, e.g. `{n}: path/to/{n}`"
                                 ),
                                 None => format!("declared inputs: {}", names.join(", ")),
                             }),
@@ -594,32 +850,68 @@ fn build_stage(
                     out.push_str(&format!("${{inputs.{n}}}"));
                 }
                 Piece::Ref(Ref::Out) => out.push_str("${out}"),
-                Piece::Ref(Ref::Stage { name: up, sub }) => {
-                    let written = match &sub {
-                        Some(s) => format!("${{{up}/{s}}}"),
-                        None => format!("${{{up}}}"),
+                Piece::Ref(Ref::Matrix { axis, .. }) => {
+                    let (message, help) = no_axis(&axis);
+                    return Err(err(message, Some(help)));
+                }
+                Piece::Ref(Ref::Stage {
+                    name: up,
+                    select,
+                    sub,
+                }) => {
+                    let r = Ref::Stage {
+                        name: up.clone(),
+                        select: select.clone(),
+                        sub: sub.clone(),
                     };
-                    return Err(err(
-                        format!("stage reference `{written}` inside `with:`"),
-                        Some(format!(
-                            "declare it under `inputs:` (e.g. `{up}: {written}`) and write `${{inputs.{up}}}`"
-                        )),
-                    ));
+                    let sub = &sub;
+                    let up = &up;
+                    let select = &select;
+                    let mut input = |stage: String| {
+                        let name = match sub {
+                            Some(sub) => format!("@{stage}/{sub}"),
+                            None => format!("@{stage}"),
+                        };
+                        inferred.entry(name.clone()).or_insert((
+                            Input::Stage {
+                                stage,
+                                sub: sub.clone(),
+                            },
+                            format!("{with_path}.{key_path}"),
+                        ));
+                        format!("${{inputs.{name}}}")
+                    };
+                    match universe
+                        .resolve(up, select.as_ref(), written_name, element.as_ref())
+                        .map_err(|e| err(e.message, e.help))?
+                    {
+                        Resolved::One(stage) => out.push_str(&input(stage)),
+                        // In a command line: one word per element (`cat ${eval@*/e.txt}`).
+                        Resolved::Many(list) if shell.is_some() => {
+                            let words: Vec<String> = list.iter().map(|e| input(e.name())).collect();
+                            if let Some(q) = &mut shell {
+                                q.feed(" ");
+                            }
+                            out.push_str(&words.join(" "));
+                        }
+                        Resolved::Many(_) => {
+                            return Err(err(
+                                format!("`{r}` is a list of stages; it can only be a whole value"),
+                                Some("write it alone as the value (`models: \"${train@*}\"`), or as a list item".into()),
+                            ));
+                        }
+                    }
                 }
             }
         }
         Ok(Value::String(out))
     };
-    let with = interpolate::map_strings(&written, "", &mut substitute).map_err(|e| {
-        let path = if e.path.is_empty() {
-            with_path.clone()
-        } else {
-            format!("{with_path}.{}", e.path)
-        };
-        let mut d = source.diagnostic_at_value(&path, e.message);
-        d.help = e.help;
-        d
-    })?;
+    let with = interpolate::map_strings(&listed, "", &mut substitute).map_err(&located)?;
+    for (name, (input, at)) in inferred {
+        inputs.insert(name.clone(), input);
+        written_at.insert(name, at);
+    }
+    let declared: Vec<String> = inputs.keys().cloned().collect();
 
     let checked = kind
         .check(&with, &declared)
@@ -634,24 +926,310 @@ fn build_stage(
                 ),
             ));
         }
+        let key = format!("{with_path}.{}", implicit.key);
+        written_at.insert(implicit.name.clone(), key.clone());
         inputs.insert(
             implicit.name,
             Input::Project {
                 path: implicit.path,
-                key: format!("{with_path}.{}", implicit.key),
+                key,
             },
         );
     }
+    let (config, inputs, written_at) = canonical_inputs(&checked.config, inputs, written_at);
 
     Ok(Stage {
-        name: name.to_string(),
+        name: element
+            .as_ref()
+            .map(Element::name)
+            .unwrap_or_else(|| written_name.to_string()),
+        element,
         kind,
         written,
-        config: checked.config,
+        config,
         params_used,
         inputs,
+        written_at,
         gpus: raw.resources.gpu,
     })
+}
+
+/// Spells out lists of matrix elements in `with:`: a value that is exactly a list reference
+/// (`"${train@*}"`) becomes the list of its elements' references (spliced into a list it is an
+/// item of); a list item (a mapping or list) that reads list references is repeated once per
+/// element, the references made one element each and `${matrix.AXIS}` (`:name`) the element's
+/// value (label). Every list reference in one item must list the same elements' labels.
+fn expand_lists(
+    value: &Value,
+    path: &str,
+    universe: &Universe,
+    stage: &str,
+    from: Option<&Element>,
+) -> Result<Value, WalkError> {
+    let err = |path: &str, message: String, help: Option<String>| WalkError {
+        path: path.to_string(),
+        message,
+        help,
+    };
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    // A whole-string list reference: its elements, each as a reference.
+    let whole = |s: &str| -> Result<Option<Vec<Value>>, WalkError> {
+        let Ok(pieces) = interpolate::parse(s) else {
+            return Ok(None);
+        };
+        let [Piece::Ref(Ref::Stage { name, select, sub })] = pieces.as_slice() else {
+            return Ok(None);
+        };
+        match universe.resolve(name, select.as_ref(), stage, from) {
+            Ok(Resolved::Many(elements)) => Ok(Some(
+                elements
+                    .iter()
+                    .map(|e| Value::String(element_ref(e, sub.as_deref())))
+                    .collect(),
+            )),
+            Ok(Resolved::One(_)) => Ok(None),
+            Err(e) => Err(err(path, e.message, e.help)),
+        }
+    };
+    Ok(match value {
+        Value::String(s) => match whole(s)? {
+            Some(items) => Value::Array(items),
+            None => value.clone(),
+        },
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in map {
+                out.insert(
+                    k.clone(),
+                    expand_lists(v, &child(k), universe, stage, from)?,
+                );
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("{path}[{i}]");
+                if let Value::String(s) = item {
+                    match whole(s).map_err(|e| WalkError {
+                        path: at.clone(),
+                        ..e
+                    })? {
+                        Some(refs) => out.extend(refs),
+                        None => out.push(item.clone()),
+                    }
+                    continue;
+                }
+                // The item's list references, each with its elements.
+                let mut lists: Vec<(String, Vec<Element>)> = Vec::new();
+                let mut find = |_: &str, s: &str| -> Result<Value, WalkError> {
+                    if let Ok(pieces) = interpolate::parse(s) {
+                        for p in pieces {
+                            if let Piece::Ref(r @ Ref::Stage { .. }) = &p
+                                && let Ref::Stage { name, select, .. } = r
+                                && let Ok(Resolved::Many(e)) =
+                                    universe.resolve(name, select.as_ref(), stage, from)
+                            {
+                                lists.push((r.to_string(), e));
+                            }
+                        }
+                    }
+                    Ok(Value::Null)
+                };
+                interpolate::map_strings(item, "", &mut find)?;
+                let Some((first, elements)) = lists.first().cloned() else {
+                    out.push(expand_lists(item, &at, universe, stage, from)?);
+                    continue;
+                };
+                let labels = |e: &[Element]| -> Vec<Vec<(String, String)>> {
+                    e.iter().map(|e| e.labels.clone()).collect()
+                };
+                if let Some((other, _)) = lists.iter().find(|(_, e)| labels(e) != labels(&elements))
+                {
+                    return Err(err(
+                        &at,
+                        format!(
+                            "mismatched axes: `{first}` and `{other}` list different elements, so one item cannot pair them"
+                        ),
+                        Some("give both stages the same matrix, or select the same labels".into()),
+                    ));
+                }
+                let matrix = &universe.matrices[&elements[0].stage];
+                for e in &elements {
+                    let values = |axis: &str, label: bool| {
+                        let l = e.label(axis)?;
+                        Some(if label {
+                            Value::String(l.to_string())
+                        } else {
+                            matrix.value(axis, l).cloned()?
+                        })
+                    };
+                    let one = matrix::substitute(item, &values).map_err(|e| WalkError {
+                        path: format!("{at}.{}", e.path),
+                        ..e
+                    })?;
+                    let mut pin = |_: &str, s: &str| -> Result<Value, WalkError> {
+                        let Ok(pieces) = interpolate::parse(s) else {
+                            return Ok(Value::String(s.to_string()));
+                        };
+                        let mut changed = false;
+                        let pieces: Vec<Piece> = pieces
+                            .into_iter()
+                            .map(|p| match &p {
+                                Piece::Ref(Ref::Stage { name, select, sub }) => {
+                                    match universe.resolve(name, select.as_ref(), stage, from) {
+                                        Ok(Resolved::Many(list)) => {
+                                            match list.iter().find(|x| x.labels == e.labels) {
+                                                Some(x) => {
+                                                    changed = true;
+                                                    Piece::Ref(Ref::Stage {
+                                                        name: x.stage.clone(),
+                                                        select: Some(interpolate::Select::Pick(
+                                                            x.labels.clone(),
+                                                        )),
+                                                        sub: sub.clone(),
+                                                    })
+                                                }
+                                                None => p,
+                                            }
+                                        }
+                                        _ => p,
+                                    }
+                                }
+                                _ => p,
+                            })
+                            .collect();
+                        Ok(Value::String(if changed {
+                            interpolate::unparse(&pieces)
+                        } else {
+                            s.to_string()
+                        }))
+                    };
+                    out.push(interpolate::map_strings(&one, "", &mut pin)?);
+                }
+            }
+            Value::Array(out)
+        }
+        other => other.clone(),
+    })
+}
+
+/// `${train@variant=cusa,seed=1/sub}` for one element.
+fn element_ref(e: &Element, sub: Option<&str>) -> String {
+    Ref::Stage {
+        name: e.stage.clone(),
+        select: Some(interpolate::Select::Pick(e.labels.clone())),
+        sub: sub.map(str::to_string),
+    }
+    .to_string()
+}
+
+/// Names the stage inputs by position, so that a key depends on what is read and where it is
+/// used, never on how an input or its upstream stage is named: the distinct upstream outputs
+/// (stage, sub-path) get `@0`, `@1`, … in the order `config` first uses them (keys sorted),
+/// then any it does not use; `${inputs.NAME}` in `config` is renamed to match. An explicit
+/// `inputs: {dataset: ${scenes}}` + `${inputs.dataset}` and `${scenes}` written in `with:`
+/// are the same key. Project inputs keep their names.
+fn canonical_inputs(
+    config: &Value,
+    inputs: BTreeMap<String, Input>,
+    mut written_at: BTreeMap<String, String>,
+) -> (Value, BTreeMap<String, Input>, BTreeMap<String, String>) {
+    fn walk(v: &Value, f: &mut dyn FnMut(&str)) {
+        match v {
+            Value::String(s) => f(s),
+            Value::Array(items) => items.iter().for_each(|x| walk(x, f)),
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                for k in keys {
+                    walk(&map[k], f);
+                }
+            }
+            _ => {}
+        }
+    }
+    let target = |name: &str| match inputs.get(name) {
+        Some(Input::Stage { stage, sub }) => Some((stage.clone(), sub.clone())),
+        _ => None,
+    };
+    let mut order: Vec<(String, Option<String>)> = Vec::new();
+    walk(config, &mut |s| {
+        for p in interpolate::parse(s).unwrap_or_default() {
+            if let Piece::Ref(Ref::Input(n)) = p
+                && let Some(t) = target(&n)
+                && !order.contains(&t)
+            {
+                order.push(t);
+            }
+        }
+    });
+    // A reference written in `with:` that the kind's normalised config no longer reads (a
+    // setting that does not apply) is not an input; a declared one stays (it may order runs).
+    let inputs: BTreeMap<String, Input> = inputs
+        .iter()
+        .filter(|(n, _)| !n.starts_with('@') || target(n).is_none_or(|t| order.contains(&t)))
+        .map(|(n, i)| (n.clone(), i.clone()))
+        .collect();
+    let target = |name: &str| match inputs.get(name) {
+        Some(Input::Stage { stage, sub }) => Some((stage.clone(), sub.clone())),
+        _ => None,
+    };
+    let mut unused: Vec<(String, Option<String>)> = inputs
+        .keys()
+        .filter_map(|n| target(n))
+        .filter(|t| !order.contains(t))
+        .collect();
+    unused.sort();
+    unused.dedup();
+    order.extend(unused);
+    let position = |n: &str| {
+        target(n).and_then(|t| order.iter().position(|o| *o == t).map(|i| format!("@{i}")))
+    };
+    let renamed: BTreeMap<String, String> = inputs
+        .keys()
+        .filter_map(|n| Some((n.clone(), position(n)?)))
+        .collect();
+    let mut rename = |_: &str, s: &str| -> Result<Value, WalkError> {
+        let Ok(pieces) = interpolate::parse(s) else {
+            return Ok(Value::String(s.to_string()));
+        };
+        if !pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Ref(Ref::Input(n)) if renamed.contains_key(n)))
+        {
+            return Ok(Value::String(s.to_string()));
+        }
+        let pieces: Vec<Piece> = pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Ref(Ref::Input(n)) if renamed.contains_key(&n) => {
+                    Piece::Ref(Ref::Input(renamed[&n].clone()))
+                }
+                other => other,
+            })
+            .collect();
+        Ok(Value::String(interpolate::unparse(&pieces)))
+    };
+    let config =
+        interpolate::map_strings(config, "", &mut rename).unwrap_or_else(|_| config.clone());
+    let mut out = BTreeMap::new();
+    let mut at = BTreeMap::new();
+    for (name, input) in inputs {
+        let key = written_at.remove(&name);
+        let name = renamed.get(&name).cloned().unwrap_or(name);
+        if let Some(key) = key {
+            at.entry(name.clone()).or_insert(key);
+        }
+        out.insert(name, input);
+    }
+    (config, out, at)
 }
 
 fn param_value<'a>(

@@ -521,6 +521,25 @@ impl Drop for GroupGuard {
     }
 }
 
+/// A value as the pretty JSON text (with a final newline) of a file a later stage or a user
+/// reads. Serialising can fail (a map keyed by non-strings): that is an error of the stage,
+/// never an empty file.
+pub fn json_text(value: &impl serde::Serialize, what: &str) -> Result<String, StageError> {
+    serde_json::to_string_pretty(value)
+        .map(|t| t + "\n")
+        .map_err(|e| StageError::failed(format!("cannot serialise {what}: {e}")))
+}
+
+/// The name a config value is written as in `with:` (its serde form: `infonce`, `cls`), for
+/// files that record it. Never a `Debug` string: that is not a format.
+pub fn config_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(e) => format!("<{e}>"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,24 +586,5 @@ mod tests {
     fn missing_key_is_named() {
         let err = parse_config::<Demo>(&serde_json::json!({})).unwrap_err();
         assert_eq!(err.message, "missing required key `run`");
-    }
-}
-
-/// A value as the pretty JSON text (with a final newline) of a file a later stage or a user
-/// reads. Serialising can fail (a map keyed by non-strings): that is an error of the stage,
-/// never an empty file.
-pub fn json_text(value: &impl serde::Serialize, what: &str) -> Result<String, StageError> {
-    serde_json::to_string_pretty(value)
-        .map(|t| t + "\n")
-        .map_err(|e| StageError::failed(format!("cannot serialise {what}: {e}")))
-}
-
-/// The name a config value is written as in `with:` (its serde form: `infonce`, `cls`), for
-/// files that record it. Never a `Debug` string: that is not a format.
-pub fn config_name(value: &impl serde::Serialize) -> String {
-    match serde_json::to_value(value) {
-        Ok(Value::String(s)) => s,
-        Ok(other) => other.to_string(),
-        Err(e) => format!("<{e}>"),
     }
 }

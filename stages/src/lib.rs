@@ -16,6 +16,7 @@ pub mod ml;
 pub mod pictures;
 pub mod rng;
 pub mod safe_path;
+pub mod seeds;
 pub mod softlabel;
 pub mod teacher;
 pub mod train;
@@ -103,5 +104,27 @@ mod tests {
             normalised("command", json!({"run": "true"})),
             json!({"run": "true", "shell": true, "env": {}})
         );
+    }
+
+    #[test]
+    fn soft_labels_a_loss_does_not_read_are_not_part_of_the_config() {
+        let heads = json!({"kind": "feature-heads", "image_features": "i", "text_features": "t"});
+        let base = normalised(
+            "train",
+            json!({"dataset": "d", "student": heads, "softlabels": "s", "loss": {"base": "infonce"}}),
+        );
+        assert!(base["softlabels"].is_null());
+        assert_eq!(
+            base,
+            normalised(
+                "train",
+                json!({"dataset": "d", "student": heads, "loss": {"base": "infonce"}})
+            )
+        );
+        let csa = normalised(
+            "train",
+            json!({"dataset": "d", "student": heads, "softlabels": "s", "loss": {"csa": {"alpha": 1.0}}}),
+        );
+        assert_eq!(csa["softlabels"], json!("s"));
     }
 }

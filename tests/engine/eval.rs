@@ -172,10 +172,11 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     let masked = numbers.replace_all(&table, |c: &regex::Captures| "#".repeat(c[0].len()));
     insta::assert_snapshot!(masked, @r"
     $ cusa-pipe metrics --baseline again
-    stage         split  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P
-    eval           test     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
-      Δ vs again            ####     ####      ####     ####     ####      ####   ####         ####       ####       ####     ####     ####
-    again          test     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+    stage         split  best epoch  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P
+    train           val           1     ####        -         -      ###        -         -  #####            -          -          -        -        -
+    eval           test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+      Δ vs again                        ####     ####      ####     ####     ####      ####   ####         ####       ####       ####     ####     ####
+    again          test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
     [exit 0]
     ");
     let m = metrics(&p, "eval");
@@ -183,12 +184,15 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let rows = doc["rows"].as_array().unwrap();
+    // The training records what it chose its epoch on (the validation split) too.
     assert_eq!(
         rows.iter()
             .map(|r| r["stage"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        ["eval", "again"]
+        ["train", "eval", "again"]
     );
+    assert_eq!(rows[0]["results"]["split"], "val");
+    let rows = &rows[1..];
     let results = &rows[0]["results"];
     assert_eq!(results["split"], "test");
     assert_eq!(results["i2t R@1"], m["i2t"]["R@1"]);
@@ -240,6 +244,7 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
             ("again".into(), "current".into(), "test".into()),
             ("eval".into(), "cached".into(), "val".into()),
             ("eval".into(), "current".into(), "test".into()),
+            ("train".into(), "current".into(), "val".into()),
         ],
         "{runs:?}"
     );

@@ -145,7 +145,7 @@ fn a_stage_reading_a_missing_upstream_path_fails_clearly() {
     assert_eq!(r.code, 1);
     assert!(
         r.stderr
-            .contains("input `y`: `y.txt` is not in the output of `a`"),
+            .contains("`${a/y.txt}`: `y.txt` is not in the output of `a`"),
         "{}",
         r.stderr
     );

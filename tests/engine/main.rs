@@ -14,6 +14,7 @@ mod export;
 mod failures;
 mod fuzz;
 mod incremental;
+mod matrix;
 mod parallel;
 mod quickstart;
 mod remote;

@@ -50,7 +50,9 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     );
     // The ablation trained, each variant far above chance on the validation split (chance RSUM
     // with 200 validation images is about 16) and its best epoch chosen there.
-    for stage in ["train_base", "train_csa", "train_usa", "train_cusa"] {
+    const VARIANTS: [&str; 4] = ["base", "csa", "usa", "cusa"];
+    for v in VARIANTS {
+        let stage = format!("train@variant={v},seed=0");
         let (code, path, _) = run(&["path", &format!("{stage}/metrics.json")]);
         assert_eq!(code, 0);
         let metrics: serde_json::Value =
@@ -60,7 +62,8 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
         assert!(metrics["best_epoch"].as_u64().unwrap() >= 1);
     }
     // …and measured on the test split, with the scenes' exact extended positives.
-    for stage in ["eval_base", "eval_csa", "eval_usa", "eval_cusa"] {
+    for v in VARIANTS {
+        let stage = format!("eval@variant={v},seed=0");
         let (code, path, _) = run(&["path", &format!("{stage}/metrics.json")]);
         assert_eq!(code, 0);
         let metrics: serde_json::Value =
@@ -94,16 +97,94 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
                 .total_cmp(&b["val_rsum"].as_f64().unwrap())
         })
         .unwrap();
-    assert_eq!(export["chosen"], best["name"], "{export}");
-    let (code, table, err) = run(&["metrics", "pipeline.yaml", "--baseline", "eval_base"]);
+    assert_eq!(
+        (&export["chosen"], &export["chosen_seed"]),
+        (&best["name"], &best["seed"]),
+        "{export}"
+    );
+    // One seed: mean over n = 1, deltas without an interval.
+    let (code, table, err) = run(&["metrics", "pipeline.yaml", "--columns", "rsum,i2t mAP@R"]);
     assert_eq!(code, 0, "{err}");
-    for stage in ["eval_base", "eval_csa", "eval_usa", "eval_cusa"] {
-        assert!(table.lines().any(|l| l.starts_with(stage)), "{table}");
+    // Two tables: the training runs on the validation split, then their test measurements.
+    let sections: Vec<&str> = table.split("\n\n").collect();
+    assert_eq!(sections.len(), 2, "{table}");
+    assert!(sections[0].starts_with("train over seed"), "{table}");
+    assert!(sections[1].starts_with("eval over seed"), "{table}");
+    for section in &sections {
+        for v in VARIANTS {
+            assert!(
+                section
+                    .lines()
+                    .any(|l| l.starts_with(&format!("variant={v} "))),
+                "{table}"
+            );
+        }
+        assert_eq!(section.matches("  Δ vs variant=base").count(), 3, "{table}");
     }
-    assert_eq!(table.matches("  Δ vs eval_base").count(), 3, "{table}");
+    assert!(
+        sections[0].lines().next().unwrap().contains("rsum"),
+        "{table}"
+    );
+    assert!(
+        sections[1].lines().next().unwrap().contains("i2t mAP@R"),
+        "{table}"
+    );
+    assert!(!table.contains('['), "no interval from one seed: {table}");
     let (code, out, _) = run(&["run", "pipeline.yaml", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("\"cached\"").count(), 22, "{out}");
+
+    // Two seeds (a short schedule, to keep the test quick): each variant's mean over its two
+    // runs, and the paired interval, from the cache.
+    let two = ["--set", "params.epochs=2", "--set", "params.seeds=[0, 1]"];
+    let mut args = vec!["run", "pipeline.yaml", "eval"];
+    args.extend(two);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let mut args = vec!["metrics", "pipeline.yaml", "--json"];
+    args.extend(two);
+    let (code, doc, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["over"], "seed");
+    let table = &doc["tables"][1];
+    assert_eq!(doc["tables"][0]["stage"], "train");
+    assert_eq!(table["stage"], "eval");
+    assert_eq!(table["baseline"], "eval@variant=base");
+    for (k, v) in VARIANTS.iter().enumerate() {
+        let rsum = |seed: u32| -> f64 {
+            let mut args = vec![
+                "path".to_string(),
+                format!("eval@variant={v},seed={seed}/metrics.json"),
+            ];
+            args.extend(two.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, path, err) = run(&args);
+            assert_eq!(code, 0, "{err}");
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path.trim()).unwrap()).unwrap();
+            m["rsum"].as_f64().unwrap()
+        };
+        let row = &table["rows"][k];
+        assert_eq!(row["group"], format!("eval@variant={v}"));
+        assert_eq!(row["seeds"], serde_json::json!(["0", "1"]));
+        let stat = &row["stats"]["rsum"];
+        assert_eq!(stat["n"], 2);
+        let (a, b) = (rsum(0), rsum(1));
+        assert!(
+            (stat["mean"].as_f64().unwrap() - (a + b) / 2.0).abs() < 1e-9,
+            "{row}"
+        );
+        if k > 0 {
+            let d = &row["delta"]["rsum"];
+            assert_eq!(d["n"], 2, "{row}");
+            let ci = d["ci"].as_array().unwrap();
+            assert!(
+                ci[0].as_f64().unwrap() <= d["mean"].as_f64().unwrap(),
+                "{row}"
+            );
+        }
+    }
 
     // The team cache: pushed to a folder remote, a machine with an empty cache restores every
     // stage instead of running it, the same results byte for byte.

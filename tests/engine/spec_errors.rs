@@ -40,9 +40,59 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &[],
     ),
     (
-        "stage reference inside with",
-        "version: 1\nstages:\n  a:\n    kind: command\n    with: {run: x}\n  b:\n    kind: command\n    with:\n      run: cat ${a}/x.txt\n",
+        "unknown stage referenced inside with",
+        "version: 1\nstages:\n  a:\n    kind: command\n    with: {run: x}\n  b:\n    kind: command\n    with:\n      run: cat ${aa}/x.txt\n",
         &[],
+    ),
+    (
+        "matrix: mismatched axes",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  eval:\n    kind: command\n    matrix: {variant: [base, cusa]}\n    with:\n      run: cat ${train}/m.txt\n",
+        &[],
+    ),
+    (
+        "matrix: an element that does not exist",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  eval:\n    kind: command\n    matrix: {variant: [base, csa], seed: [0, 1]}\n    with:\n      run: cat ${train}/m.txt\n",
+        &[],
+    ),
+    (
+        "matrix: a picked label that does not exist",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  report:\n    kind: command\n    with: {run: \"cat ${train@variant=usa,seed=0/m.txt}\"}\n",
+        &[],
+    ),
+    (
+        "matrix: an empty axis",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: []}\n    with: {run: x}\n",
+        &[],
+    ),
+    (
+        "matrix: a name clash",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {seed: [1, \"1\"]}\n    with: {run: x}\n",
+        &[],
+    ),
+    (
+        "matrix: a list of elements inside text",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  report:\n    kind: download\n    with: {file: \"${train@*}/m.txt\"}\n",
+        &[],
+    ),
+    (
+        "matrix: a list of elements as an input",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  report:\n    kind: command\n    inputs: {all: \"${train@*}\"}\n    with: {run: x}\n",
+        &[],
+    ),
+    (
+        "matrix: an axis the stage does not have",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {seed: [0]}\n    with:\n      run: echo ${matrix.sed}\n",
+        &[],
+    ),
+    (
+        "matrix: a list item pairing different elements",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n  eval:\n    kind: command\n    matrix: {variant: [base]}\n    with: {run: x}\n  export:\n    kind: command\n    with:\n      run: x\n      env:\n        - {a: \"${train@*}\", b: \"${eval@*}\"}\n",
+        &[],
+    ),
+    (
+        "matrix: an unknown element on the command line",
+        "version: 1\nstages:\n  train:\n    kind: command\n    matrix: {variant: [base, cusa], seed: [0, 1]}\n    with:\n      run: echo ${matrix.variant} ${matrix.seed} > ${out}/m.txt\n",
+        &["train@seed=7"],
     ),
     (
         "unknown parameter",

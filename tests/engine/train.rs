@@ -378,10 +378,13 @@ small_eval:
     assert!((-100.0..=100.0).contains(&rho), "{rho}");
     let r = p.run(&["metrics", "--json"]);
     let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(
-        doc["rows"][0]["results"]["STS Spearman"],
-        sts["STS Spearman"]
-    );
+    let measured = doc["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["results"]["split"] == "test")
+        .unwrap();
+    assert_eq!(measured["results"]["STS Spearman"], sts["STS Spearman"]);
     // A file without a `score` column is named, with the columns it has.
     let r = p.run(&[
         "run",

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
+use crate::seeds;
 use crate::train::load::TrainedStudent;
 
 /// One compared run.
@@ -42,6 +43,28 @@ pub struct RunConfig {
     pub model: String,
     /// The `eval` stage's output folder that measured it.
     pub eval: String,
+    /// The seed of this run, when the runs repeat each `name` over seeds: the report then
+    /// adds mean ± sd per name and paired deltas to the baseline, seed by seed (`seeds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<Value>,
+}
+
+impl RunConfig {
+    /// The seed's label (`1`), if any.
+    fn seed_label(&self) -> Option<String> {
+        self.seed.as_ref().map(|s| match s {
+            Value::String(t) => t.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    /// `cusa` or `cusa seed=1`: the run's row label.
+    fn label(&self) -> String {
+        match self.seed_label() {
+            Some(s) => format!("{} seed={s}", self.name),
+            None => self.name.clone(),
+        }
+    }
 }
 
 /// `with:` of an export stage.
@@ -77,12 +100,30 @@ impl ExportConfig {
             ));
         }
         for (i, r) in self.runs.iter().enumerate() {
-            if self.runs[..i].iter().any(|o| o.name == r.name) {
+            if let Some(s) = &r.seed
+                && !(s.is_string() || s.is_number())
+            {
                 return Err(ConfigError::new(
-                    format!("runs.{i}.name"),
-                    format!("`{}` names two runs: names label the table rows", r.name),
+                    format!("runs[{i}].seed"),
+                    "a seed is a number or a label",
                 ));
             }
+            if self.runs[..i].iter().any(|o| o.label() == r.label()) {
+                return Err(ConfigError::new(
+                    format!("runs[{i}].name"),
+                    format!(
+                        "`{}` names two runs: a name (with its seed) labels one table row",
+                        r.label()
+                    ),
+                ));
+            }
+        }
+        if self.runs.iter().any(|r| r.seed.is_some()) && self.runs.iter().any(|r| r.seed.is_none())
+        {
+            return Err(ConfigError::new(
+                "runs",
+                "give every run a `seed:`, or none (the seed table pairs runs seed by seed)",
+            ));
         }
         if let Some(b) = &self.baseline
             && !self.runs.iter().any(|r| &r.name == b)
@@ -102,7 +143,7 @@ pub struct ExportKind;
 impl Kind for ExportKind {
     type Config = ExportConfig;
     const NAME: &'static str = "export";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     fn validate(c: &mut ExportConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         c.validate()?;
@@ -116,7 +157,11 @@ impl Kind for ExportKind {
 
 /// What the stage reads of one run.
 pub(crate) struct Run {
+    /// The row label: the name, with its seed if it has one.
     pub name: String,
+    /// The name alone (the variant), and the seed.
+    pub group: String,
+    pub seed: Option<String>,
     pub model_dir: PathBuf,
     pub eval_dir: PathBuf,
     /// The training's config.json.
@@ -165,7 +210,9 @@ fn read_run(r: &RunConfig, ctx: &StageContext<'_>) -> Result<Run, StageError> {
         .collect();
     let test = read_json(&eval_dir.join("metrics.json"), "metrics.json")?;
     Ok(Run {
-        name: r.name.clone(),
+        name: r.label(),
+        group: r.name.clone(),
+        seed: r.seed_label(),
         model_dir,
         eval_dir,
         config,
@@ -298,7 +345,7 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
     let baseline = c
         .baseline
         .as_ref()
-        .and_then(|b| runs.iter().position(|r| &r.name == b))
+        .and_then(|b| runs.iter().position(|r| &r.group == b))
         .unwrap_or(0);
     let best = &runs[chosen];
     ctx.log.line(format!(
@@ -359,12 +406,14 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         .map_err(|e| StageError::io("writing report.html", e))?;
 
     let summary_doc = json!({
-        "chosen": best.name,
+        "chosen": best.group,
+        "chosen_seed": best.seed,
         "chosen_on": "validation RSUM",
-        "baseline": runs[baseline].name,
+        "baseline": runs[baseline].group,
         "parameters": params,
         "runs": runs.iter().map(|r| json!({
-            "name": r.name,
+            "name": r.group,
+            "seed": r.seed,
             "val_rsum": r.val_rsum,
             "test_rsum": r.test["rsum"],
             "split": r.test["split"],
@@ -386,11 +435,73 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
             - runs[baseline].test["rsum"].as_f64().unwrap_or(f64::NAN),
         runs[baseline].name
     ));
-    summary
-        .notes
-        .extend(ablation_lines(&runs, chosen, baseline));
+    match seed_table(&runs, baseline, &SEED_COLUMNS[..4]) {
+        Some((rows, columns)) => {
+            summary
+                .notes
+                .extend(seeds::render(&rows, &columns, &runs[baseline].group, "run"))
+        }
+        None => summary
+            .notes
+            .extend(ablation_lines(&runs, chosen, baseline)),
+    }
     summary.metrics.insert("parameters".into(), json!(params));
     Ok(summary)
+}
+
+/// The seed table's columns: a label and where the number is (`val` in the training's
+/// metrics, otherwise in the eval's).
+pub(crate) const SEED_COLUMNS: [(&str, &[&str]); 6] = [
+    ("val RSUM", &["val", "rsum"]),
+    ("RSUM", &["rsum"]),
+    ("mAP@R i2t", &["extended", "i2t", "mAP@R"]),
+    ("mAP@R t2i", &["extended", "t2i", "mAP@R"]),
+    ("R-P i2t", &["extended", "i2t", "R-P"]),
+    ("R-P t2i", &["extended", "t2i", "R-P"]),
+];
+
+/// Runs repeated over seeds, as the rows of the seed table (mean ± sd per name, paired deltas
+/// to the baseline's name); `None` when the runs have no seeds.
+pub(crate) fn seed_table(
+    runs: &[Run],
+    baseline: usize,
+    columns: &[(&str, &[&str])],
+) -> Option<(Vec<seeds::Row>, Vec<String>)> {
+    if runs.iter().any(|r| r.seed.is_none()) {
+        return None;
+    }
+    let get = |r: &Run, path: &[&str]| -> Option<f64> {
+        match path {
+            ["val", "rsum"] => Some(r.val_rsum),
+            _ => path.iter().fold(&r.test, |v, k| &v[*k]).as_f64(),
+        }
+    };
+    let shown: Vec<&(&str, &[&str])> = columns
+        .iter()
+        .filter(|(_, p)| runs.iter().any(|r| get(r, p).is_some()))
+        .collect();
+    let names: Vec<String> = shown.iter().map(|(n, _)| n.to_string()).collect();
+    let measured: Vec<seeds::Run> = runs
+        .iter()
+        .map(|r| seeds::Run {
+            group: r.group.clone(),
+            seed: r.seed.clone().unwrap_or_default(),
+            values: shown
+                .iter()
+                .filter_map(|(n, p)| Some((n.to_string(), get(r, p)?)))
+                .collect(),
+        })
+        .collect();
+    let mut groups: Vec<String> = Vec::new();
+    for r in runs {
+        if !groups.contains(&r.group) {
+            groups.push(r.group.clone());
+        }
+    }
+    Some((
+        seeds::compare(&measured, &groups, &runs[baseline].group, &names),
+        names,
+    ))
 }
 
 /// The comparison in a few lines for the run's output (the full table is in the report and

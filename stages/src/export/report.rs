@@ -15,6 +15,7 @@ use super::Run;
 use crate::api::StageError;
 use crate::dataset::read;
 use crate::features;
+use crate::seeds;
 
 pub(crate) struct Inputs<'a> {
     pub title: &'a str,
@@ -127,6 +128,56 @@ fn curve(run: &Run, key: &str) -> Vec<(f64, f64)> {
 
 fn number(v: &Value) -> Option<f64> {
     v.as_f64()
+}
+
+/// Over seeds (when the runs have them): per name mean ± sd and n, under it the paired
+/// difference to the baseline seed by seed with its 95 % interval — `cusa-pipe metrics`'s table.
+fn seed_table(i: &Inputs<'_>, html: &mut String) {
+    let Some((rows, columns)) = super::seed_table(i.runs, i.baseline, &super::SEED_COLUMNS) else {
+        return;
+    };
+    let base = &i.runs[i.baseline].group;
+    let _ = write!(
+        html,
+        "<h2>Over seeds</h2>\n<p class=\"note\">Mean ± sample standard deviation over the seeds (n); under each, the mean paired difference to <b>{}</b> \
+         seed by seed with its 95 % confidence interval (Student t); <b>*</b>: the interval excludes 0.</p>\n<table class=\"metrics\"><tr><th>run</th><th>n</th>",
+        esc(base)
+    );
+    for c in &columns {
+        let _ = write!(html, "<th>{}</th>", esc(c));
+    }
+    html.push_str("</tr>\n");
+    for r in &rows {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td>",
+            esc(&r.group),
+            r.seeds.len()
+        );
+        for (c, d) in r.columns.iter().zip(&r.deltas) {
+            let value = c
+                .as_ref()
+                .map(seeds::show_summary)
+                .unwrap_or_else(|| "–".into());
+            let delta = match d {
+                Some(p) => {
+                    let class = match p.diff.mean {
+                        m if m > 0.0 => "up",
+                        m if m < 0.0 => "down",
+                        _ => "",
+                    };
+                    format!(
+                        "<span class=\"{class}\">{}</span>",
+                        esc(&seeds::show_paired(p))
+                    )
+                }
+                None => String::new(),
+            };
+            let _ = write!(html, "<td>{}{delta}</td>", esc(&value));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
 }
 
 /// The metrics table: one row per run, the delta to the baseline under each value.
@@ -341,6 +392,7 @@ pub(crate) fn render(i: &Inputs<'_>) -> Result<String, StageError> {
         test_rsum - base_rsum,
         esc(&base.name),
     );
+    seed_table(i, &mut html);
     metrics_table(i, &mut html);
 
     html.push_str("<h2>Training</h2>\n<div class=\"charts\">\n");

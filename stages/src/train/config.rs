@@ -372,6 +372,12 @@ impl TrainConfig {
     /// Writes the defaults that depend on other keys (the preset's reduction and temperature
     /// decay, `lr_min` = lr/10) into the config, so the key hashes the values training uses.
     pub fn normalise(&mut self) {
+        // Soft labels are read by CSA and USA only: without them the run does not depend on
+        // the soft labels (a base run in a matrix with `softlabels:` keeps its key when they
+        // change).
+        if self.loss.csa.is_none() && self.loss.usa.is_none() {
+            self.softlabels = None;
+        }
         if self.loss.base == BaseLoss::Infonce {
             self.loss.reduction = Some(self.reduction());
         }

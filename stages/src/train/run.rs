@@ -842,6 +842,20 @@ where
     summary
         .metrics
         .insert("val_rsum".into(), best["val"]["rsum"].clone());
+    // For `cusa-pipe metrics`: what the choice of settings is made on (never the test split).
+    summary.results.insert("split".into(), json!("val"));
+    summary
+        .results
+        .insert("best epoch".into(), Value::from(best_epoch));
+    for (column, key) in [
+        ("i2t R@1", "i2t_r1"),
+        ("t2i R@1", "t2i_r1"),
+        ("rsum", "rsum"),
+    ] {
+        summary
+            .results
+            .insert(column.into(), best["val"][key].clone());
+    }
     Ok(summary)
 }
 

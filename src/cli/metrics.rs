@@ -116,6 +116,13 @@ fn rows(engine: &crate::runner::Engine, all: bool) -> Vec<Row> {
     out
 }
 
+fn print_json(doc: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(doc).expect("metrics serialise")
+    );
+}
+
 /// `value − base` for numbers, nothing otherwise.
 fn delta(value: &Value, base: &Value) -> Option<f64> {
     Some(value.as_f64()? - base.as_f64()?)
@@ -172,6 +179,13 @@ pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, Cli
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")
     })?;
     let rows = rows(&engine, args.all);
+    if rows.is_empty() && !args.json {
+        eprintln!(
+            "nothing measured yet: no stage of {} has results in the cache (`eval` stages record theirs when they run)",
+            args.pipeline.display()
+        );
+        return Ok(0);
+    }
     if let Some(axis) = &over {
         return over_seeds(&args, &engine, &rows, axis);
     }
@@ -240,17 +254,7 @@ pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, Cli
                 "delta": deltas(r),
             })).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("metrics serialise")
-        );
-        return Ok(0);
-    }
-    if rows.is_empty() {
-        eprintln!(
-            "nothing measured yet: no stage of {} has results in the cache (`eval` stages record theirs when they run)",
-            args.pipeline.display()
-        );
+        print_json(&doc);
         return Ok(0);
     }
     let label = |r: &Row| -> String {
@@ -265,12 +269,6 @@ pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, Cli
         }
     };
     let delta_label = format!("  Δ vs {}", args.baseline.as_deref().unwrap_or_default());
-    let first = rows
-        .iter()
-        .map(|r| label(r).chars().count())
-        .chain([5, delta_label.chars().count()])
-        .max()
-        .unwrap_or(5);
     let mut table: Vec<Vec<String>> = Vec::new();
     let mut header = vec!["stage".to_string()];
     header.extend(columns.iter().map(|c| c.to_string()));
@@ -292,21 +290,8 @@ pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, Cli
             table.push(line);
         }
     }
-    let widths: Vec<usize> = (0..=columns.len())
-        .map(|j| {
-            table
-                .iter()
-                .map(|l| l[j].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for line in &table {
-        let mut text = format!("{:first$}", line[0]);
-        for (j, c) in line.iter().enumerate().skip(1) {
-            text.push_str(&format!("  {c:>w$}", w = widths[j]));
-        }
-        println!("{}", text.trim_end());
+    for line in cusa_stages::seeds::align(&table) {
+        println!("{line}");
     }
     if rows.iter().any(|r| r.state == "stale") {
         println!(
@@ -452,17 +437,7 @@ fn over_seeds(
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("metrics serialise")
-        );
-        return Ok(0);
-    }
-    if rows.is_empty() {
-        eprintln!(
-            "nothing measured yet: no stage of {} has results in the cache (`eval` stages record theirs when they run)",
-            args.pipeline.display()
-        );
+        print_json(&doc);
         return Ok(0);
     }
     for (k, (t, baseline, rows)) in compared.iter().enumerate() {

@@ -176,28 +176,7 @@ pub fn render(rows: &[Row], columns: &[String], baseline: &str, first: &str) -> 
             table.push(line);
         }
     }
-    let widths: Vec<usize> = (0..table[0].len())
-        .map(|j| {
-            table
-                .iter()
-                .map(|l| l[j].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out: Vec<String> = table
-        .iter()
-        .map(|line| {
-            let mut text = format!("{:w$}", line[0], w = widths[0]);
-            for (j, c) in line.iter().enumerate().skip(1) {
-                let pad = widths[j] - c.chars().count();
-                text.push_str("  ");
-                text.push_str(&" ".repeat(pad));
-                text.push_str(c);
-            }
-            text.trim_end().to_string()
-        })
-        .collect();
+    let mut out = align(&table);
     let intervals = rows
         .iter()
         .flat_map(|r| &r.deltas)
@@ -214,6 +193,40 @@ pub fn render(rows: &[Row], columns: &[String], baseline: &str, first: &str) -> 
         )
     });
     out
+}
+
+/// Lines of a table: the first column left-aligned, the others right-aligned, two spaces
+/// apart, each as wide as its widest cell.
+pub fn align(table: &[Vec<String>]) -> Vec<String> {
+    let columns = table.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|j| {
+            table
+                .iter()
+                .filter_map(|l| l.get(j))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    table
+        .iter()
+        .map(|line| {
+            let mut text = String::new();
+            for (j, c) in line.iter().enumerate() {
+                let pad = " ".repeat(widths[j] - c.chars().count());
+                if j == 0 {
+                    text.push_str(c);
+                    text.push_str(&pad);
+                } else {
+                    text.push_str("  ");
+                    text.push_str(&pad);
+                    text.push_str(c);
+                }
+            }
+            text.trim_end().to_string()
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -348,6 +348,11 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         .and_then(|b| runs.iter().position(|r| &r.group == b))
         .unwrap_or(0);
     let best = &runs[chosen];
+    // The chosen run is compared with the baseline trained with its own seed.
+    let paired = runs
+        .iter()
+        .position(|r| r.group == runs[baseline].group && r.seed == best.seed)
+        .unwrap_or(baseline);
     ctx.log.line(format!(
         "chosen on validation RSUM: `{}` ({:.1}; {})",
         best.name,
@@ -432,8 +437,8 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         best.val_rsum,
         best.test["rsum"].as_f64().unwrap_or(f64::NAN),
         best.test["rsum"].as_f64().unwrap_or(f64::NAN)
-            - runs[baseline].test["rsum"].as_f64().unwrap_or(f64::NAN),
-        runs[baseline].name
+            - runs[paired].test["rsum"].as_f64().unwrap_or(f64::NAN),
+        runs[paired].name
     ));
     match seed_table(&runs, baseline, &SEED_COLUMNS[..4]) {
         Some((rows, columns)) => {

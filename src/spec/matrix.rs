@@ -268,14 +268,15 @@ impl Matrix {
             .map(|i| &a.values[i])
     }
 
-    /// `variant (4) × seed (3)` for messages and `dag --collapse`.
-    pub fn shape(&self) -> String {
-        let parts: Vec<String> = self
-            .axes
-            .iter()
-            .map(|a| format!("{} ({})", a.name, a.labels.join(", ")))
-            .collect();
-        parts.join(" × ")
+    /// What `${matrix.AXIS}` (`label`: `${matrix.AXIS:name}`) is in `element`: its value on
+    /// the axis, or its label as text; `None` for an axis it does not have.
+    pub fn bound(&self, element: &Element, axis: &str, label: bool) -> Option<Value> {
+        let l = element.label(axis)?;
+        if label {
+            Some(Value::String(l.to_string()))
+        } else {
+            self.value(axis, l).cloned()
+        }
     }
 }
 
@@ -520,18 +521,8 @@ mod tests {
     #[test]
     fn whole_references_keep_their_type_and_others_become_text() {
         let m = matrix(json!({"variant": {"cusa": {"csa": 1}}, "seed": [2]}));
-        let values = |axis: &str, label: bool| {
-            let l = match axis {
-                "variant" => "cusa",
-                "seed" => "2",
-                _ => return None,
-            };
-            Some(if label {
-                Value::String(l.into())
-            } else {
-                m.value(axis, l).cloned()?
-            })
-        };
+        let element = &m.elements("train")[0];
+        let values = |axis: &str, label: bool| m.bound(element, axis, label);
         let v = substitute(
             &json!({"loss": "${matrix.variant}", "seed": "${matrix.seed}", "name": "run-${matrix.variant:name}-${matrix.seed} ${matrix.other}"}),
             &values,

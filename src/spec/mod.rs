@@ -507,14 +507,7 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
             continue;
         };
         for element in m.elements(name) {
-            let values = |axis: &str, label: bool| {
-                let l = element.label(axis)?;
-                Some(if label {
-                    Value::String(l.to_string())
-                } else {
-                    m.value(axis, l).cloned()?
-                })
-            };
+            let values = |axis: &str, label: bool| m.bound(&element, axis, label);
             let source = &source;
             let at = |part: String| {
                 move |e: interpolate::WalkError| {
@@ -1062,14 +1055,7 @@ fn expand_lists(
                 }
                 let matrix = &universe.matrices[&elements[0].stage];
                 for e in &elements {
-                    let values = |axis: &str, label: bool| {
-                        let l = e.label(axis)?;
-                        Some(if label {
-                            Value::String(l.to_string())
-                        } else {
-                            matrix.value(axis, l).cloned()?
-                        })
-                    };
+                    let values = |axis: &str, label: bool| matrix.bound(e, axis, label);
                     let one = matrix::substitute(item, &values).map_err(|e| WalkError {
                         path: format!("{at}.{}", e.path),
                         ..e
@@ -1138,7 +1124,7 @@ fn element_ref(e: &Element, sub: Option<&str>) -> String {
 /// are the same key. Project inputs keep their names.
 fn canonical_inputs(
     config: &Value,
-    inputs: BTreeMap<String, Input>,
+    mut inputs: BTreeMap<String, Input>,
     mut written_at: BTreeMap<String, String>,
 ) -> (Value, BTreeMap<String, Input>, BTreeMap<String, String>) {
     fn walk(v: &Value, f: &mut dyn FnMut(&str)) {
@@ -1155,15 +1141,17 @@ fn canonical_inputs(
             _ => {}
         }
     }
-    let target = |name: &str| match inputs.get(name) {
-        Some(Input::Stage { stage, sub }) => Some((stage.clone(), sub.clone())),
-        _ => None,
-    };
+    fn target(inputs: &BTreeMap<String, Input>, name: &str) -> Option<(String, Option<String>)> {
+        match inputs.get(name) {
+            Some(Input::Stage { stage, sub }) => Some((stage.clone(), sub.clone())),
+            _ => None,
+        }
+    }
     let mut order: Vec<(String, Option<String>)> = Vec::new();
     walk(config, &mut |s| {
         for p in interpolate::parse(s).unwrap_or_default() {
             if let Piece::Ref(Ref::Input(n)) = p
-                && let Some(t) = target(&n)
+                && let Some(t) = target(&inputs, &n)
                 && !order.contains(&t)
             {
                 order.push(t);
@@ -1172,15 +1160,15 @@ fn canonical_inputs(
     });
     // A reference written in `with:` that the kind's normalised config no longer reads (a
     // setting that does not apply) is not an input; a declared one stays (it may order runs).
-    let inputs: BTreeMap<String, Input> = inputs
-        .iter()
-        .filter(|(n, _)| !n.starts_with('@') || target(n).is_none_or(|t| order.contains(&t)))
-        .map(|(n, i)| (n.clone(), i.clone()))
+    let dropped: Vec<String> = inputs
+        .keys()
+        .filter(|n| n.starts_with('@') && target(&inputs, n).is_some_and(|t| !order.contains(&t)))
+        .cloned()
         .collect();
-    let target = |name: &str| match inputs.get(name) {
-        Some(Input::Stage { stage, sub }) => Some((stage.clone(), sub.clone())),
-        _ => None,
-    };
+    for n in &dropped {
+        inputs.remove(n);
+    }
+    let target = |name: &str| target(&inputs, name);
     let mut unused: Vec<(String, Option<String>)> = inputs
         .keys()
         .filter_map(|n| target(n))

@@ -151,6 +151,7 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
     assert_eq!(doc["tables"][0]["stage"], "train");
     assert_eq!(table["stage"], "eval");
     assert_eq!(table["baseline"], "eval@variant=base");
+    let mut base = (0.0, 0.0);
     for (k, v) in VARIANTS.iter().enumerate() {
         let rsum = |seed: u32| -> f64 {
             let mut args = vec![
@@ -175,12 +176,25 @@ fn the_quickstart_pipeline_runs_and_is_cached_the_second_time() {
             (stat["mean"].as_f64().unwrap() - (a + b) / 2.0).abs() < 1e-9,
             "{row}"
         );
-        if k > 0 {
+        if k == 0 {
+            base = (a, b);
+        } else {
+            // The paired difference seed by seed and its 95 % interval, recomputed here:
+            // t(0.975, 1 df) = 12.706204736 (scipy.stats.t.ppf), sd of two differences
+            // = |d0 − d1| / √2, half-width = t · sd / √2.
+            let (d0, d1) = (a - base.0, b - base.1);
+            let mean = (d0 + d1) / 2.0;
+            let half = 12.706_204_736 * ((d0 - d1).abs() / 2f64.sqrt()) / 2f64.sqrt();
             let d = &row["delta"]["rsum"];
             assert_eq!(d["n"], 2, "{row}");
+            assert!((d["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{row}");
             let ci = d["ci"].as_array().unwrap();
             assert!(
-                ci[0].as_f64().unwrap() <= d["mean"].as_f64().unwrap(),
+                (ci[0].as_f64().unwrap() - (mean - half)).abs() < 1e-6,
+                "{row}"
+            );
+            assert!(
+                (ci[1].as_f64().unwrap() - (mean + half)).abs() < 1e-6,
                 "{row}"
             );
         }

@@ -73,6 +73,45 @@ pub enum Choice {
     Gpu(usize),
 }
 
+/// Where a burn computation runs.
+pub enum Placement {
+    Cpu(String),
+    #[cfg(feature = "cuda")]
+    Cuda(usize),
+}
+
+/// Picks the device; probes for a CUDA driver before any CUDA call (burn 0.21's CUDA backend
+/// panics when there is none).
+pub fn place(device: Device, gpus: &[usize]) -> Result<Placement, StageError> {
+    match device.choose(gpus)? {
+        Choice::Cpu(why) => Ok(Placement::Cpu(why)),
+        #[cfg(feature = "cuda")]
+        Choice::Gpu(_) if !cuda_driver_present() => device
+            .without_cuda(
+                "no CUDA driver was found (libcuda.so.1 does not load)",
+                "install the NVIDIA driver, or use `device: cpu`",
+            )
+            .map(Placement::Cpu),
+        #[cfg(feature = "cuda")]
+        Choice::Gpu(gpu) => Ok(Placement::Cuda(gpu)),
+    }
+}
+
+/// Whether the CUDA driver library loads (without initialising anything).
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    let name = std::ffi::CString::new("libcuda.so.1").expect("no NUL");
+    // SAFETY: dlopen/dlclose of a library by name; nothing from it is called.
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

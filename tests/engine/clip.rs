@@ -17,7 +17,7 @@ fn fixtures() -> PathBuf {
 }
 
 /// The project of the train tests plus the tiny checkpoint copied in as `clip-tiny/`.
-fn project() -> Project {
+pub(crate) fn project() -> Project {
     let p = crate::train::project("");
     for f in [
         "config.json",

@@ -18,6 +18,7 @@ mod matrix;
 mod parallel;
 mod quickstart;
 mod remote;
+mod selfalign;
 mod spec_errors;
 mod support;
 mod teacher;

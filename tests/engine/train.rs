@@ -145,7 +145,11 @@ fn weights(p: &Project) -> String {
 
 /// Runs `stage` (the only train stage running) in a child and kills it with SIGKILL once its
 /// checkpoint holds `epochs` epochs; returns the checkpoint folder and its state.
-fn kill_after_epochs(p: &Project, stage: &str, epochs: u64) -> (PathBuf, serde_json::Value) {
+pub(crate) fn kill_after_epochs(
+    p: &Project,
+    stage: &str,
+    epochs: u64,
+) -> (PathBuf, serde_json::Value) {
     let child = p.spawn(&["run", "-j", "1", stage]);
     let started = Instant::now();
     let found = loop {

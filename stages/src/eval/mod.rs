@@ -39,6 +39,7 @@ use serde_json::{Value, json};
 use crate::api::{Checked, ConfigError, Kind, StageContext, StageError, StageSummary};
 use crate::features;
 use crate::ml::clip::ClipInputs;
+use crate::ml::embed::{self, EmbedError, Embedding, Head};
 use crate::ml::retrieval::{self, Matrix, Ranks};
 use crate::ml::scenes_small::PixelWordInputs;
 use crate::ml::student::{Rows, Student};
@@ -46,7 +47,6 @@ use crate::pictures::Home;
 use crate::teacher::Precision;
 use crate::train::data;
 use crate::train::load::TrainedStudent;
-use crate::train::run::{Head, embed_rows, embed_split};
 
 /// `with:` of an eval stage.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -73,6 +73,43 @@ pub struct EvalConfig {
     /// `sentence1`, `sentence2`, `score`: the STS-B layout), measured as Spearman × 100 of the
     /// cosine through the student's uni text head. Needs a student that reads text.
     pub sts: Option<String>,
+    /// The retrieval embedding of a trained student: `global` (the cross head, default) or
+    /// `selfalign-concat` ([h ; ctx ; mean of locals], 3× wider; a student trained with
+    /// `loss.cra`).
+    #[serde(default, skip_serializing_if = "is_global")]
+    pub embedding: Embedding,
+}
+
+fn is_global(e: &Embedding) -> bool {
+    *e == Embedding::Global
+}
+
+/// [`embed::embed_split`] with the error a stage reports.
+fn embed_split<B: burn::tensor::backend::Backend, S: Student<B>>(
+    model: &S,
+    inputs: &S::Inputs,
+    device: &B::Device,
+    embedding: Embedding,
+    dir: &Path,
+) -> Result<(Vec<f32>, Vec<f32>, usize), StageError> {
+    embed::embed_split(model, inputs, device, embedding).map_err(|e: EmbedError| {
+        StageError::failed_with_hint(
+            format!("{}: {e}", dir.display()),
+            "use `embedding: global`, or train the model with `loss.cra`",
+        )
+    })
+}
+
+/// The rows through the uni head, `None` when the student has none.
+fn embed_uni<B: burn::tensor::backend::Backend, S: Student<B>>(
+    model: &S,
+    inputs: &S::Inputs,
+    device: &B::Device,
+    images: bool,
+) -> Option<(Vec<f32>, usize)> {
+    embed::embed_rows(model, inputs, device, images, Head::Uni, Embedding::Global)
+        .ok()
+        .flatten()
 }
 
 fn default_split() -> String {
@@ -102,6 +139,10 @@ impl EvalConfig {
                 ))
             }
             _ if self.folds == Some(0) => Err(ConfigError::new("folds", "must be at least 1")),
+            (None, true) if self.embedding != Embedding::Global => Err(ConfigError::new(
+                "embedding",
+                "chooses how a trained student embeds: give `model:`, or drop `embedding:` with precomputed embeddings",
+            )),
             (None, true) if self.sts.is_some() => Err(ConfigError::new(
                 "sts",
                 "STS embeds sentences with a student: give `model:` (a train stage's output), not precomputed embeddings",
@@ -193,8 +234,8 @@ fn embed_with_model(
                     "measure STS with a student that reads text (scenes-small), or drop `sts:`",
                 ));
             }
-            let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
+            let embedded = embed_split(&model, &split.inputs, &device, c.embedding, dir)?;
+            let uni = embed_uni(&model, &split.inputs, &device, true);
             (
                 (split.image_ids, split.caption_ids, split.image_of),
                 (embedded, uni),
@@ -215,8 +256,8 @@ fn embed_with_model(
                 &vocab,
                 Home::Memory,
             )?;
-            let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
+            let embedded = embed_split(&model, &split.inputs, &device, c.embedding, dir)?;
+            let uni = embed_uni(&model, &split.inputs, &device, true);
             if let Some(sts) = &c.sts {
                 let path = ctx.resolve(sts);
                 let pairs = read_sts(&path)?;
@@ -259,8 +300,8 @@ fn embed_with_model(
                     c.split
                 ));
             }
-            let embedded = embed_split(&model, &split.inputs, &device);
-            let uni = embed_rows(&model, &split.inputs, &device, true, Head::Uni);
+            let embedded = embed_split(&model, &split.inputs, &device, c.embedding, dir)?;
+            let uni = embed_uni(&model, &split.inputs, &device, true);
             if let Some(sts) = &c.sts {
                 let path = ctx.resolve(sts);
                 let pairs = read_sts(&path)?;
@@ -371,11 +412,20 @@ fn measure_sts<B: burn::tensor::backend::Backend, S: Student<B>>(
     device: &B::Device,
     path: &Path,
 ) -> Value {
-    let (rows, dim, head) = match embed_rows(model, sentences, device, false, Head::Uni) {
+    let (rows, dim, head) = match embed_uni(model, sentences, device, false) {
         Some((rows, dim)) => (rows, dim, "uni"),
         None => {
-            let (rows, dim) = embed_rows(model, sentences, device, false, Head::Cross)
-                .expect("every student has cross heads");
+            let (rows, dim) = embed::embed_rows(
+                model,
+                sentences,
+                device,
+                false,
+                Head::Cross,
+                Embedding::Global,
+            )
+            .ok()
+            .flatten()
+            .expect("every student has cross heads");
             (rows, dim, "cross")
         }
     };
@@ -640,12 +690,27 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         dim: e.dim,
     };
     let positives = positive_sets(&dataset, &e)?;
+    let started = std::time::Instant::now();
     let (ranks, extended) = retrieval::measure(&images, &captions, &e.image_of, positives.as_ref());
+    // Every image and every caption was a query once.
+    let queries = (e.image_ids.len() + e.caption_ids.len()).max(1);
+    let ms_per_query = started.elapsed().as_secs_f64() * 1e3 / queries as f64;
+    let embedding_name = match (&c.model, c.embedding) {
+        (None, _) => "precomputed",
+        (Some(_), Embedding::Global) => "global",
+        (Some(_), Embedding::SelfalignConcat) => "selfalign-concat",
+    };
+    ctx.log.line(format!(
+        "retrieval: {embedding_name} embedding, {} wide, {ms_per_query:.4} ms per query ({queries} queries, both directions)",
+        e.dim
+    ));
     let recalls = ranks.recalls();
     let mut metrics = directions(&recalls);
     metrics["split"] = json!(c.split);
     metrics["images"] = json!(e.image_ids.len());
     metrics["captions"] = json!(e.caption_ids.len());
+    // The width is part of the result; the time is measured, so it goes to the run record.
+    metrics["embedding"] = json!({"kind": embedding_name, "dim": e.dim});
     if let Some(folds) = c.folds {
         metrics["folds"] = fold_recalls(&e, folds);
     }
@@ -701,7 +766,15 @@ fn evaluate(c: &EvalConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         "{}: RSUM {:.1} (R@1 i2t {:.1}, t2i {:.1}){note_extended}",
         c.split, recalls.rsum, recalls.i2t_r1, recalls.t2i_r1
     ));
+    summary.notes.push(format!(
+        "{embedding_name} embedding, {} wide: {ms_per_query:.4} ms per retrieval query",
+        e.dim
+    ));
     summary.metrics.insert("rsum".into(), json!(recalls.rsum));
+    summary.metrics.insert("embedding_dim".into(), json!(e.dim));
+    summary
+        .metrics
+        .insert("retrieval_ms_per_query".into(), json!(ms_per_query));
     summary.results = results_row(&metrics);
     Ok(summary)
 }

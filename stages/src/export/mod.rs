@@ -253,7 +253,8 @@ fn write_safetensors(dir: &Path, config: &Value, path: &Path) -> Result<usize, S
 /// A fine-tuned CLIP in the Hugging Face layout beside `path` (`model.safetensors` with
 /// transformers' names, its `config.json`, the tokenizer's `merges.txt` + `vocab.json`), and the
 /// heads of the method in `heads.safetensors` (PyTorch layout: `image_heads.cross.norm.weight`,
-/// …; the retrieval embedding is `cross.linear(cross.norm(get_image_features(x)))`).
+/// …; the retrieval embedding is `cross.linear(cross.norm(get_image_features(x)))`), with
+/// SelfAlign's parameters under `selfalign.` when it was trained with them.
 fn write_clip(
     shape: &crate::ml::clip::ClipStudentShape,
     model: &crate::ml::clip::ClipStudent<burn::backend::NdArray<f32>>,
@@ -283,6 +284,12 @@ fn write_clip(
     heads.extend(
         pytorch_tensors::<B, _>(&model.text_heads, "text_heads.").map_err(|e| failed(path, e))?,
     );
+    // SelfAlign's prototypes and guides (`selfalign.image_guide.linear.weight`, …): the
+    // guides make the context part of the `selfalign-concat` embedding.
+    if let Some(selfalign) = &model.selfalign {
+        heads
+            .extend(pytorch_tensors::<B, _>(selfalign, "selfalign.").map_err(|e| failed(path, e))?);
+    }
     let heads_path = dir.join("heads.safetensors");
     write_safetensors(&heads_path, &heads, metadata(None)).map_err(|e| failed(&heads_path, e))?;
     let hf_config = dir.join("config.json");

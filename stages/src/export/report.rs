@@ -126,6 +126,15 @@ fn curve(run: &Run, key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// How a loss term is named on the report's curves.
+fn term_label(name: &str) -> String {
+    match name {
+        "base" => "base".into(),
+        "selfalign" => "SelfAlign".into(),
+        other => other.to_uppercase(),
+    }
+}
+
 fn number(v: &Value) -> Option<f64> {
     v.as_f64()
 }
@@ -414,15 +423,20 @@ pub(crate) fn render(i: &Inputs<'_>) -> Result<String, StageError> {
         &per_run("val.rsum"),
         SeriesLabelPosition::LowerRight,
     )?);
-    let terms: Vec<Series> = [
-        ("base", "loss_base"),
-        ("CSA", "loss_csa"),
-        ("USA", "loss_usa"),
-    ]
-    .iter()
-    .map(|(n, k)| (n.to_string(), curve(chosen, k)))
-    .filter(|(_, p)| !p.is_empty())
-    .collect();
+    // Every term the run logged (`loss_<name>`, in the objective's order), by name.
+    let terms: Vec<Series> = chosen
+        .log
+        .first()
+        .and_then(Value::as_object)
+        .map(|first| {
+            first
+                .keys()
+                .filter_map(|k| k.strip_prefix("loss_").map(|n| (n, k)))
+                .map(|(n, k)| (term_label(n), curve(chosen, k)))
+                .filter(|(_, p)| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
     html.push_str(&line_chart(
         &format!("Loss terms of {}", chosen.name),
         "loss",

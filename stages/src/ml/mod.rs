@@ -8,12 +8,15 @@
 //! nothing about pipelines, files or the cache.
 
 pub mod clip;
+pub mod embed;
 pub mod loss;
+pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod precision;
 pub mod retrieval;
 pub mod scenes_small;
+pub mod selfalign;
 pub mod stats;
 pub mod student;
 pub mod vocab;

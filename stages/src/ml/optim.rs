@@ -6,9 +6,10 @@
 //! `decay_temperatures` (the released CUSA code decays them, and its preset follows it).
 //! PyTorch's AdamW epsilon (1e-8) and update rule (p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + ε)).
 
-use burn::module::{AutodiffModule, ParamId};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use super::params::float_params;
@@ -42,6 +43,12 @@ pub fn decay_groups<B: Backend, M: burn::module::Module<B>>(
         }
     }
     groups
+}
+
+/// Learning rate of epoch `epoch` (0-based) with VSRN's step schedule: `lr` × 0.1 every
+/// `every` epochs.
+pub fn step_lr(lr: f64, epoch: usize, every: usize) -> f64 {
+    lr * 0.1f64.powi((epoch / every.max(1)) as i32)
 }
 
 /// Learning rate of epoch `epoch` (0-based) of `epochs`: cosine from `lr` to `lr_min`, one value
@@ -110,6 +117,52 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> GroupedAdamW<M, B> {
 pub struct GroupedGradients {
     pub decayed: GradientsParams,
     pub plain: GradientsParams,
+}
+
+impl GroupedGradients {
+    /// Scales every gradient by max_norm / (‖g‖ + 1e-6) when that is below 1, ‖g‖ the L2 norm of
+    /// all of them together (PyTorch's `clip_grad_norm_`, which the SelfAlign recipe uses);
+    /// returns ‖g‖.
+    pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        max_norm: f64,
+    ) -> f64 {
+        struct SquaredNorm<'a>(&'a GroupedGradients, f64);
+        impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                for group in [&self.0.decayed, &self.0.plain] {
+                    if let Some(g) = group.get::<B::InnerBackend, D>(param.id) {
+                        self.1 += g
+                            .square()
+                            .sum()
+                            .into_data()
+                            .convert::<f64>()
+                            .to_vec::<f64>()
+                            .map_or(0.0, |v| v[0]);
+                    }
+                }
+            }
+        }
+        struct Scale<'a>(&'a mut GroupedGradients, f64);
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                for group in [&mut self.0.decayed, &mut self.0.plain] {
+                    if let Some(g) = group.remove::<B::InnerBackend, D>(param.id) {
+                        group.register(param.id, g * self.1);
+                    }
+                }
+            }
+        }
+        let mut squared = SquaredNorm(self, 0.0);
+        model.visit(&mut squared);
+        let norm = squared.1.sqrt();
+        let coefficient = max_norm / (norm + 1e-6);
+        if coefficient < 1.0 {
+            model.visit(&mut Scale(self, coefficient));
+        }
+        norm
+    }
 }
 
 /// Sums the gradients of several backward passes (gradient accumulation), by group.
@@ -210,6 +263,47 @@ mod tests {
         assert!((cosine_lr(1e-3, 1e-4, 9, 10) - 1e-4).abs() < 1e-15);
         assert!((cosine_lr(1.0, 0.0, 2, 5) - 0.5).abs() < 1e-12);
         assert_eq!(cosine_lr(1e-3, 1e-4, 0, 1), 1e-3);
+    }
+
+    #[test]
+    fn step_schedule_divides_by_ten_every_lr_update_epochs() {
+        assert_eq!(step_lr(2e-4, 0, 15), 2e-4);
+        assert_eq!(step_lr(2e-4, 14, 15), 2e-4);
+        assert!((step_lr(2e-4, 15, 15) - 2e-5).abs() < 1e-18);
+        assert!((step_lr(2e-4, 30, 15) - 2e-6).abs() < 1e-19);
+    }
+
+    #[test]
+    fn clipping_scales_all_gradients_to_the_global_norm() {
+        use burn::module::Module;
+        type A = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+        let device = Default::default();
+        let shape = FeatureHeadsShape {
+            image_dim: 3,
+            text_dim: 3,
+            hidden: 4,
+            dim: 2,
+            uni_heads: false,
+        };
+        let model = FeatureHeads::<A>::new(shape, &device);
+        let x = Tensor::<A, 2>::ones([2, 3], &device);
+        let loss = |m: &FeatureHeads<A>| {
+            (m.image_backbone.forward(x.clone()).sum() + m.text_backbone.forward(x.clone()).sum())
+                * 10.0
+        };
+        let optim = GroupedAdamW::new(&model, 0.0, false);
+        let mut grads = optim.group(&model, loss(&model).backward());
+        let before = grads.clip_global_norm(&model, 1e9);
+        assert!(before > 1.0, "{before}");
+        let same = grads.clip_global_norm(&model, 1e9);
+        assert!(
+            (same - before).abs() < 1e-3 * before,
+            "no clipping below the bound"
+        );
+        grads.clip_global_norm(&model, 2.0);
+        let after = grads.clip_global_norm(&model, 1e9);
+        assert!((after - 2.0).abs() < 1e-4, "{after}");
+        let _ = model.num_params();
     }
 
     #[test]

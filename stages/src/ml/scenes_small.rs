@@ -18,7 +18,8 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Slice, Tensor, TensorData, activation::gelu};
 
-use super::student::{Heads, SplitInputs, Student, Temperatures, renumber};
+use super::selfalign::{Locals, SelfAlign, SelfAlignShape};
+use super::student::{Encoded, Heads, SplitInputs, Student, Temperatures, renumber};
 use super::vocab::PAD;
 use crate::pictures::Pixels;
 
@@ -52,6 +53,29 @@ pub struct ScenesSmallShape {
     pub heads: usize,
     pub dim: usize,
     pub uni_heads: bool,
+    /// SelfAlign parameters (and the local projections they read), when trained with LCA or
+    /// CRA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selfalign: Option<SelfAlignShape>,
+}
+
+/// Side of the smallest region grid the image locals come from (the reference's 36 detector
+/// regions are a 6×6 grid's worth).
+pub const REGION_GRID: usize = 6;
+
+/// Which convolution's output holds the image locals: the deepest whose grid is at least
+/// [`REGION_GRID`] on a side (the first, largest, when none is): (layer, grid side, channels). At 48 px
+/// with [32, 64, 128, 256] that is the third, 6×6×128: 36 regions.
+pub fn region_layer(image_size: usize, channels: &[usize]) -> (usize, usize, usize) {
+    let mut side = image_size;
+    let mut chosen = None;
+    for (i, &c) in channels.iter().enumerate() {
+        side = side.div_ceil(2);
+        if side >= REGION_GRID || chosen.is_none() {
+            chosen = Some((i, side, c));
+        }
+    }
+    chosen.unwrap_or((0, image_size, 3))
 }
 
 /// 3×3 stride-2 convolutions (padding 1) + GELU, then global average pooling, on
@@ -111,17 +135,26 @@ impl<B: Backend> ConvEncoder<B> {
         Self { convs }
     }
 
-    /// `[b, s, s, 3]` (channels last) → `[b, channels.last]`.
-    pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
-        for conv in &self.convs {
+    /// `[b, s, s, 3]` (channels last) → `[b, channels.last]`, and with `regions: Some(layer)`
+    /// that convolution's output cells `[b, h·w, c]` (row-major).
+    pub fn forward(
+        &self,
+        mut x: Tensor<B, 4>,
+        regions: Option<usize>,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 3>>) {
+        let mut cells = None;
+        for (i, conv) in self.convs.iter().enumerate() {
             let p = patches(x);
             let [b, h, w, k] = p.dims();
             let y = conv.forward(p.reshape([b * h * w, k]));
             let c = y.dims()[1];
             x = gelu(y.reshape([b, h, w, c]));
+            if regions == Some(i) {
+                cells = Some(x.clone().reshape([b, h * w, c]));
+            }
         }
         let [b, _, _, c] = x.dims();
-        x.mean_dim(2).mean_dim(1).reshape([b, c])
+        (x.mean_dim(2).mean_dim(1).reshape([b, c]), cells)
     }
 }
 
@@ -145,8 +178,13 @@ impl<B: Backend> WordTransformer<B> {
         }
     }
 
-    /// `ids` `[b, l]` with `pad` true on padding → `[b, width]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+    /// `ids` `[b, l]` with `pad` true on padding → `[b, width]`, and the word states
+    /// `[b, l, width]`.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+    ) -> (Tensor<B, 2>, Tensor<B, 3>) {
         let [b, l] = ids.dims();
         let width = self.tokens.weight.dims()[1];
         let positions = self
@@ -161,7 +199,7 @@ impl<B: Backend> WordTransformer<B> {
             .forward(TransformerEncoderInput::new(x).mask_pad(pad.clone()));
         let keep = pad.bool_not().float().reshape([b, l, 1]);
         let count = keep.clone().sum_dim(1).reshape([b, 1]).clamp_min(1.0);
-        (h * keep).sum_dim(1).reshape([b, width]) / count
+        ((h.clone() * keep).sum_dim(1).reshape([b, width]) / count, h)
     }
 }
 
@@ -172,17 +210,30 @@ pub struct ScenesSmall<B: Backend> {
     pub image_heads: Heads<B>,
     pub text_heads: Heads<B>,
     pub temperatures: Temperatures<B>,
+    /// Linear(channels of the region layer, d) onto the image cells and Linear(width, d) onto
+    /// the word states: the locals, in one shared width (SelfAlign only).
+    pub image_locals: Option<Linear<B>>,
+    pub text_locals: Option<Linear<B>>,
+    pub selfalign: Option<SelfAlign<B>>,
 }
 
 impl<B: Backend> ScenesSmall<B> {
     pub fn new(s: &ScenesSmallShape, device: &B::Device) -> Self {
         let c_last = *s.channels.last().unwrap_or(&3);
+        let (_, _, c_regions) = region_layer(s.image_size, &s.channels);
         renumber(Self {
             image_backbone: ConvEncoder::new(&s.channels, device),
             text_backbone: WordTransformer::new(s, device),
             image_heads: Heads::new(c_last, s.dim, s.uni_heads, device),
             text_heads: Heads::new(s.width, s.dim, s.uni_heads, device),
             temperatures: Temperatures::new(device),
+            image_locals: s
+                .selfalign
+                .map(|a| LinearConfig::new(c_regions, a.dim).init(device)),
+            text_locals: s
+                .selfalign
+                .map(|a| LinearConfig::new(s.width, a.dim).init(device)),
+            selfalign: s.selfalign.map(|a| SelfAlign::new(a, device)),
         })
     }
 }
@@ -241,9 +292,26 @@ impl<B: Backend> Student<B> for ScenesSmall<B> {
         inputs: &PixelWordInputs,
         rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    ) -> Encoded<B> {
         let x = pixel_batch(inputs, rows, device);
-        self.image_heads.forward(self.image_backbone.forward(x))
+        let layer = self.image_locals.as_ref().map(|_| {
+            let s = inputs.size;
+            let channels: Vec<usize> = self
+                .image_backbone
+                .convs
+                .iter()
+                .map(|c| c.weight.dims()[1])
+                .collect();
+            region_layer(s, &channels).0
+        });
+        let (pooled, cells) = self.image_backbone.forward(x, layer);
+        let locals = self
+            .image_locals
+            .as_ref()
+            .zip(cells)
+            .map(|(p, cells)| Locals::dense(p.forward(cells)));
+        let (cross, uni) = self.image_heads.forward(pooled);
+        Encoded { cross, uni, locals }
     }
 
     fn encode_texts(
@@ -251,18 +319,33 @@ impl<B: Backend> Student<B> for ScenesSmall<B> {
         inputs: &PixelWordInputs,
         rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    ) -> Encoded<B> {
         let (ids, pad) = word_batch(inputs, rows, device);
-        self.text_heads
-            .forward(self.text_backbone.forward(ids, pad))
+        let (pooled, states) = self.text_backbone.forward(ids, pad.clone());
+        let locals = self.text_locals.as_ref().map(|p| Locals {
+            states: p.forward(states),
+            valid: pad.bool_not().float(),
+        });
+        let (cross, uni) = self.text_heads.forward(pooled);
+        Encoded { cross, uni, locals }
     }
 
     fn temperatures(&self) -> &Temperatures<B> {
         &self.temperatures
     }
 
+    fn selfalign(&self) -> Option<&SelfAlign<B>> {
+        self.selfalign.as_ref()
+    }
+
+    fn map_selfalign(mut self, f: impl FnOnce(SelfAlign<B>) -> SelfAlign<B>) -> Self {
+        self.selfalign = self.selfalign.map(f);
+        self
+    }
+
     fn clamped(mut self) -> Self {
         self.temperatures = self.temperatures.clamp();
+        self.selfalign = self.selfalign.map(SelfAlign::normalised);
         self
     }
 }
@@ -287,6 +370,11 @@ mod tests {
             heads: 2,
             dim: 4,
             uni_heads: true,
+            selfalign: Some(SelfAlignShape {
+                dim: 5,
+                prototypes: 7,
+                guides: true,
+            }),
         };
         let m = ScenesSmall::<B>::new(&shape, &device);
         let inputs = PixelWordInputs {
@@ -298,16 +386,39 @@ mod tests {
             words: vec![vec![2, 3], vec![4, 5, 6, 7, 8]],
         };
         // Caption 0 alone (no padding) and beside a longer one (padded to 5 words).
-        let (alone, _) = m.encode_texts(&inputs, &[0], &device);
-        let (padded, g) = m.encode_texts(&inputs, &[0, 1], &device);
-        let a = alone.into_data().to_vec::<f32>().unwrap();
-        let p = padded.into_data().to_vec::<f32>().unwrap();
+        let alone = m.encode_texts(&inputs, &[0], &device);
+        let padded = m.encode_texts(&inputs, &[0, 1], &device);
+        let a = alone.cross.into_data().to_vec::<f32>().unwrap();
+        let p = padded.cross.into_data().to_vec::<f32>().unwrap();
         for (x, y) in a.iter().zip(&p[..4]) {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {p:?}");
         }
-        assert_eq!(g.expect("uni heads").dims(), [2, 4]);
-        let (f, _) = m.encode_images(&inputs, &[1, 0, 1], &device);
-        assert_eq!(f.dims(), [3, 4]);
+        assert_eq!(padded.uni.expect("uni heads").dims(), [2, 4]);
+        // Word states of the real words, padded to the longest; the mask says which are real.
+        let words = padded.locals.expect("locals with SelfAlign");
+        assert_eq!(words.states.dims(), [2, 5, 5]);
+        assert_eq!(
+            words.valid.into_data().to_vec::<f32>().unwrap(),
+            [1., 1., 0., 0., 0., 1., 1., 1., 1., 1.]
+        );
+        let alone_words = alone
+            .locals
+            .expect("locals")
+            .states
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let padded_words = words.states.into_data().to_vec::<f32>().unwrap();
+        for (x, y) in alone_words.iter().zip(&padded_words[..10]) {
+            assert!((x - y).abs() < 1e-5, "word states do not see the padding");
+        }
+        let images = m.encode_images(&inputs, &[1, 0, 1], &device);
+        assert_eq!(images.cross.dims(), [3, 4]);
+        // 16 px, [4, 8]: 8×8 then 4×4; the 8×8 grid (≥ 6) holds the regions.
+        assert_eq!(region_layer(16, &[4, 8]), (0, 8, 4));
+        assert_eq!(images.locals.expect("regions").states.dims(), [3, 64, 5]);
+        assert_eq!(region_layer(48, &[32, 64, 128, 256]), (2, 6, 128));
+        assert_eq!(region_layer(8, &[4, 8]), (0, 4, 4));
         assert_eq!(inputs.images(), 2);
     }
 }

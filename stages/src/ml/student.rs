@@ -16,6 +16,9 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
+pub use super::selfalign::Locals;
+use super::selfalign::SelfAlign;
+
 /// Clamp ranges of the temperatures (docs/method.md).
 pub const TAU_RANGE: (f64, f64) = (0.01, 0.10);
 pub const TAU_C_RANGE: (f64, f64) = (0.10, 0.99);
@@ -151,14 +154,30 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// The embeddings of a batch.
+/// One modality's encoding of a batch: the cross-modal (retrieval) embedding f, the uni-modal
+/// embedding g when the student has uni heads (USA), and the locals (image regions or word
+/// states, with their padding) when the student has SelfAlign parameters.
+pub struct Encoded<B: Backend> {
+    pub cross: Tensor<B, 2>,
+    pub uni: Option<Tensor<B, 2>>,
+    pub locals: Option<Locals<B>>,
+}
+
+impl<B: Backend> Encoded<B> {
+    /// Global embeddings only.
+    pub fn global((cross, uni): (Tensor<B, 2>, Option<Tensor<B, 2>>)) -> Self {
+        Self {
+            cross,
+            uni,
+            locals: None,
+        }
+    }
+}
+
+/// What a student's forward returns for a batch of pairs (row i of both is pair i).
 pub struct Embeddings<B: Backend> {
-    /// Cross-modal (retrieval) embeddings.
-    pub f_i: Tensor<B, 2>,
-    pub f_t: Tensor<B, 2>,
-    /// Uni-modal embeddings (USA), when the student has uni heads.
-    pub g_i: Option<Tensor<B, 2>>,
-    pub g_t: Option<Tensor<B, 2>>,
+    pub image: Encoded<B>,
+    pub text: Encoded<B>,
 }
 
 /// Row-major f32 rows (precomputed features, teacher vectors).
@@ -201,26 +220,49 @@ pub trait SplitInputs: Sync {
     fn captions(&self) -> usize;
 }
 
-/// A trainable dual encoder: encodes rows of a split's inputs to the cross-modal embedding f
-/// and, with uni heads, the uni-modal embedding g; owns the learnable temperatures.
+/// A trainable dual encoder: encodes rows of a split's inputs to the cross-modal embedding f,
+/// with uni heads the uni-modal embedding g, with SelfAlign parameters its locals; owns the
+/// learnable temperatures and the SelfAlign parameters (one optimiser and one checkpoint hold
+/// everything).
 pub trait Student<B: Backend>: Module<B> {
     type Inputs: SplitInputs;
-    /// (f, g) of the images `rows`.
+    /// The images `rows`.
     fn encode_images(
         &self,
         inputs: &Self::Inputs,
         rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>);
-    /// (f, g) of the captions `rows`.
-    fn encode_texts(
+    ) -> Encoded<B>;
+    /// The captions `rows`.
+    fn encode_texts(&self, inputs: &Self::Inputs, rows: &[usize], device: &B::Device)
+    -> Encoded<B>;
+    /// A batch of pairs: the images `image_rows` and the captions `caption_rows`.
+    fn forward(
         &self,
         inputs: &Self::Inputs,
-        rows: &[usize],
+        image_rows: &[usize],
+        caption_rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>);
+    ) -> Embeddings<B> {
+        Embeddings {
+            image: self.encode_images(inputs, image_rows, device),
+            text: self.encode_texts(inputs, caption_rows, device),
+        }
+    }
     fn temperatures(&self) -> &Temperatures<B>;
-    /// The student with its temperatures clamped (before every forward).
+    /// The SelfAlign parameters (prototypes, guides), for students with locals trained with it.
+    fn selfalign(&self) -> Option<&SelfAlign<B>> {
+        None
+    }
+    /// The student with its SelfAlign parameters replaced by `f` of them.
+    fn map_selfalign(self, _f: impl FnOnce(SelfAlign<B>) -> SelfAlign<B>) -> Self
+    where
+        Self: Sized,
+    {
+        self
+    }
+    /// The student with its temperatures clamped and its prototype rows at unit length (before
+    /// every forward).
     fn clamped(self) -> Self;
 }
 
@@ -289,9 +331,9 @@ impl<B: Backend> Student<B> for FeatureHeads<B> {
         inputs: &FeatureInputs,
         rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    ) -> Encoded<B> {
         let x = inputs.images.tensor(rows, device);
-        self.image_heads.forward(self.image_backbone.forward(x))
+        Encoded::global(self.image_heads.forward(self.image_backbone.forward(x)))
     }
 
     fn encode_texts(
@@ -299,9 +341,9 @@ impl<B: Backend> Student<B> for FeatureHeads<B> {
         inputs: &FeatureInputs,
         rows: &[usize],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    ) -> Encoded<B> {
         let x = inputs.captions.tensor(rows, device);
-        self.text_heads.forward(self.text_backbone.forward(x))
+        Encoded::global(self.text_heads.forward(self.text_backbone.forward(x)))
     }
 
     fn temperatures(&self) -> &Temperatures<B> {

@@ -1,5 +1,6 @@
 //! Step time of the loss variants on the same batches (teacher vectors precomputed), for
-//! `cusa-pipe bench train`: the overhead of CSA/USA over the base loss, and throughput, with a
+//! `cusa-pipe bench train`: the overhead of CSA/USA (and, on a student with locals, of LCA,
+//! CRA and SelfAlign+CUSA) over the base loss, and throughput, with a
 //! `feature-heads` student (the loss dominates), a `scenes-small` one (a trained backbone) and
 //! a `clip` one (both CLIP towers fine-tuned).
 
@@ -8,13 +9,14 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
-use super::config::{BaseLoss, CsaConfig, LossConfig, UsaConfig};
-use super::run::{StepBatch, step_once};
+use super::config::{BaseLoss, CraConfig, CsaConfig, LcaConfig, LossConfig, UsaConfig};
+use super::step::{StepBatch, StepSettings, step_once};
 use crate::ml::clip::shape::ClipShape;
 use crate::ml::clip::{ClipInputs, ClipStudent, ClipStudentShape};
 use crate::ml::loss::Reduction;
 use crate::ml::optim::GroupedAdamW;
 use crate::ml::scenes_small::{PixelWordInputs, ScenesSmall, ScenesSmallShape};
+use crate::ml::selfalign::SelfAlignShape;
 use crate::ml::student::{FeatureHeads, FeatureHeadsShape, FeatureInputs, Rows, Student};
 
 /// One variant's figures.
@@ -53,13 +55,43 @@ fn pixels(n: usize, side: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The four loss variants: (name, α, β).
-const VARIANTS: [(&str, Option<f64>, Option<f64>); 4] = [
-    ("base", None, None),
-    ("+csa", Some(0.1), None),
-    ("+usa", None, Some(0.5)),
-    ("+cusa", Some(0.1), Some(0.5)),
-];
+/// The loss variants: base, +CSA, +USA, +CUSA, and for students with locals +LCA, +CRA,
+/// +SelfAlign (both) and +SelfAlign+CUSA, with the reference's hyperparameters.
+fn variants(locals: bool) -> Vec<(&'static str, LossConfig)> {
+    let loss = |csa: bool, usa: bool, lca: bool, cra: bool| LossConfig {
+        base: BaseLoss::Infonce,
+        reduction: None,
+        margin: 0.2,
+        csa: csa.then_some(CsaConfig { alpha: 0.1 }),
+        usa: usa.then_some(UsaConfig { beta: 0.5 }),
+        lca: lca.then(LcaConfig::default),
+        cra: cra.then(CraConfig::default),
+    };
+    let mut v = vec![
+        ("base", loss(false, false, false, false)),
+        ("+csa", loss(true, false, false, false)),
+        ("+usa", loss(false, true, false, false)),
+        ("+cusa", loss(true, true, false, false)),
+    ];
+    if locals {
+        v.extend([
+            ("+lca", loss(false, false, true, false)),
+            ("+cra", loss(false, false, false, true)),
+            ("+selfalign", loss(false, false, true, true)),
+            ("+selfalign+cusa", loss(true, true, true, true)),
+        ]);
+    }
+    v
+}
+
+/// The SelfAlign parameters a variant's student needs (locals `dim` wide).
+fn selfalign_shape(loss: &LossConfig, dim: usize) -> Option<SelfAlignShape> {
+    loss.selfalign().then(|| SelfAlignShape {
+        dim,
+        prototypes: loss.lca.map_or(0, |l| l.prototypes),
+        guides: loss.cra.is_some(),
+    })
+}
 
 /// Teacher width in the benchmarks (MiniLM / DINOv2-small).
 const TEACHER_DIM: usize = 384;
@@ -95,13 +127,16 @@ fn step_batches(batch: usize) -> Vec<StepBatch> {
         .collect()
 }
 
-/// Times `steps` steps (after `warmup`) of base, +CSA, +USA and +CUSA on the same batches,
-/// interleaved round-robin so drift in machine load hits every variant alike. `student(uni)`
-/// builds a fresh student (with uni heads for USA); `inputs[k]` feeds batch k.
+/// Times `steps` steps (after `warmup`) of each variant on the same batches, interleaved
+/// round-robin so drift in machine load hits every variant alike. `student(loss)` builds a
+/// fresh student for a variant (uni heads for USA, SelfAlign parameters for LCA/CRA);
+/// `inputs[k]` feeds batch k. Prototypes are trained from the first step (the timing includes
+/// their gradient).
 fn time_variants<B, S>(
     device: &B::Device,
     batch: usize,
-    student: impl Fn(bool) -> S,
+    locals: bool,
+    student: impl Fn(&LossConfig) -> S,
     inputs: &[S::Inputs],
     steps: usize,
     warmup: usize,
@@ -111,35 +146,34 @@ where
     S: Student<B> + AutodiffModule<B>,
 {
     let batches = step_batches(batch);
-    let mut states: Vec<_> = VARIANTS
-        .iter()
-        .map(|&(name, alpha, beta)| {
-            let losses = LossConfig {
-                base: BaseLoss::Infonce,
-                reduction: None,
-                margin: 0.2,
-                csa: alpha.map(|alpha| CsaConfig { alpha }),
-                usa: beta.map(|beta| UsaConfig { beta }),
-            };
-            let model = student(beta.is_some());
+    let mut states: Vec<_> = variants(locals)
+        .into_iter()
+        .map(|(name, losses)| {
+            let model = student(&losses);
             let optim = GroupedAdamW::new(&model, 1e-4, false);
-            (name, losses, Some(model), optim, Vec::new())
+            let objective = losses.objective(Reduction::Mean);
+            (name, objective, Some(model), optim, Vec::new())
         })
         .collect();
+    let settings = StepSettings {
+        lr: 1e-3,
+        grad_clip: None,
+        epoch: 1,
+    };
     for i in 0..warmup + steps {
-        for (_, losses, model, optim, times) in states.iter_mut() {
+        for (_, objective, model, optim, times) in states.iter_mut() {
             let k = i % batches.len();
             let started = Instant::now();
-            let (next, _, _) = step_once(
+            let (next, _) = step_once(
                 model.take().expect("model"),
                 optim,
-                losses,
-                Reduction::Mean,
-                1e-3,
+                objective,
+                settings,
                 &inputs[k],
                 &[&batches[k]],
                 device,
-            );
+            )
+            .expect("every variant's student has what its terms need");
             *model = Some(next);
             if i >= warmup {
                 times.push(started.elapsed().as_secs_f64());
@@ -182,19 +216,19 @@ pub fn feature_heads_step_times<B: AutodiffBackend>(
             },
         })
         .collect();
-    let student = |uni_heads| {
+    let student = |loss: &LossConfig| {
         FeatureHeads::<B>::new(
             FeatureHeadsShape {
                 image_dim: feature_dim,
                 text_dim: feature_dim,
                 hidden,
                 dim,
-                uni_heads,
+                uni_heads: loss.usa.is_some(),
             },
             device,
         )
     };
-    time_variants(device, batch, student, &inputs, steps, warmup)
+    time_variants(device, batch, false, student, &inputs, steps, warmup)
 }
 
 /// The variants with a `scenes-small` student (CNN over `shape.image_size`² pictures,
@@ -220,16 +254,17 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
                 .collect(),
         })
         .collect();
-    let student = |uni_heads| {
+    let student = |loss: &LossConfig| {
         ScenesSmall::<B>::new(
             &ScenesSmallShape {
-                uni_heads,
+                uni_heads: loss.usa.is_some(),
+                selfalign: selfalign_shape(loss, shape.dim),
                 ..shape.clone()
             },
             device,
         )
     };
-    time_variants(device, batch, student, &inputs, steps, warmup)
+    time_variants(device, batch, true, student, &inputs, steps, warmup)
 }
 
 /// The variants with a `clip` student of `shape` (random weights: the step time does not depend
@@ -257,16 +292,17 @@ pub fn clip_step_times<B: AutodiffBackend>(
                 .collect(),
         })
         .collect();
-    let student = |uni_heads| {
+    let student = |loss: &LossConfig| {
         ClipStudent::<B>::empty(
             &ClipStudentShape {
                 clip: *shape,
-                uni_heads,
+                uni_heads: loss.usa.is_some(),
+                selfalign: None,
             },
             device,
         )
     };
-    time_variants(device, batch, student, &inputs, steps, warmup)
+    time_variants(device, batch, false, student, &inputs, steps, warmup)
 }
 
 /// [`clip_step_times`] on the CPU, instantiated here (see [`feature_heads_step_times_cpu`]).

@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ConfigError;
 pub use crate::device::Device;
+use crate::ml::embed::Embedding;
 use crate::ml::loss::Reduction;
+use crate::ml::objective::{Base, Objective, Term};
 pub use crate::ml::precision::Precision;
+pub use crate::ml::selfalign::{CraConfig, LcaConfig};
 
 /// `with:` of a train stage.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -58,6 +61,20 @@ pub struct TrainConfig {
     /// f32 weights and everything else; `student: clip` only).
     #[serde(default)]
     pub precision: Precision,
+    /// VSRN's step schedule instead of the cosine: the rate × 0.1 every `lr_update` epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_update: Option<usize>,
+    /// Clip the gradients' global L2 norm to this (PyTorch's `clip_grad_norm_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// The embedding validation chooses the best epoch with: `global` (default) or
+    /// `selfalign-concat` (needs `loss.cra`).
+    #[serde(default, skip_serializing_if = "is_global")]
+    pub embedding: Embedding,
+}
+
+fn is_global(e: &Embedding) -> bool {
+    *e == Embedding::Global
 }
 
 fn default_epochs() -> usize {
@@ -89,6 +106,10 @@ pub enum Preset {
     /// `cusa-reference` plus the released CLIP fine-tuning recipe as defaults: AdamW lr 1e-5,
     /// cosine to 1e-6, weight decay 1e-4, batch 128, 30 epochs (COCO; Flickr30K used 40).
     CusaClip,
+    /// The released SelfAlign (VSRN) recipe as defaults: VSE++ hinge (margin 0.2), Adam
+    /// (no weight decay) lr 2e-4, × 0.1 every 15 epochs of 30, gradient norm clipped to 2.0,
+    /// batch 128.
+    SelfalignReference,
 }
 
 impl Preset {
@@ -96,6 +117,14 @@ impl Preset {
     pub fn defaults(self) -> &'static [(&'static str, f64)] {
         match self {
             Self::CusaReference => &[],
+            Self::SelfalignReference => &[
+                ("lr", 2e-4),
+                ("weight_decay", 0.0),
+                ("batch_size", 128.0),
+                ("epochs", 30.0),
+                ("lr_update", 15.0),
+                ("grad_clip", 2.0),
+            ],
             Self::CusaClip => &[
                 ("lr", 1e-5),
                 ("lr_min", 1e-6),
@@ -122,6 +151,15 @@ pub fn with_preset_defaults(with: &serde_json::Value) -> serde_json::Value {
                 serde_json::Value::from(*value)
             };
             map.entry(key.to_string()).or_insert(v);
+        }
+        if p == Preset::SelfalignReference {
+            let loss = map
+                .entry("loss".to_string())
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(loss) = loss.as_object_mut() {
+                loss.entry("base".to_string())
+                    .or_insert_with(|| serde_json::json!("vse"));
+            }
         }
     }
     with
@@ -241,6 +279,12 @@ pub struct LossConfig {
     pub margin: f64,
     pub csa: Option<CsaConfig>,
     pub usa: Option<UsaConfig>,
+    /// SelfAlign's concept-level term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lca: Option<LcaConfig>,
+    /// SelfAlign's context-level term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cra: Option<CraConfig>,
 }
 
 impl Default for LossConfig {
@@ -251,7 +295,29 @@ impl Default for LossConfig {
             margin: default_margin(),
             csa: None,
             usa: None,
+            lca: None,
+            cra: None,
         }
+    }
+}
+
+impl LossConfig {
+    /// The objective these settings name (`reduction`: the InfoNCE reduction in force).
+    pub fn objective(&self, reduction: Reduction) -> Objective {
+        let mut terms = vec![Term::Base(match self.base {
+            BaseLoss::Infonce => Base::Infonce(reduction),
+            BaseLoss::Vse => Base::Vse(self.margin),
+        })];
+        terms.extend(self.csa.map(|c| Term::Csa { alpha: c.alpha }));
+        terms.extend(self.usa.map(|u| Term::Usa { beta: u.beta }));
+        terms.extend(self.lca.map(Term::Lca));
+        terms.extend(self.cra.map(Term::Cra));
+        Objective { terms }
+    }
+
+    /// Whether a SelfAlign term is on (the student needs locals).
+    pub fn selfalign(&self) -> bool {
+        self.lca.is_some() || self.cra.is_some()
     }
 }
 
@@ -356,6 +422,7 @@ impl TrainConfig {
         if let StudentConfig::Clip { heads: Some(0), .. } = &self.student {
             return Err(ConfigError::new("student.heads", "must be at least 1"));
         }
+        self.validate_selfalign()?;
         if let Some(c) = self.loss.csa
             && (c.alpha.is_nan() || c.alpha < 0.0)
         {
@@ -365,6 +432,102 @@ impl TrainConfig {
             && (u.beta.is_nan() || u.beta < 0.0)
         {
             return Err(ConfigError::new("loss.usa.beta", "must be ≥ 0"));
+        }
+        Ok(())
+    }
+
+    /// The SelfAlign keys: a student with locals, sensible values, `hardest` within the
+    /// batch's regions, the step schedule and clipping.
+    fn validate_selfalign(&self) -> Result<(), ConfigError> {
+        let nonneg = |v: f64| !v.is_nan() && v >= 0.0;
+        let positive = |v: f64| !v.is_nan() && v > 0.0;
+        if self.loss.selfalign() && matches!(self.student, StudentConfig::FeatureHeads { .. }) {
+            let key = if self.loss.lca.is_some() {
+                "loss.lca"
+            } else {
+                "loss.cra"
+            };
+            return Err(ConfigError::new(
+                key,
+                "SelfAlign aligns words with image regions: it needs a student with local features (`scenes-small` or `clip`); `feature-heads` reads one pooled vector per image and caption",
+            ));
+        }
+        if let Some(l) = self.loss.lca {
+            if l.prototypes == 0 {
+                return Err(ConfigError::new(
+                    "loss.lca.prototypes",
+                    "must be at least 1",
+                ));
+            }
+            if !nonneg(l.weight) {
+                return Err(ConfigError::new("loss.lca.weight", "must be ≥ 0"));
+            }
+            if !positive(l.epsilon) {
+                return Err(ConfigError::new("loss.lca.epsilon", "must be positive"));
+            }
+            if !positive(l.temperature) {
+                return Err(ConfigError::new("loss.lca.temperature", "must be positive"));
+            }
+            if l.sinkhorn_iterations == 0 {
+                return Err(ConfigError::new(
+                    "loss.lca.sinkhorn_iterations",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(c) = self.loss.cra {
+            if !nonneg(c.weight) {
+                return Err(ConfigError::new("loss.cra.weight", "must be ≥ 0"));
+            }
+            if !positive(c.temperature) {
+                return Err(ConfigError::new("loss.cra.temperature", "must be positive"));
+            }
+            if c.hardest == 0 {
+                return Err(ConfigError::new("loss.cra.hardest", "must be at least 1"));
+            }
+            if let StudentConfig::ScenesSmall {
+                image_size,
+                channels,
+                ..
+            } = &self.student
+            {
+                let (_, grid, _) = crate::ml::scenes_small::region_layer(*image_size, channels);
+                let available = (self.batch_size - 1) * grid * grid;
+                if c.hardest > available {
+                    return Err(ConfigError::new(
+                        "loss.cra.hardest",
+                        format!(
+                            "is {} but a batch of {} has only {available} regions of other images to choose negatives from ({} per image, {grid}×{grid}); lower `hardest` or raise `batch_size`",
+                            c.hardest,
+                            self.batch_size,
+                            grid * grid
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.embedding == Embedding::SelfalignConcat && self.loss.cra.is_none() {
+            return Err(ConfigError::new(
+                "embedding",
+                "`selfalign-concat` concatenates the CRA guides: it needs `loss.cra`",
+            ));
+        }
+        if self.lr_update == Some(0) {
+            return Err(ConfigError::new(
+                "lr_update",
+                "must be at least 1 (epochs between the ×0.1 steps of the learning rate)",
+            ));
+        }
+        if self.lr_update.is_some() && self.lr_min.is_some() {
+            return Err(ConfigError::new(
+                "lr_min",
+                "belongs to the cosine schedule; with `lr_update` (the step schedule) remove it",
+            ));
+        }
+        if let Some(g) = self.grad_clip
+            && !positive(g)
+        {
+            return Err(ConfigError::new("grad_clip", "must be positive"));
         }
         Ok(())
     }
@@ -382,18 +545,32 @@ impl TrainConfig {
             self.loss.reduction = Some(self.reduction());
         }
         self.decay_temperatures = Some(self.decay_temperatures());
-        self.lr_min = Some(self.lr_min());
+        if self.lr_update.is_none() {
+            self.lr_min = Some(self.lr_min());
+        }
+    }
+
+    /// The learning rate of epoch `epoch` (0-based): the step schedule with `lr_update`, else
+    /// the cosine to `lr_min`.
+    pub fn epoch_lr(&self, epoch: usize) -> f64 {
+        match self.lr_update {
+            Some(every) => crate::ml::optim::step_lr(self.lr, epoch, every),
+            None => crate::ml::optim::cosine_lr(self.lr, self.lr_min(), epoch, self.epochs),
+        }
     }
 
     pub fn reduction(&self) -> Reduction {
         self.loss.reduction.unwrap_or(match self.preset {
             Some(Preset::CusaReference | Preset::CusaClip) => Reduction::Reference,
-            None => Reduction::Mean,
+            Some(Preset::SelfalignReference) | None => Reduction::Mean,
         })
     }
 
     pub fn decay_temperatures(&self) -> bool {
-        self.decay_temperatures.unwrap_or(self.preset.is_some())
+        self.decay_temperatures.unwrap_or(matches!(
+            self.preset,
+            Some(Preset::CusaReference | Preset::CusaClip)
+        ))
     }
 
     pub fn lr_min(&self) -> f64 {
@@ -420,13 +597,24 @@ pub struct TrainingRecord {
     pub reduction: String,
     pub alpha: Option<f64>,
     pub beta: Option<f64>,
+    /// The objective's terms, in order (`base`, `csa`, …).
+    #[config(default = "Vec::new()")]
+    pub terms: Vec<String>,
+    pub lca: Option<LcaConfig>,
+    pub cra: Option<CraConfig>,
+    /// The embedding the best epoch was chosen with.
+    #[config(default = "Embedding::Global")]
+    pub embedding: Embedding,
+    pub lr_update: Option<usize>,
+    pub grad_clip: Option<f64>,
     pub epochs: usize,
     pub batch_size: usize,
     /// Batches per optimiser step.
     #[config(default = 1)]
     pub accumulate: usize,
     pub lr: f64,
-    pub lr_min: f64,
+    /// The cosine's last rate (none with the step schedule).
+    pub lr_min: Option<f64>,
     /// Optimiser steps of linear warm-up.
     #[config(default = 0)]
     pub warmup: usize,

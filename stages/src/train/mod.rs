@@ -1,6 +1,6 @@
 //! `train`: a student trained with a base loss and, optionally, CSA and USA from precomputed
-//! soft labels (docs/method.md), on burn — ndarray on the CPU, CUDA behind the `cuda`
-//! feature.
+//! soft labels and SelfAlign's LCA and CRA on its locals (docs/method.md), composed by name in
+//! [`crate::ml::objective`], on burn — ndarray on the CPU, CUDA behind the `cuda` feature.
 //!
 //! Invariants:
 //! * deterministic on the CPU: the same config and inputs give the same weights bytes (model
@@ -19,10 +19,13 @@
 //! temperatures, learning rate, validation R@1/5/10 and RSUM, seconds), `metrics.json`.
 
 pub mod bench;
+pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod data;
+pub(crate) mod fit;
 pub mod load;
-pub(crate) mod run;
+pub(crate) mod step;
+pub(crate) mod students;
 
 use serde_json::Value;
 
@@ -53,6 +56,6 @@ impl Kind for TrainKind {
     }
 
     fn run(&self, c: TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-        run::train(&c, ctx)
+        students::train(&c, ctx)
     }
 }

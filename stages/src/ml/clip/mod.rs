@@ -24,7 +24,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use self::model::Clip;
 use self::shape::ClipShape;
-use super::student::{Heads, SplitInputs, Student, Temperatures, renumber};
+use super::selfalign::{Locals, SelfAlign, SelfAlignShape};
+use super::student::{Encoded, Heads, SplitInputs, Student, Temperatures, renumber};
 use crate::pictures::Pixels;
 
 /// CLIP's normalisation (the `clip` preprocessing preset's).
@@ -144,6 +145,10 @@ pub fn pretrained<B: Backend>(
 pub struct ClipStudentShape {
     pub clip: ClipShape,
     pub uni_heads: bool,
+    /// SelfAlign parameters, when trained with LCA or CRA (locals: the last layer's patch and
+    /// token states through CLIP's own final norms and projections, `embed_dim` wide).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selfalign: Option<SelfAlignShape>,
 }
 
 /// CLIP with the heads of docs/method.md on its projected outputs.
@@ -153,6 +158,7 @@ pub struct ClipStudent<B: Backend> {
     pub image_heads: Heads<B>,
     pub text_heads: Heads<B>,
     pub temperatures: Temperatures<B>,
+    pub selfalign: Option<SelfAlign<B>>,
 }
 
 impl<B: Backend> ClipStudent<B> {
@@ -164,6 +170,7 @@ impl<B: Backend> ClipStudent<B> {
             image_heads: Heads::new(d, d, shape.uni_heads, device),
             text_heads: Heads::new(d, d, shape.uni_heads, device),
             temperatures: Temperatures::new(device),
+            selfalign: shape.selfalign.map(|a| SelfAlign::new(a, device)),
         })
     }
 
@@ -176,32 +183,54 @@ impl<B: Backend> ClipStudent<B> {
 impl<B: Backend> Student<B> for ClipStudent<B> {
     type Inputs = ClipInputs;
 
-    fn encode_images(
-        &self,
-        inputs: &ClipInputs,
-        rows: &[usize],
-        device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    fn encode_images(&self, inputs: &ClipInputs, rows: &[usize], device: &B::Device) -> Encoded<B> {
         let x = inputs.pixel_batch(rows, device);
-        self.image_heads.forward(self.clip.encode_image(x))
+        let (pooled, patches) = self.clip.encode_image_tokens(x, self.selfalign.is_some());
+        let (cross, uni) = self.image_heads.forward(pooled);
+        Encoded {
+            cross,
+            uni,
+            locals: patches.map(Locals::dense),
+        }
     }
 
-    fn encode_texts(
-        &self,
-        inputs: &ClipInputs,
-        rows: &[usize],
-        device: &B::Device,
-    ) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    fn encode_texts(&self, inputs: &ClipInputs, rows: &[usize], device: &B::Device) -> Encoded<B> {
         let (ids, ends) = inputs.token_batch(rows, device);
-        self.text_heads.forward(self.clip.encode_text(ids, &ends))
+        let l = ids.dims()[1];
+        let (pooled, states) = self
+            .clip
+            .encode_text_tokens(ids, &ends, self.selfalign.is_some());
+        // The words: every position after start-of-text and before end-of-text.
+        let locals = states.map(|states| {
+            let valid: Vec<f32> = ends
+                .iter()
+                .flat_map(|&e| (0..l).map(move |k| f32::from(u8::from(k >= 1 && k < e))))
+                .collect();
+            Locals {
+                states,
+                valid: Tensor::from_data(TensorData::new(valid, [ends.len(), l]), device),
+            }
+        });
+        let (cross, uni) = self.text_heads.forward(pooled);
+        Encoded { cross, uni, locals }
     }
 
     fn temperatures(&self) -> &Temperatures<B> {
         &self.temperatures
     }
 
+    fn selfalign(&self) -> Option<&SelfAlign<B>> {
+        self.selfalign.as_ref()
+    }
+
+    fn map_selfalign(mut self, f: impl FnOnce(SelfAlign<B>) -> SelfAlign<B>) -> Self {
+        self.selfalign = self.selfalign.map(f);
+        self
+    }
+
     fn clamped(mut self) -> Self {
         self.temperatures = self.temperatures.clamp();
+        self.selfalign = self.selfalign.map(SelfAlign::normalised);
         self
     }
 }

@@ -247,6 +247,16 @@ impl<B: Backend> Clip<B> {
     /// Projected image embeddings (not normalised) of `pixels` `[b, 3, s, s]` (normalised
     /// with CLIP's mean and std).
     pub fn encode_image(&self, pixels: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.encode_image_tokens(pixels, false).0
+    }
+
+    /// [`Self::encode_image`], and with `patches` the last layer's patch tokens through the same
+    /// `post_layernorm` and `visual_projection` as the class token, `[b, grid², embed]`.
+    pub fn encode_image_tokens(
+        &self,
+        pixels: Tensor<B, 4>,
+        with_patches: bool,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 3>>) {
         let vm = &self.vision_model;
         let kernel = vm.embeddings.patch_embedding.weight.val();
         let [w, c, p, _] = kernel.dims();
@@ -276,14 +286,34 @@ impl<B: Backend> Clip<B> {
         let x = vm
             .encoder
             .forward(vm.pre_layrnorm.forward(x), None, self.precision);
+        let n = x.dims()[1];
+        let tokens = with_patches.then(|| {
+            let cells = vm
+                .post_layernorm
+                .forward(x.clone().slice([0..b, 1..n, 0..w]));
+            self.precision.linear(&self.visual_projection, cells)
+        });
         let pooled = x.slice([0..b, 0..1, 0..w]).reshape([b, w]);
-        self.precision
-            .linear(&self.visual_projection, vm.post_layernorm.forward(pooled))
+        let pooled = self
+            .precision
+            .linear(&self.visual_projection, vm.post_layernorm.forward(pooled));
+        (pooled, tokens)
     }
 
     /// Projected text embeddings (not normalised) of `ids` `[b, l]`, whose end-of-text tokens
     /// are at `ends` (one position per row).
     pub fn encode_text(&self, ids: Tensor<B, 2, Int>, ends: &[usize]) -> Tensor<B, 2> {
+        self.encode_text_tokens(ids, ends, false).0
+    }
+
+    /// [`Self::encode_text`], and with `states` every position's final state through the same
+    /// `final_layer_norm` and `text_projection`, `[b, l, embed]`.
+    pub fn encode_text_tokens(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        ends: &[usize],
+        states: bool,
+    ) -> (Tensor<B, 2>, Option<Tensor<B, 3>>) {
         let tm = &self.text_model;
         let [b, l] = ids.dims();
         let device = ids.device();
@@ -305,8 +335,14 @@ impl<B: Backend> Clip<B> {
             .enumerate()
             .map(|(i, &e)| (i * l + e) as i64)
             .collect();
+        let all = states.then(|| {
+            let e = self.text_projection.weight.dims()[1];
+            self.precision
+                .linear(&self.text_projection, x.clone())
+                .reshape([b, l, e])
+        });
         let pooled = x.select(0, Tensor::from_data(TensorData::new(rows, [b]), &device));
-        self.precision.linear(&self.text_projection, pooled)
+        (self.precision.linear(&self.text_projection, pooled), all)
     }
 }
 

@@ -9,6 +9,9 @@ use burn::tensor::{Tensor, TensorData};
 use cusa_stages::ml::loss::{self, Reduction};
 use serde_json::Value;
 
+mod common;
+use common::{flat, relative, values};
+
 fn fixture() -> Value {
     serde_json::from_str(include_str!("fixtures/losses.json")).unwrap()
 }
@@ -28,30 +31,6 @@ fn scalar<B: Backend>(v: f64, device: &B::Device) -> Tensor<B, 1> {
         TensorData::new(vec![v], [1]).convert::<B::FloatElem>(),
         device,
     )
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn relative(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-300)
-}
-
-fn flat(v: &Value) -> Vec<f64> {
-    match v {
-        Value::Number(n) => vec![n.as_f64().unwrap()],
-        Value::Array(rows) => rows.iter().flat_map(flat).collect(),
-        _ => panic!("not numeric: {v}"),
-    }
 }
 
 /// Computes every case of the fixture on backend `B` and compares within `tol`.

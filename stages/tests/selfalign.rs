@@ -16,16 +16,11 @@ use cusa_stages::ml::selfalign::{
 use cusa_stages::ml::student::{Embeddings, Encoded, Temperatures};
 use serde_json::Value;
 
+mod common;
+use common::{flat, relative, values};
+
 fn fixture() -> Value {
     serde_json::from_str(include_str!("fixtures/selfalign.json")).unwrap()
-}
-
-fn flat(v: &Value) -> Vec<f64> {
-    match v {
-        Value::Number(n) => vec![n.as_f64().unwrap()],
-        Value::Array(rows) => rows.iter().flat_map(flat).collect(),
-        _ => panic!("not numeric: {v}"),
-    }
 }
 
 fn tensor<B: Backend, const D: usize>(
@@ -37,23 +32,6 @@ fn tensor<B: Backend, const D: usize>(
         TensorData::new(flat(v), shape).convert::<B::FloatElem>(),
         device,
     )
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn relative(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-300)
 }
 
 const B_: usize = 6;

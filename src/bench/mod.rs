@@ -12,6 +12,7 @@
 
 mod dataset;
 mod eval;
+mod gpu;
 mod remote;
 mod teacher;
 mod train;
@@ -40,6 +41,9 @@ pub enum Suite {
     Eval,
     /// Team cache push/pull (10,000 small objects, one large) vs the AWS CLI on a local S3
     Remote,
+    /// The CUDA path: parity with the float64 fixtures, a short training, CLIP step time
+    /// (`--device cpu` is the dry run; scripts/gpu/check.sh runs every part)
+    Gpu,
 }
 
 #[derive(Args)]
@@ -92,6 +96,8 @@ pub struct BenchArgs {
     /// An S3 server with a bucket `cache` for the remote suite [default: moto started here]
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
+    #[command(flatten)]
+    gpu: gpu::GpuArgs,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -100,6 +106,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
         Suite::Teacher => teacher::teacher(&args.dir, &args.python),
         Suite::Train => train::train(args.batch, args.steps),
+        Suite::Gpu => gpu::gpu(&args.gpu, &args.dir, args.batch, args.steps),
         Suite::Remote => {
             let big = args.dir.join("data/big.bin");
             generate_big(&big, args.big_mib)?;

@@ -130,8 +130,7 @@ clip_export:
         &std::fs::read_to_string(p.output("clip_eval").join("metrics.json")).unwrap(),
     )
     .unwrap();
-    let rsum = metrics["rsum"].as_f64().unwrap_or(f64::NAN);
-    assert!((0.0..=600.0).contains(&rsum), "{metrics}");
+    assert_rsum_is_the_six_recalls(&metrics);
 
     // The export: transformers' CLIPModel files, the same names and shapes as the checkpoint it
     // started from, changed values (it was fine-tuned), and the method's heads beside them.
@@ -194,7 +193,126 @@ clip_export:
             .shape(None)
             .unwrap()
     );
-    ClipTokenizer::from_path(&model).unwrap();
+    let tokenizer = ClipTokenizer::from_path(&model).unwrap();
+    // How the captions were cleaned is stated beside the weights.
+    assert_eq!(training["text_cleaning"]["dataset_clean"], "cusa");
+    assert_eq!(training["text_cleaning"]["max_words"], 64);
+    let rule = training["text_cleaning"]["rule"].as_str().unwrap();
+    assert!(
+        rule.starts_with("the reference pre_caption: lower-case"),
+        "{rule}"
+    );
+    // What the Hugging Face processors read, from the training's own settings.
+    let json = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(model.join(f)).unwrap()).unwrap()
+    };
+    let pre = json("preprocessor_config.json");
+    assert_eq!(pre["image_processor_type"], "CLIPImageProcessor");
+    assert_eq!(pre["size"]["shortest_edge"], 32);
+    assert_eq!(
+        pre["crop_size"],
+        serde_json::json!({"height": 32, "width": 32})
+    );
+    assert_eq!(pre["resample"], 3, "bicubic");
+    let tok = json("tokenizer_config.json");
+    assert_eq!(tok["tokenizer_class"], "CLIPTokenizer");
+    assert_eq!(tok["model_max_length"], 77);
+    let vocab = tokenizer.vocab();
+    assert_eq!(vocab["<|startoftext|>"], 1022);
+    assert_eq!(vocab["<|endoftext|>"], 1023);
+    assert_eq!(
+        hf["text_config"]["eos_token_id"], 1023,
+        "transformers pools at this id"
+    );
+    assert_eq!(hf["text_config"]["bos_token_id"], 1022);
+    hugging_face_processors_read_the_export(&model, &p.output("scenes"), &tokenizer);
+}
+
+/// A Python with transformers and Pillow: `$CUSA_TEST_HF_PYTHON` (.ci/run makes one; the test
+/// fails if it cannot import them), else `python3` when it can (else this part is skipped, and
+/// says so).
+fn hf_python() -> Option<String> {
+    let (python, required) = match std::env::var("CUSA_TEST_HF_PYTHON") {
+        Ok(p) => (p, true),
+        Err(_) => ("python3".to_string(), false),
+    };
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import transformers, PIL, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || !required,
+        "{python} (CUSA_TEST_HF_PYTHON) cannot import transformers, PIL and numpy"
+    );
+    if !ok {
+        eprintln!("skipped: no Python with transformers + Pillow (set CUSA_TEST_HF_PYTHON)");
+    }
+    ok.then_some(python)
+}
+
+/// `CLIPProcessor.from_pretrained(export)` and `AutoProcessor` load the folder; their token ids
+/// are ours and their pixels are the training's preprocessing of the same picture.
+fn hugging_face_processors_read_the_export(
+    model: &Path,
+    dataset: &Path,
+    tokenizer: &ClipTokenizer,
+) {
+    use cusa_stages::teacher::preprocess::{Preprocess, Resize, decode};
+    let Some(python) = hf_python() else { return };
+    let picture = walkdir::WalkDir::new(dataset)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .expect("the scenes dataset has pictures");
+    let captions = [
+        "a red cube on the left",
+        "Two  BALLS, in the centre!",
+        "caf\u{e9} au lait",
+    ];
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tests/hf_processor.py"))
+        .arg(model)
+        .arg(&picture)
+        .args(captions)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&got["processor"], &got["auto"], &got["tokenizer"]),
+        (
+            &"CLIPProcessor".into(),
+            &"CLIPProcessor".into(),
+            &"CLIPTokenizer".into()
+        )
+    );
+    for (k, caption) in captions.iter().enumerate() {
+        let (ours, _) = tokenizer.encode(caption, 77);
+        let ours: Vec<u64> = ours.into_iter().map(u64::from).collect();
+        let theirs: Vec<u64> = serde_json::from_value(got["ids"][k].clone()).unwrap();
+        assert_eq!(theirs, ours, "{caption:?}");
+        assert_eq!(got["auto_ids"][k], got["ids"][k]);
+    }
+    let mut prep = Preprocess::preset("clip").unwrap();
+    prep.resize = Resize::Shortest(32);
+    prep.crop = Some(32);
+    let mut ours = Vec::new();
+    prep.tensor(&prep.pixels(&decode(&picture).unwrap()), &mut ours);
+    assert_eq!(got["pixels_shape"], serde_json::json!([3, 32, 32]));
+    let theirs: Vec<f64> = serde_json::from_value(got["pixels"].clone()).unwrap();
+    assert_eq!(theirs.len(), ours.len());
+    // Both resample 8-bit pixels with a bicubic filter: at most a level apart (1/255/std ≈ 0.015).
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 0.02, "pixels differ from Pillow's by up to {worst}");
 }
 
 /// `precision: bf16-mixed` trains the same student as fp32 with bf16 matrix products: on the CPU
@@ -267,9 +385,32 @@ fn bf16_mixed_precision_fine_tunes_clip_on_the_cpu() {
     }
     let metrics: serde_json::Value =
         serde_json::from_str(&read("clip_bf16_eval", "metrics.json")).unwrap();
+    assert_rsum_is_the_six_recalls(&metrics);
+}
+
+/// An eval's metrics.json: test split, and RSUM is the sum of its six recalls (each a
+/// percentage that a query count can produce).
+fn assert_rsum_is_the_six_recalls(metrics: &serde_json::Value) {
+    assert_eq!(metrics["split"], "test", "{metrics}");
+    let mut sum = 0.0;
+    for dir in ["i2t", "t2i"] {
+        let queries = metrics[if dir == "i2t" { "images" } else { "captions" }]
+            .as_f64()
+            .unwrap();
+        for k in ["R@1", "R@5", "R@10"] {
+            let r = metrics[dir][k].as_f64().unwrap();
+            let hits = r * queries / 100.0;
+            assert!(
+                (hits - hits.round()).abs() < 1e-6,
+                "{dir} {k} = {r}: not a count of {queries}"
+            );
+            sum += r;
+        }
+    }
+    let rsum = metrics["rsum"].as_f64().unwrap();
     assert!(
-        (0.0..=600.0).contains(&metrics["rsum"].as_f64().unwrap_or(f64::NAN)),
-        "{metrics}"
+        (rsum - sum).abs() < 1e-9,
+        "rsum {rsum} vs the recalls' sum {sum}"
     );
 }
 

@@ -13,6 +13,7 @@ mod eval;
 mod export;
 mod failures;
 mod fuzz;
+mod gpu_check;
 mod incremental;
 mod matrix;
 mod parallel;

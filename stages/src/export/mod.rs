@@ -293,15 +293,103 @@ fn write_clip(
     let heads_path = dir.join("heads.safetensors");
     write_safetensors(&heads_path, &heads, metadata(None)).map_err(|e| failed(&heads_path, e))?;
     let hf_config = dir.join("config.json");
-    std::fs::write(
-        &hf_config,
-        crate::api::json_text(&shape.clip.to_hf_config(), "config.json")?,
-    )
-    .map_err(|e| StageError::io(format!("writing {}", hf_config.display()), e))?;
+    // transformers pools the text at the first `eos_token_id`: the ids of this vocabulary's
+    // special tokens, not OpenAI's defaults (which a smaller vocabulary does not have).
+    let mut hf = shape.clip.to_hf_config();
+    for (key, token) in [
+        ("bos_token_id", "<|startoftext|>"),
+        ("eos_token_id", "<|endoftext|>"),
+        ("pad_token_id", "<|endoftext|>"),
+    ] {
+        if let Some(id) = tokenizer.vocab().get(token) {
+            hf["text_config"][key] = json!(id);
+        }
+    }
+    std::fs::write(&hf_config, crate::api::json_text(&hf, "config.json")?)
+        .map_err(|e| StageError::io(format!("writing {}", hf_config.display()), e))?;
     tokenizer
         .write_hf(dir)
         .map_err(|e| StageError::io("writing the tokenizer files", e))?;
+    for (name, doc) in hf_processor_configs(&shape.clip) {
+        let file = dir.join(name);
+        std::fs::write(&file, crate::api::json_text(&doc, name)?)
+            .map_err(|e| StageError::io(format!("writing {}", file.display()), e))?;
+    }
     Ok(clip.iter().chain(&heads).map(|(_, _, d)| d.len()).sum())
+}
+
+/// What `CLIPProcessor.from_pretrained` / `AutoProcessor` read besides the vocabulary: the image
+/// processor's config (the training's preprocessing: bicubic resize of the shortest side to the
+/// tower's size, centre crop, CLIP's mean and std) and the tokenizer's (CLIPTokenizer, its
+/// special tokens, the context length).
+fn hf_processor_configs(shape: &crate::ml::clip::shape::ClipShape) -> [(&'static str, Value); 3] {
+    use crate::ml::clip::{MEAN, STD};
+    let size = shape.vision.image_size;
+    let (start, end) = ("<|startoftext|>", "<|endoftext|>");
+    [
+        (
+            "preprocessor_config.json",
+            json!({
+                "crop_size": {"height": size, "width": size},
+                "do_center_crop": true,
+                "do_convert_rgb": true,
+                "do_normalize": true,
+                "do_rescale": true,
+                "do_resize": true,
+                "image_mean": MEAN,
+                "image_std": STD,
+                "image_processor_type": "CLIPImageProcessor",
+                "processor_class": "CLIPProcessor",
+                "resample": 3,
+                "rescale_factor": 1.0 / 255.0,
+                "size": {"shortest_edge": size},
+            }),
+        ),
+        (
+            "tokenizer_config.json",
+            json!({
+                "add_prefix_space": false,
+                "bos_token": start,
+                "clean_up_tokenization_spaces": false,
+                "do_lower_case": true,
+                "eos_token": end,
+                "errors": "replace",
+                "model_max_length": shape.text.context,
+                "pad_token": end,
+                "processor_class": "CLIPProcessor",
+                "tokenizer_class": "CLIPTokenizer",
+                "unk_token": end,
+            }),
+        ),
+        (
+            "special_tokens_map.json",
+            json!({"bos_token": start, "eos_token": end, "pad_token": end, "unk_token": end}),
+        ),
+    ]
+}
+
+/// How the training's captions were cleaned before CLIP's tokenizer saw them, from the
+/// dataset's report.json: a user embedding new text must clean it the same way.
+fn text_cleaning(dataset: &Path) -> Value {
+    let report = std::fs::read(dataset.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .unwrap_or(Value::Null);
+    let preset = report["clean"].as_str().unwrap_or("unknown");
+    let rule = match preset {
+        "cusa" => format!(
+            "the reference pre_caption: lower-case; each of ,.'!?\"()*#:;~ becomes a space; - and / become spaces; <person> becomes person; runs of two or more whitespace characters become one space; trailing newlines and surrounding spaces stripped; at most the first {} space-separated words kept",
+            report["max_words"].as_u64().unwrap_or(0)
+        ),
+        "none" => "none: the text as it is".to_string(),
+        _ => "not recorded in the dataset's report.json".to_string(),
+    };
+    json!({
+        "dataset_clean": preset,
+        "max_words": report["max_words"],
+        "rule": rule,
+        "then": "CLIPTokenizer's own normalisation (ftfy fixes, HTML unescape, whitespace collapsed, lower-case)",
+    })
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
@@ -395,6 +483,15 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         if from.exists() {
             copy(&from, &to)?;
         }
+    }
+    if hf_layout {
+        // Captions must be cleaned as the training cleaned them: embedding the raw text moves
+        // the vectors.
+        let path = model_out.join("training.json");
+        let mut training = read_json(&path, "training.json")?;
+        training["text_cleaning"] = text_cleaning(&ctx.resolve(&c.dataset));
+        std::fs::write(&path, crate::api::json_text(&training, "training.json")?)
+            .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
     }
     for g in ["image_embeddings", "caption_embeddings"] {
         let from = best.eval_dir.join(format!("{g}.arrow"));

@@ -98,7 +98,7 @@ const TEACHER_DIM: usize = 384;
 
 /// Four batches of `batch` pairs; in each, row 5k+4 shows the image
 /// of row 5k (multi-positive targets as in real batches), with fresh teacher vectors.
-fn step_batches(batch: usize) -> Vec<StepBatch> {
+pub(crate) fn step_batches(batch: usize) -> Vec<StepBatch> {
     (0..4u64)
         .map(|k| {
             let image_rows: Vec<usize> = (0..batch)
@@ -267,6 +267,35 @@ pub fn scenes_small_step_times<B: AutodiffBackend>(
     time_variants(device, batch, true, student, &inputs, steps, warmup)
 }
 
+/// `batches` batches of `batch` pseudo-random pictures and captions of `text_len` tokens
+/// (start, words, end) for a CLIP of `shape`.
+pub(crate) fn clip_inputs(
+    shape: &ClipShape,
+    batch: usize,
+    text_len: usize,
+    batches: usize,
+) -> Vec<ClipInputs> {
+    let side = shape.vision.image_size;
+    let vocab = shape.text.vocab;
+    let words = text_len.clamp(2, shape.text.context) - 2;
+    (0..batches as u64)
+        .map(|k| ClipInputs {
+            pixels: pixels(batch, side, 59 + k).into(),
+            size: side,
+            tokens: (0..batch)
+                .map(|i| {
+                    let mut t = vec![(vocab - 2) as u32];
+                    t.extend(
+                        (0..words).map(|w| ((i * 31 + w * 7 + k as usize) % (vocab - 2)) as u32),
+                    );
+                    t.push((vocab - 1) as u32);
+                    t
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// The variants with a `clip` student of `shape` (random weights: the step time does not depend
 /// on their values), captions of 12 BPE tokens between start and end of text.
 pub fn clip_step_times<B: AutodiffBackend>(
@@ -276,22 +305,7 @@ pub fn clip_step_times<B: AutodiffBackend>(
     steps: usize,
     warmup: usize,
 ) -> Vec<StepFigure> {
-    let side = shape.vision.image_size;
-    let vocab = shape.text.vocab;
-    let inputs: Vec<ClipInputs> = (0..4u64)
-        .map(|k| ClipInputs {
-            pixels: pixels(batch, side, 59 + k).into(),
-            size: side,
-            tokens: (0..batch)
-                .map(|i| {
-                    let mut t = vec![(vocab - 2) as u32];
-                    t.extend((0..12).map(|w| ((i * 31 + w * 7 + k as usize) % (vocab - 2)) as u32));
-                    t.push((vocab - 1) as u32);
-                    t
-                })
-                .collect(),
-        })
-        .collect();
+    let inputs = clip_inputs(shape, batch, 14, 4);
     let student = |loss: &LossConfig| {
         ClipStudent::<B>::empty(
             &ClipStudentShape {

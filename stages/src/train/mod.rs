@@ -22,6 +22,7 @@ pub mod bench;
 pub(crate) mod checkpoint;
 pub mod config;
 pub(crate) mod data;
+pub mod device_check;
 pub(crate) mod fit;
 pub mod load;
 pub(crate) mod step;

@@ -9,6 +9,8 @@ use super::config::{Architecture, Precision, StudentConfig, TrainConfig};
 use super::data;
 use super::fit::fit;
 use crate::api::{StageContext, StageError, StageSummary};
+#[cfg(feature = "cuda")]
+use crate::device::Device;
 use crate::device::{Placement, place};
 use crate::ml::scenes_small::{ScenesSmall, ScenesSmallShape};
 use crate::ml::selfalign::SelfAlignShape;
@@ -25,9 +27,48 @@ fn selfalign_shape(c: &TrainConfig, dim: usize) -> Option<SelfAlignShape> {
     })
 }
 
+/// Why burn's CUDA backend does not train by default: the parity check of `cusa-pipe bench gpu`
+/// failed on it (README, "On a GPU").
+#[cfg(feature = "cuda")]
+pub const CUDA_UNVERIFIED: &str = "burn 0.21's CUDA backend failed cusa-pipe's parity check on an H200 (InfoNCE and CSA values wrong, f32 products at TF32 precision; README, \"On a GPU\")";
+
+/// The environment variable that lets a training run on that backend anyway (to check it).
+#[cfg(feature = "cuda")]
+pub const UNVERIFIED_CUDA_ENV: &str = "CUSA_PIPE_UNVERIFIED_CUDA";
+
+/// Where a training runs: `placement` unless it is CUDA and `allow_unverified` is false; then
+/// `device: auto` trains on the CPU (the log says why) and `device: cuda` is refused, naming the
+/// way out. Nothing trains silently on a backend whose losses were measured wrong.
+#[cfg(feature = "cuda")]
+pub fn gate_cuda(
+    device: Device,
+    placement: Placement,
+    allow_unverified: bool,
+) -> Result<Placement, StageError> {
+    match placement {
+        Placement::Cuda(_) if !allow_unverified => match device {
+            Device::Cuda => Err(StageError::failed_with_hint(
+                format!("`device: cuda` but {CUDA_UNVERIFIED}"),
+                format!(
+                    "use `device: cpu` or `auto`; to train on CUDA anyway (to check it), set {UNVERIFIED_CUDA_ENV}=1"
+                ),
+            )),
+            Device::Auto | Device::Cpu => Ok(Placement::Cpu(CUDA_UNVERIFIED.to_string())),
+        },
+        other => Ok(other),
+    }
+}
+
 /// Trains the configured student where `device:` and the build allow.
 pub fn train(c: &TrainConfig, ctx: &StageContext<'_>) -> Result<StageSummary, StageError> {
-    match place(c.device, ctx.gpus)? {
+    let placement = place(c.device, ctx.gpus)?;
+    #[cfg(feature = "cuda")]
+    let placement = gate_cuda(
+        c.device,
+        placement,
+        std::env::var_os(UNVERIFIED_CUDA_ENV).is_some_and(|v| v == "1"),
+    )?;
+    match placement {
         // burn-ndarray has no bf16; flex (burn's other CPU backend) has.
         Placement::Cpu(why) if c.precision == Precision::Bf16Mixed => {
             ctx.log.line(format!(
@@ -336,5 +377,35 @@ fn selfalign_note(a: SelfAlignShape) -> String {
         (0, _) => "guide heads (CRA)".into(),
         (k, false) => format!("{k} prototypes (LCA)"),
         (k, true) => format!("{k} prototypes (LCA) and guide heads (CRA)"),
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unverified_cuda_trains_on_the_cpu_on_auto_and_is_refused_on_cuda() {
+        let Ok(Placement::Cpu(why)) = gate_cuda(Device::Auto, Placement::Cuda(0), false) else {
+            panic!("`auto` falls back to the CPU")
+        };
+        assert_eq!(why, CUDA_UNVERIFIED);
+        let Err(refused) = gate_cuda(Device::Cuda, Placement::Cuda(0), false) else {
+            panic!("`cuda` is refused")
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("failed cusa-pipe's parity check"),
+            "{refused}"
+        );
+        assert!(matches!(
+            gate_cuda(Device::Cuda, Placement::Cuda(1), true),
+            Ok(Placement::Cuda(1))
+        ));
+        assert!(matches!(
+            gate_cuda(Device::Auto, Placement::Cpu("no GPU".into()), false),
+            Ok(Placement::Cpu(w)) if w == "no GPU"
+        ));
     }
 }

@@ -79,6 +79,11 @@ log "binary $BIN, device $DEVICE, clip $CLIP, batch $BATCH"
 # $OUT/<part>.cubecl-*.log.
 WORK=${WORK:-$OUT/work}
 mkdir -p "$WORK"
+# A kept cache (a PACK=1 run's cubecl-caches.tar.gz, copied to target/gpu/ beside the binary
+# it was made with) spares the next lease the cold start's compilation.
+if [ $DRY = 0 ] && [ -f target/gpu/cubecl-caches.tar.gz ]; then
+  tar -xzf target/gpu/cubecl-caches.tar.gz -C "$WORK" && log "CubeCL caches from target/gpu/cubecl-caches.tar.gz"
+fi
 cubecl_toml() {
   cat > "$WORK/$1/cubecl.toml" <<EOF
 [compilation]

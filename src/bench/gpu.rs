@@ -30,18 +30,9 @@ pub enum GpuDevice {
     Cpu,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GpuPart {
-    Parity,
-    Train,
-    Step,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GpuPrecision {
-    Fp32,
-    #[value(name = "bf16-mixed")]
-    Bf16Mixed,
+/// A value of one of the check's serde enums (`Part`, `Precision`), by its serde name.
+fn by_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,12 +46,13 @@ pub struct GpuArgs {
     /// gpu suite: where it computes (`cpu` is the dry run)
     #[arg(long, value_enum, default_value = "cuda")]
     device: GpuDevice,
-    /// gpu suite: which part
-    #[arg(long, value_enum, default_value = "parity")]
-    part: GpuPart,
-    /// gpu suite: precision of train and step (parity checks fp32, and bf16-mixed too when given)
-    #[arg(long, value_enum, default_value = "fp32")]
-    precision: GpuPrecision,
+    /// gpu suite: which part: parity, train or step
+    #[arg(long, value_parser = by_name::<Part>, default_value = "parity")]
+    part: Part,
+    /// gpu suite: precision of train and step, fp32 or bf16-mixed (parity checks fp32, and
+    /// bf16-mixed too when given)
+    #[arg(long, value_parser = by_name::<Precision>, default_value = "fp32")]
+    precision: Precision,
     /// gpu suite: the loss of the step part
     #[arg(long, value_enum, default_value = "base")]
     loss: GpuLoss,
@@ -210,19 +202,12 @@ pub fn gpu(args: &GpuArgs, dir: &Path, batch: usize, steps: usize) -> anyhow::Re
 fn run_part(args: &GpuArgs, dir: &Path, batch: usize, steps: usize) -> anyhow::Result<i32> {
     let (fixtures, losses, selfalign) = fixtures(args.fixtures.as_deref())?;
     let plan = Plan {
-        part: match args.part {
-            GpuPart::Parity => Part::Parity,
-            GpuPart::Train => Part::Train,
-            GpuPart::Step => Part::Step,
-        },
+        part: args.part,
         fixtures,
         losses,
         selfalign,
         scratch: dir.join("gpu"),
-        precision: match args.precision {
-            GpuPrecision::Fp32 => Precision::Fp32,
-            GpuPrecision::Bf16Mixed => Precision::Bf16Mixed,
-        },
+        precision: args.precision,
         cusa: args.loss == GpuLoss::Cusa,
         shape: shape(&args.clip)?,
         batch,
@@ -254,7 +239,7 @@ fn run_part(args: &GpuArgs, dir: &Path, batch: usize, steps: usize) -> anyhow::R
     if let Some(path) = &args.json {
         let record = serde_json::json!({
             "suite": "gpu",
-            "part": format!("{:?}", plan.part).to_lowercase(),
+            "part": plan.part,
             "device": match args.device { GpuDevice::Cuda => "cuda", GpuDevice::Cpu => "cpu" },
             "driver": driver,
             "backend": backend,

@@ -67,6 +67,18 @@ pub fn pre_caption(caption: &str, max_words: usize) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
+impl Clean {
+    /// What the preset does to a caption, in words (for the export's `training.json`).
+    pub fn rule(self, max_words: usize) -> String {
+        match self {
+            Clean::Cusa => format!(
+                "the reference pre_caption: lower-case; each of ,.'!?\"()*#:;~ becomes a space; - and / become spaces; <person> becomes person; runs of two or more whitespace characters become one space; trailing newlines and surrounding spaces stripped; at most the first {max_words} space-separated words kept"
+            ),
+            Clean::None => "none: the text as it is".to_string(),
+        }
+    }
+}
+
 /// Applies a preset; `None` when the result is empty.
 pub fn clean(text: &str, preset: Clean, max_words: usize) -> Option<String> {
     match preset {

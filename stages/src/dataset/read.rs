@@ -143,9 +143,9 @@ pub fn images(dataset: &Path, split: &str) -> Result<Vec<(String, String)>, Stag
     )
 }
 
-/// Where a dataset's image paths are relative to (its report.json says).
-pub fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageError> {
-    let report: Value = std::fs::read(dataset.join("report.json"))
+/// A dataset stage's report.json (its settings, counts and dropped rows).
+fn report(dataset: &Path) -> Result<Value, StageError> {
+    std::fs::read(dataset.join("report.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| {
@@ -153,7 +153,29 @@ pub fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, Sta
                 "{} has no readable report.json: is it a dataset stage's output?",
                 dataset.display()
             ))
-        })?;
+        })
+}
+
+/// How a dataset's captions were cleaned (its report.json's `clean` and `max_words`), in words
+/// for whoever embeds new text with a model trained on them.
+pub fn text_cleaning(dataset: &Path) -> Result<Value, StageError> {
+    let report = report(dataset)?;
+    let clean: Option<super::clean::Clean> = serde_json::from_value(report["clean"].clone()).ok();
+    let max_words = report["max_words"].as_u64().unwrap_or(0) as usize;
+    Ok(serde_json::json!({
+        "dataset_clean": report["clean"],
+        "max_words": report["max_words"],
+        "rule": clean.map_or_else(
+            || "not recorded in the dataset's report.json".to_string(),
+            |c| c.rule(max_words),
+        ),
+        "then": "CLIPTokenizer's own normalisation (ftfy fixes, HTML unescape, whitespace collapsed, lower-case)",
+    }))
+}
+
+/// Where a dataset's image paths are relative to (its report.json says).
+pub fn image_root(dataset: &Path, given: Option<PathBuf>) -> Result<PathBuf, StageError> {
+    let report = report(dataset)?;
     match (report["image_root"].as_str(), given) {
         (Some("output"), _) => Ok(dataset.to_path_buf()),
         (_, Some(root)) => Ok(root),

@@ -368,30 +368,6 @@ fn hf_processor_configs(shape: &crate::ml::clip::shape::ClipShape) -> [(&'static
     ]
 }
 
-/// How the training's captions were cleaned before CLIP's tokenizer saw them, from the
-/// dataset's report.json: a user embedding new text must clean it the same way.
-fn text_cleaning(dataset: &Path) -> Value {
-    let report = std::fs::read(dataset.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .unwrap_or(Value::Null);
-    let preset = report["clean"].as_str().unwrap_or("unknown");
-    let rule = match preset {
-        "cusa" => format!(
-            "the reference pre_caption: lower-case; each of ,.'!?\"()*#:;~ becomes a space; - and / become spaces; <person> becomes person; runs of two or more whitespace characters become one space; trailing newlines and surrounding spaces stripped; at most the first {} space-separated words kept",
-            report["max_words"].as_u64().unwrap_or(0)
-        ),
-        "none" => "none: the text as it is".to_string(),
-        _ => "not recorded in the dataset's report.json".to_string(),
-    };
-    json!({
-        "dataset_clean": preset,
-        "max_words": report["max_words"],
-        "rule": rule,
-        "then": "CLIPTokenizer's own normalisation (ftfy fixes, HTML unescape, whitespace collapsed, lower-case)",
-    })
-}
-
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
     std::fs::copy(from, to)
         .map(|_| ())
@@ -489,7 +465,7 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
         // the vectors.
         let path = model_out.join("training.json");
         let mut training = read_json(&path, "training.json")?;
-        training["text_cleaning"] = text_cleaning(&ctx.resolve(&c.dataset));
+        training["text_cleaning"] = crate::dataset::read::text_cleaning(&ctx.resolve(&c.dataset))?;
         std::fs::write(&path, crate::api::json_text(&training, "training.json")?)
             .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
     }

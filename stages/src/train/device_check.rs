@@ -550,8 +550,9 @@ pub fn clip_step_timing<B: AutodiffBackend>(
     })
 }
 
-/// Which part of the check one run does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which part of the check one run does (`parity`, `train`, `step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Part {
     Parity,
     Train,

@@ -37,8 +37,9 @@ pub const CUDA_UNVERIFIED: &str = "burn 0.21's CUDA backend failed cusa-pipe's p
 pub const UNVERIFIED_CUDA_ENV: &str = "CUSA_PIPE_UNVERIFIED_CUDA";
 
 /// Where a training runs: `placement` unless it is CUDA and `allow_unverified` is false; then
-/// `device: auto` trains on the CPU (the log says why) and `device: cuda` is refused, naming the
-/// way out. Nothing trains silently on a backend whose losses were measured wrong.
+/// CUDA "cannot be used" in [`Device::without_cuda`]'s sense: `device: auto` trains on the CPU
+/// (the log says why) and `device: cuda` is refused, naming the way out. Nothing trains
+/// silently on a backend whose losses were measured wrong.
 #[cfg(feature = "cuda")]
 pub fn gate_cuda(
     device: Device,
@@ -46,15 +47,14 @@ pub fn gate_cuda(
     allow_unverified: bool,
 ) -> Result<Placement, StageError> {
     match placement {
-        Placement::Cuda(_) if !allow_unverified => match device {
-            Device::Cuda => Err(StageError::failed_with_hint(
-                format!("`device: cuda` but {CUDA_UNVERIFIED}"),
-                format!(
+        Placement::Cuda(_) if !allow_unverified => device
+            .without_cuda(
+                CUDA_UNVERIFIED,
+                &format!(
                     "use `device: cpu` or `auto`; to train on CUDA anyway (to check it), set {UNVERIFIED_CUDA_ENV}=1"
                 ),
-            )),
-            Device::Auto | Device::Cpu => Ok(Placement::Cpu(CUDA_UNVERIFIED.to_string())),
-        },
+            )
+            .map(Placement::Cpu),
         other => Ok(other),
     }
 }

@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod canonical;
 pub mod cli;
+pub mod executor;
 pub mod fingerprint;
 pub mod graph;
 pub mod remote;

@@ -116,6 +116,7 @@ fn commit(store: &Store, src: &Path, name: &str) -> anyhow::Result<RunRecord> {
         results: Default::default(),
         log: None,
         tool: "bench".into(),
+        ran_on: None,
     };
     store.commit(&staging, &record)?;
     Ok(record)

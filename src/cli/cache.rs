@@ -264,6 +264,7 @@ fn remote_gc(a: RemoteGc) -> Result<i32, CliError> {
                         digest: record.output,
                         dir: PathBuf::new(),
                         manifest: std::sync::Arc::new(manifest),
+                        ran_on: record.ran_on,
                     }),
                     Ok(None) => Upstream::Pending,
                     Err(e) => {

@@ -3,6 +3,7 @@
 
 mod cache;
 mod dag;
+mod job;
 mod metrics;
 mod path;
 mod remote;
@@ -58,6 +59,9 @@ enum Command {
     Cache(cache::CacheCommand),
     /// Measure the engine against peers (sha256sum, DVC) on generated data
     Bench(crate::bench::BenchArgs),
+    /// Execute one stage for one key: what a cluster job runs (`executor: slurm`)
+    #[command(hide = true)]
+    Job(job::JobArgs),
 }
 
 /// Errors at the CLI edge, by class.
@@ -138,6 +142,7 @@ pub fn main() -> i32 {
         Command::Pull(a) => remote::pull(a, cli.cache_dir),
         Command::Cache(c) => cache::cache(c, cli.cache_dir),
         Command::Bench(a) => crate::bench::bench(a).map_err(CliError::Other),
+        Command::Job(a) => job::job(a, cli.cache_dir),
     };
     match result {
         Ok(code) => code,

@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// GPU slots [default: GPUs detected, 0 without an NVIDIA driver]
     #[arg(long, value_name = "N")]
     gpus: Option<usize>,
+    /// Where stages run: `local` (all on this machine) or `slurm` (every stage the file
+    /// does not keep `executor: local`) [default: the file's `executor:`, else local]
+    #[arg(long, value_name = "KIND")]
+    executor: Option<crate::executor::Choice>,
     /// Print one JSON document on stdout
     #[arg(long)]
     json: bool,
@@ -73,6 +77,9 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         }),
         gpus: args.gpus.unwrap_or_else(detect_gpus),
         dry_run: args.dry_run,
+        executor: args.executor,
+        job: None,
+        forward: forward(&args.set, &args.remote),
     };
     let width = super::name_width(&engine.pipeline);
     let reporter = Arc::new(Reporter::new(width));
@@ -86,6 +93,7 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
             true,
         )?
     };
+    check_cluster_settings(&engine, &settings, &selected)?;
     let result = crate::runner::session::execute(engine, &settings, reporter.clone())
         .map_err(|e| CliError::Other(e.into()))?;
     reporter.summary(&result.reports, result.interrupted);
@@ -103,4 +111,48 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
     } else {
         0
     })
+}
+
+/// What a cluster job repeats of this command line: the overrides and the remote choice (the
+/// cache folder is passed by the executor).
+fn forward(set: &[Override], remote: &super::RemoteArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    for o in set {
+        out.push("--set".to_string());
+        out.push(format!("{}={}", o.key, o.value));
+    }
+    if let Some(r) = &remote.remote {
+        out.push("--remote".into());
+        out.push(r.clone());
+    }
+    if remote.no_remote {
+        out.push("--no-remote".into());
+    }
+    out
+}
+
+/// A stage whose jobs use `cache: remote` needs a team remote to reach; said before anything
+/// is submitted.
+fn check_cluster_settings(
+    engine: &crate::runner::Engine,
+    settings: &RunSettings,
+    selected: &[usize],
+) -> Result<(), CliError> {
+    if settings.dry_run {
+        return Ok(());
+    }
+    for &i in selected {
+        if let crate::executor::ExecutorDecl::Slurm(s) = engine.executor_of(i, settings)
+            && s.cache_mode() == crate::executor::CacheMode::Remote
+            && engine.remote.is_none()
+        {
+            return Err(CliError::Usage(format!(
+                "stage `{}` runs on Slurm with `cache: remote`, but no team remote is configured \
+                 (add `remote:` to {}, or pass `--remote URL`)",
+                engine.pipeline.stages[i].name,
+                engine.pipeline.file.display()
+            )));
+        }
+    }
+    Ok(())
 }

@@ -39,11 +39,17 @@ pub fn status(args: StatusArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliEr
         for r in &rows {
             let detail = match (&r.error, r.state) {
                 (Some(e), _) => e.clone(),
-                (None, "fresh") => r
-                    .fingerprint
-                    .as_ref()
-                    .map(|f| f.short().to_string())
-                    .unwrap_or_default(),
+                (None, "fresh") => {
+                    let short = r
+                        .fingerprint
+                        .as_ref()
+                        .map(|f| f.short().to_string())
+                        .unwrap_or_default();
+                    match &r.ran_on {
+                        Some(p) => format!("{short}  ran on {p}"),
+                        None => short,
+                    }
+                }
                 _ => reasons_text(&r.reasons),
             };
             println!(

@@ -19,8 +19,15 @@
 //!   holds the key (outcome `restored`, its recorded duration reported as time saved) and a
 //!   stage that ran is pushed in the background; the remote never decides success;
 //! * Ctrl-C/SIGTERM cancels: running programs' process groups get SIGTERM, then SIGKILL after
-//!   a grace period; nothing partial is committed; the exit code is 130.
+//!   a grace period; nothing partial is committed; the exit code is 130;
+//! * a stage whose executor is a cluster ([`crate::executor`]) is decided here exactly like a
+//!   local one (same key, same reasons, same restore from the remote), then submitted as a job
+//!   ([`cluster`]) that holds one `-j` slot until it ends; completion is its committed record;
+//! * a `cusa-pipe job` process ([`RunSettings::job`]) executes its one target stage locally,
+//!   only for the key it was submitted with, and never executes an upstream stage: those must
+//!   be committed (or restorable from the remote) already.
 
+mod cluster;
 pub mod report;
 pub mod session;
 pub mod slots;
@@ -37,6 +44,9 @@ use dagrs::{
 };
 use serde::Serialize;
 
+use crate::executor::slurm::Slurm;
+use crate::executor::watch::Watcher;
+use crate::executor::{Choice, Cluster, ExecutorDecl, Placement};
 use crate::fingerprint::content::Manifest;
 use crate::fingerprint::gather::{Gathered, UpstreamOutput, gather, miss_reasons, pending_reasons};
 use crate::fingerprint::{Fingerprint, Ingredients, MissReason};
@@ -63,6 +73,8 @@ pub struct Committed {
     pub digest: String,
     pub dir: PathBuf,
     pub manifest: Arc<Manifest>,
+    /// Where it was computed, when by a cluster job.
+    pub ran_on: Option<Placement>,
 }
 
 /// What an upstream stage left for its dependents.
@@ -134,6 +146,9 @@ pub struct StatusRow {
     pub fingerprint: Option<Fingerprint>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where its fresh result was computed, when by a cluster job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ran_on: Option<Placement>,
 }
 
 fn report_reasons<S: serde::Serializer>(r: &[MissReason], s: S) -> Result<S::Ok, S::Error> {
@@ -149,6 +164,24 @@ pub struct RunSettings {
     pub jobs: usize,
     pub gpus: usize,
     pub dry_run: bool,
+    /// `--executor`: where stages run, over what the file says.
+    pub executor: Option<Choice>,
+    /// Set in a `cusa-pipe job` process: the one stage it executes.
+    pub job: Option<JobTarget>,
+    /// Arguments a cluster job repeats after `cusa-pipe job PIPELINE` (`--set`, `--remote`).
+    pub forward: Vec<String>,
+}
+
+/// The stage a `cusa-pipe job` process was submitted for.
+#[derive(Debug, Clone)]
+pub struct JobTarget {
+    pub idx: usize,
+    /// The key the coordinator decided on; any other is refused.
+    pub expected: Fingerprint,
+    /// Where this process runs (recorded with the result).
+    pub placement: Placement,
+    /// CPUs the scheduler gave the job (`SLURM_CPUS_PER_TASK`), for the stage's threads.
+    pub threads: Option<usize>,
 }
 
 /// How a run ended.
@@ -167,6 +200,21 @@ impl Engine {
             pipeline_id,
             remote: None,
         }
+    }
+
+    /// Where stage `idx` executes in a run with `settings`: a `cusa-pipe job` process runs
+    /// its stage here; otherwise `--executor` over the file's `executor:`.
+    pub fn executor_of(&self, idx: usize, settings: &RunSettings) -> ExecutorDecl {
+        if settings.job.is_some() {
+            return ExecutorDecl::Local;
+        }
+        let stage = &self.pipeline.stages[idx];
+        crate::executor::effective(
+            &stage.executor,
+            stage.executor_own,
+            &self.pipeline.executor,
+            settings.executor,
+        )
     }
 
     /// Decides whether stage `idx` is fresh, given what its upstream stages left.
@@ -238,6 +286,7 @@ impl Engine {
                     digest: record.output,
                     dir,
                     manifest,
+                    ran_on: record.ran_on,
                 })))
             }
             TreeState::Damaged(detail) | TreeState::Missing(detail) => {
@@ -274,6 +323,7 @@ impl Engine {
                     reasons: vec![],
                     fingerprint: None,
                     error: Some(format!("upstream `{up}` cannot be assessed")),
+                    ran_on: None,
                 });
                 ups.insert(name, Upstream::Broken);
                 continue;
@@ -295,6 +345,7 @@ impl Engine {
                         reasons: a.reasons,
                         fingerprint: a.fingerprint,
                         error: None,
+                        ran_on: a.fresh.and_then(|c| c.ran_on),
                     });
                 }
                 Err(b) => {
@@ -306,6 +357,7 @@ impl Engine {
                         reasons: vec![],
                         fingerprint: None,
                         error: Some(b.message),
+                        ran_on: None,
                     });
                 }
             }
@@ -325,11 +377,30 @@ impl Engine {
         } else {
             self.dag.closure(&settings.targets)
         };
+        let executors: HashMap<usize, ExecutorDecl> = selected
+            .iter()
+            .map(|&i| (i, self.executor_of(i, settings)))
+            .collect();
+        let watcher = if settings.dry_run {
+            None
+        } else {
+            cluster::slurm_watcher(
+                executors.values().filter_map(|e| match e {
+                    ExecutorDecl::Slurm(s) => Some((**s).clone()),
+                    ExecutorDecl::Local => None,
+                }),
+                &cancel,
+                reporter.clone(),
+            )
+        };
         let shared = Arc::new(Shared {
             engine: self.clone(),
             settings: settings.clone(),
             reporter: reporter.clone(),
             cancel: cancel.clone(),
+            executors,
+            watcher,
+            run_id: crate::executor::run_id(),
             slots: Slots::new(settings.jobs, settings.gpus),
             reports: Mutex::new(HashMap::new()),
             position: selected
@@ -381,6 +452,17 @@ impl Engine {
         if let Err(e) = outcome {
             reporter.line(&format!("internal error: the scheduler stopped: {e}"));
         }
+        if let Some(w) = &shared.watcher {
+            let (cancelled, _) = w.shutdown();
+            if !cancelled.is_empty() {
+                reporter.line(&format!(
+                    "cancelled {} {} job(s): {}",
+                    cancelled.len(),
+                    w.cluster().name(),
+                    cancelled.join(" ")
+                ));
+            }
+        }
 
         let mut reports_by_idx = shared
             .reports
@@ -413,6 +495,12 @@ struct Shared {
     settings: RunSettings,
     reporter: Arc<Reporter>,
     cancel: Cancel,
+    /// Where each selected stage executes in this run.
+    executors: HashMap<usize, ExecutorDecl>,
+    /// The run's single poller of its Slurm jobs, when any stage runs on Slurm.
+    watcher: Option<Watcher<Slurm>>,
+    /// Names this run's cluster jobs.
+    run_id: String,
     slots: Slots,
     reports: Mutex<HashMap<usize, StageReport>>,
     /// Stage index → position in the run's topological order (scheduling priority).
@@ -493,9 +581,37 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
             }
         };
         report.fingerprint = a.fingerprint.clone();
+        if let Some(job) = &shared.settings.job
+            && job.idx == idx
+            && a.fingerprint.as_ref() != Some(&job.expected)
+        {
+            report.outcome = Outcome::Failed;
+            report.error = Some(format!(
+                "this node computes the key {} for the stage, but it was submitted for {}: the \
+                 project or its cache differ between the submitting machine and this node",
+                a.fingerprint.as_ref().map_or(
+                    "(unknown: an upstream stage is not committed)".into(),
+                    |f| f.to_string()
+                ),
+                job.expected
+            ));
+            report.hint = Some(
+                "the project folder (pipeline file and inputs) must be the same on the nodes; \
+                 `cusa-pipe status` on both shows the difference"
+                    .into(),
+            );
+            return (Upstream::Broken, report);
+        }
         if let Some(c) = a.fresh {
             report.outcome = Outcome::Cached;
             record_head(engine, &stage.name, &c.fingerprint, &mut report);
+            // A job resubmitted after its result was committed: make sure the remote has it.
+            if let (Some(job), Some(remote)) = (&shared.settings.job, &engine.remote)
+                && job.idx == idx
+                && let Some(record) = engine.store.read_record(&c.fingerprint)
+            {
+                remote.push_in_background(&engine.store, record, crate::remote::PushCheck::Trust);
+            }
             return (Upstream::Done(c), report);
         }
         report.reasons = a.reasons.clone();
@@ -531,6 +647,45 @@ fn execute(shared: &Shared, idx: usize, ups: HashMap<String, Upstream>) -> Upstr
                     remote.describe()
                 )),
             }
+        }
+        if let Some(job) = &shared.settings.job
+            && job.idx != idx
+        {
+            report.outcome = Outcome::Failed;
+            report.error = Some(format!(
+                "upstream `{}` has no committed result in {}{}",
+                stage.name,
+                engine.store.root().display(),
+                if engine.remote.is_some() {
+                    " nor on the team remote"
+                } else {
+                    ""
+                }
+            ));
+            report.hint = Some(
+                "a job runs only its own stage: its inputs must be in a cache shared with the \
+                 submitting machine, or on the team remote (`executor: {cache: remote}`)"
+                    .into(),
+            );
+            return (Upstream::Broken, report);
+        }
+        if let ExecutorDecl::Slurm(settings) = &shared.executors[&idx] {
+            let _grant = shared.slots.acquire(shared.position[&idx], 0);
+            if shared.cancel.is_cancelled() {
+                report.error = Some("interrupted before it was submitted".into());
+                return (Upstream::Broken, report);
+            }
+            return match cluster::run_as_job(shared, idx, &a, &fp, settings, &ups, &mut report) {
+                Ok(c) => {
+                    report.outcome = Outcome::Ran;
+                    record_head(engine, &stage.name, &fp, &mut report);
+                    (Upstream::Done(c), report)
+                }
+                Err(()) => {
+                    report.outcome = Outcome::Failed;
+                    (Upstream::Broken, report)
+                }
+            };
         }
         if stage.gpus as usize > shared.settings.gpus {
             report.outcome = Outcome::Failed;
@@ -654,7 +809,12 @@ fn run_and_commit(
         fingerprint: &fingerprint,
         inputs: &a.inputs,
         gpus,
-        threads: (cores / shared.settings.jobs.max(1)).max(1),
+        threads: shared
+            .settings
+            .job
+            .as_ref()
+            .and_then(|j| j.threads)
+            .unwrap_or((cores / shared.settings.jobs.max(1)).max(1)),
         log: &log,
         progress: &progress,
         cancel: &shared.cancel,
@@ -696,6 +856,7 @@ fn run_and_commit(
         results: summary.results,
         log: Some(log_rel),
         tool: concat!("cusa-pipe ", env!("CARGO_PKG_VERSION")).to_string(),
+        ran_on: shared.settings.job.as_ref().map(|j| j.placement.clone()),
     };
     if shared.cancel.is_cancelled() {
         fail(report, "interrupted: nothing committed".into());
@@ -720,6 +881,7 @@ fn run_and_commit(
             digest,
             dir,
             manifest: Arc::new(manifest),
+            ran_on: record.ran_on.clone(),
         },
         record,
     ))

@@ -69,6 +69,9 @@ pub struct StageReport {
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
+    /// Where it executed, when not in this process (`slurm job 1234 (node)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ran_on: Option<crate::executor::Placement>,
     #[serde(skip)]
     pub log_tail: Vec<String>,
 }
@@ -90,6 +93,7 @@ impl StageReport {
             hint: None,
             notes: Vec::new(),
             log: None,
+            ran_on: None,
             log_tail: Vec::new(),
         }
     }
@@ -139,7 +143,8 @@ impl Reporter {
         }
     }
 
-    fn stage_line(&self, word: &str, name: &str, rest: &str) -> String {
+    /// `word  name  rest`, aligned with every stage line of the run.
+    pub fn stage_line(&self, word: &str, name: &str, rest: &str) -> String {
         let line = format!("{word:>9}  {name:w$}  {rest}", w = self.width);
         line.trim_end().to_string()
     }

@@ -4,7 +4,8 @@
 //! Invariants:
 //! * stages execute only under the shared cache lock, so `cache gc` never removes what a run
 //!   is about to read or commit (a run waits for a running `gc`, and says so);
-//! * staging folders left by a killed run are removed before anything new is staged;
+//! * staging folders left by a killed run are removed before anything new is staged (by the
+//!   coordinator of a run, not by its cluster jobs);
 //! * the first SIGINT/SIGTERM cancels: running programs' process groups get SIGTERM, and
 //!   SIGKILL after [`KILL_GRACE`] or at a second signal; nothing partial is committed;
 //! * pushes to the team cache are awaited before the run returns (never decide success);
@@ -43,7 +44,13 @@ pub fn execute(
     let _lock = engine.store.lock(false, || {
         reporter.waiting("the cache is locked by `cusa-pipe cache gc`")
     })?;
-    let swept = engine.store.sweep_staging();
+    // A cluster job leaves sweeping to its coordinator: on a shared filesystem, other nodes'
+    // staging folders are only as alive as that filesystem's locks say.
+    let swept = if settings.job.is_none() {
+        engine.store.sweep_staging()
+    } else {
+        0
+    };
     if swept > 0 {
         reporter.line(&format!(
             "  cleaned  {swept} staging folder(s) left by an interrupted run"
@@ -59,7 +66,8 @@ pub fn execute(
     if let Some(remote) = &engine.remote {
         wait_for_pushes(remote, &reporter);
     }
-    if !settings.dry_run {
+    // A cluster job's run is part of its coordinator's, which writes the history entry.
+    if !settings.dry_run && settings.job.is_none() {
         let history = history(&engine, &result);
         if let Err(e) = engine.store.write_history(&history) {
             reporter.line(&format!("warning: {e}"));

@@ -30,6 +30,7 @@ use cusa_stages::api::{ConfigError, PointsAt, StageKind, closest, parse_config};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::executor::ExecutorDecl;
 use crate::remote::config::{RawRemote, RemoteDecl};
 pub use diagnostic::Diagnostic;
 use interpolate::{Piece, Ref, WalkError};
@@ -55,6 +56,8 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// The team cache declared by the file (`remote:`), if any.
     pub remote: Option<RemoteDecl>,
+    /// The pipeline-wide `executor:` (local when absent).
+    pub executor: ExecutorDecl,
 }
 
 impl Pipeline {
@@ -235,6 +238,15 @@ pub struct Stage {
     pub written_at: BTreeMap<String, String>,
     /// GPUs the stage needs (`resources: {gpu: N}`).
     pub gpus: u32,
+    /// CPUs a cluster job asks for (`resources: {cpus: N}`).
+    pub cpus: Option<u32>,
+    /// Memory a cluster job asks for (`resources: {memory: 32G}`, Slurm's units).
+    pub memory: Option<String>,
+    /// Where it runs: its own `executor:` over the pipeline's (not part of its key).
+    pub executor: ExecutorDecl,
+    /// Whether the stage wrote `executor:` itself (`run --executor slurm` keeps a stage that
+    /// says `executor: local` local).
+    pub executor_own: bool,
 }
 
 /// Where an input comes from.
@@ -295,6 +307,9 @@ struct RawPipeline {
     stages: serde_json::Map<String, Value>,
     #[serde(default)]
     remote: Option<Value>,
+    /// Where stages run by default ([`crate::executor`]).
+    #[serde(default)]
+    executor: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +325,9 @@ struct RawStage {
     with: Value,
     #[serde(default)]
     resources: RawResources,
+    /// Where this stage runs, over the pipeline's `executor:`.
+    #[serde(default)]
+    executor: Option<Value>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -317,6 +335,10 @@ struct RawStage {
 struct RawResources {
     #[serde(default)]
     gpu: u32,
+    #[serde(default)]
+    cpus: Option<u32>,
+    #[serde(default)]
+    memory: Option<String>,
 }
 
 /// A `--set KEY=VALUE` override.
@@ -461,6 +483,12 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         None | Some(Value::Null) => None,
         Some(v) => Some(remote_decl(v, &source)?),
     };
+    let executor = match &raw.executor {
+        None | Some(Value::Null) => ExecutorDecl::Local,
+        Some(v) => {
+            crate::executor::parse_decl(v).map_err(|e| config_diagnostic(&source, "executor", e))?
+        }
+    };
     let mut raws: Vec<(&str, RawStage)> = Vec::new();
     for (name, raw_stage) in &raw.stages {
         let base = format!("stages.{name}");
@@ -535,6 +563,7 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
                 inputs,
                 with,
                 resources: raw_stage.resources.clone(),
+                executor: raw_stage.executor.clone(),
                 matrix: None,
             };
             let element_name = element.name();
@@ -555,6 +584,12 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
             );
         }
     }
+    for stage in &mut stages {
+        let own = stage
+            .executor_own
+            .then(|| std::mem::take(&mut stage.executor));
+        stage.executor = crate::executor::merge(&executor, own);
+    }
     Ok(Pipeline {
         file: file.to_path_buf(),
         dir,
@@ -562,6 +597,7 @@ pub fn load(file: &Path, overrides: &[Override], kinds: &Kinds) -> Result<Pipeli
         params: raw.params,
         stages,
         remote,
+        executor,
     })
 }
 
@@ -620,6 +656,31 @@ fn build_stage(
     source: &Source,
 ) -> Result<Stage, Diagnostic> {
     let base = format!("stages.{written_name}");
+    let own_executor = match &raw.executor {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            crate::executor::parse_decl(v)
+                .map_err(|e| config_diagnostic(source, &format!("{base}.executor"), e))?,
+        ),
+    };
+    if let Some(m) = &raw.resources.memory
+        && !valid_memory(m)
+    {
+        let mut d = source.diagnostic_at_value(
+            &format!("{base}.resources.memory"),
+            format!("`{m}` is not an amount of memory"),
+        );
+        d.help = Some("write a number with K, M, G or T (Slurm's units): `32G`".into());
+        return Err(d);
+    }
+    if raw.resources.cpus == Some(0) {
+        let mut d = source.diagnostic_at_value(
+            &format!("{base}.resources.cpus"),
+            "a stage needs at least one CPU",
+        );
+        d.help = Some("remove `cpus`, or ask for 1 or more".into());
+        return Err(d);
+    }
     let kind = kinds.get(raw.kind.as_str()).cloned().ok_or_else(|| {
         let known: Vec<&str> = kinds.keys().copied().collect();
         let mut d = source.diagnostic_at_value(
@@ -944,7 +1005,18 @@ fn build_stage(
         inputs,
         written_at,
         gpus: raw.resources.gpu,
+        cpus: raw.resources.cpus,
+        memory: raw.resources.memory.clone(),
+        executor_own: own_executor.is_some(),
+        // Merged with the pipeline's `executor:` once every stage is built (see `load`).
+        executor: own_executor.unwrap_or_default(),
     })
+}
+
+/// Slurm's memory amounts: digits with an optional K, M, G or T.
+fn valid_memory(m: &str) -> bool {
+    let digits = m.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    !digits.is_empty() && m.len() - digits.len() <= 1 && digits.chars().all(|c| c.is_ascii_digit())
 }
 
 /// Spells out lists of matrix elements in `with:`: a value that is exactly a list reference
@@ -1354,7 +1426,9 @@ fn apply_override(
     }
     // `params.X` and `version` live at the top; anything else starts with a stage name.
     let full: Vec<String> = match parts[0] {
-        "params" | "version" | "remote" => parts.iter().map(|s| s.to_string()).collect(),
+        "params" | "version" | "remote" | "executor" => {
+            parts.iter().map(|s| s.to_string()).collect()
+        }
         stage => {
             let stages: Vec<String> = source.index.children("stages");
             if !stages.iter().any(|s| s == stage) {

@@ -106,6 +106,9 @@ pub struct RunRecord {
     pub log: Option<String>,
     /// The cusa-pipe version that committed it.
     pub tool: String,
+    /// Where it was computed, when by a cluster job (`executor: slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_on: Option<crate::executor::Placement>,
 }
 
 /// One `run`'s entry in `history-v1/` (and on the remote): which keys it used, so `cache gc`
@@ -969,6 +972,7 @@ mod tests {
             results: Default::default(),
             log: None,
             tool: "test".into(),
+            ran_on: None,
         }
     }
 

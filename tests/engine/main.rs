@@ -20,6 +20,7 @@ mod parallel;
 mod quickstart;
 mod remote;
 mod selfalign;
+mod slurm;
 mod spec_errors;
 mod support;
 mod teacher;

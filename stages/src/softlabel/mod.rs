@@ -158,8 +158,9 @@ impl Kind for SoftlabelKind {
             "images": images.len(),
             "image_dim": di,
             "text_dim": dt,
-            "image_teacher": image_teacher.metadata,
-            "text_teacher": text_teacher.metadata,
+            // Sorted: a HashMap's order is random per process, and JSON keeps key order.
+            "image_teacher": image_teacher.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "text_teacher": text_teacher.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
             "text_teacher_mean_cosine": stats,
             "neighbours": c.neighbours,
         });
@@ -326,7 +327,9 @@ fn teacher_statistics(x: &[f32], d: usize, image_of: &[u32]) -> Value {
             .map(|(a, b)| a * b)
             .sum::<f32>() as f64
     };
-    let mut by_image: HashMap<u32, Vec<usize>> = HashMap::new();
+    // Ordered by image: the f64 sum below must add in the same order in every process (a
+    // HashMap's order is random per process, which changed the report's last digits).
+    let mut by_image: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
     for (i, img) in image_of.iter().enumerate() {
         by_image.entry(*img).or_default().push(i);
     }

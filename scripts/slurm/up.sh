@@ -18,6 +18,14 @@ if [ "${1:-}" = "--down" ]; then
   pkill -x slurmd || true
   pkill -x slurmctld || true
   pkill -x munged || true
+  # Wait for them to be gone, so an `up` right after starts fresh daemons.
+  for _ in $(seq 1 50); do
+    if ! pgrep -x slurmd >/dev/null && ! pgrep -x slurmctld >/dev/null \
+      && ! pgrep -x munged >/dev/null; then
+      exit 0
+    fi
+    sleep 0.2
+  done
   exit 0
 fi
 
@@ -27,11 +35,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
-  || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
+  || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null \
+  || ! command -v pgrep >/dev/null; then
   echo "installing slurmctld, slurmd, slurm-client and munge from Debian's packages" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+  apt-get install -y -qq slurmctld slurmd slurm-client munge procps >/dev/null
 fi
 
 mkdir -p "$conf_dir" "$spool/ctld" "$spool/d" "$logs" /run/munge

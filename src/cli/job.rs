@@ -7,14 +7,13 @@
 //! the job succeeds: with `cache: remote` that copy is what the coordinator waits for.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
 use super::{CliError, EXIT_INTERRUPTED, EXIT_STAGE_FAILED};
 use crate::executor::Placement;
 use crate::fingerprint::Fingerprint;
-use crate::runner::report::{Outcome, Reporter};
+use crate::runner::report::Outcome;
 use crate::runner::{JobTarget, RunSettings};
 use crate::spec::Override;
 
@@ -93,17 +92,8 @@ pub fn job(args: JobArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         }),
         forward: Vec::new(),
     };
-    let reporter = Arc::new(Reporter::new(super::name_width(&engine.pipeline)));
     let mut engine = engine;
-    engine.remote = {
-        let reporter = reporter.clone();
-        super::connect_remote(
-            &engine.pipeline,
-            &args.remote,
-            Box::new(move |w| reporter.line(w)),
-            false,
-        )?
-    };
+    let reporter = super::reporter_and_remote(&mut engine, &args.remote, false)?;
     let remote = engine.remote.clone();
     let result = crate::runner::session::execute(engine, &settings, reporter.clone())
         .map_err(|e| CliError::Other(e.into()))?;

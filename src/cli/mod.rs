@@ -266,6 +266,26 @@ pub(crate) fn connect_remote(
     }
 }
 
+/// The reporter of a command that runs stages, and the team cache it uses (its warnings go
+/// through the reporter); see [`connect_remote`] for `best_effort`.
+pub(crate) fn reporter_and_remote(
+    engine: &mut Engine,
+    args: &RemoteArgs,
+    best_effort: bool,
+) -> Result<std::sync::Arc<crate::runner::report::Reporter>, CliError> {
+    let reporter = std::sync::Arc::new(crate::runner::report::Reporter::new(name_width(
+        &engine.pipeline,
+    )));
+    let warn = reporter.clone();
+    engine.remote = connect_remote(
+        &engine.pipeline,
+        args,
+        Box::new(move |w| warn.line(w)),
+        best_effort,
+    )?;
+    Ok(reporter)
+}
+
 /// Every project file or folder the `selected` stages declare must exist before anything
 /// runs: a missing one is a mistake in the pipeline file (exit 2), located at its key.
 pub(crate) fn check_project_inputs(p: &Pipeline, selected: &[usize]) -> Result<(), CliError> {

@@ -2,12 +2,11 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
 use super::{CliError, EXIT_INTERRUPTED, EXIT_STAGE_FAILED};
-use crate::runner::report::{Outcome, Reporter};
+use crate::runner::report::Outcome;
 use crate::runner::{RunSettings, detect_gpus};
 use crate::spec::Override;
 
@@ -81,18 +80,8 @@ pub fn run(args: RunArgs, cache_dir: Option<PathBuf>) -> Result<i32, CliError> {
         job: None,
         forward: forward(&args.set, &args.remote),
     };
-    let width = super::name_width(&engine.pipeline);
-    let reporter = Arc::new(Reporter::new(width));
     let mut engine = engine;
-    engine.remote = {
-        let reporter = reporter.clone();
-        super::connect_remote(
-            &engine.pipeline,
-            &args.remote,
-            Box::new(move |w| reporter.line(w)),
-            true,
-        )?
-    };
+    let reporter = super::reporter_and_remote(&mut engine, &args.remote, true)?;
     check_cluster_settings(&engine, &settings, &selected)?;
     let result = crate::runner::session::execute(engine, &settings, reporter.clone())
         .map_err(|e| CliError::Other(e.into()))?;

@@ -396,25 +396,7 @@ fn a_training_job_cancelled_from_outside_is_resubmitted_and_resumes_to_the_same_
 
     let child = p.spawn(&["run", "--json", "train"]);
     // Once the job's checkpoint holds two epochs, cancel it as an admin would.
-    let started = Instant::now();
-    let state = loop {
-        let dir = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .map(|e| e.unwrap().path());
-        if let Some(dir) = dir
-            && let Ok(text) = std::fs::read_to_string(dir.join("state.json"))
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            && v["epochs_done"].as_u64().unwrap_or(0) >= 2
-        {
-            break v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (_, state) = crate::train::wait_for_checkpoint(&p, 2);
     assert!(
         state["epochs_done"].as_u64().unwrap() < 40,
         "cancelled before the end"

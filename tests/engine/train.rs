@@ -143,16 +143,11 @@ fn weights(p: &Project) -> String {
     sha256_hex(&std::fs::read(p.output("train").join("model.mpk")).unwrap())
 }
 
-/// Runs `stage` (the only train stage running) in a child and kills it with SIGKILL once its
-/// checkpoint holds `epochs` epochs; returns the checkpoint folder and its state.
-pub(crate) fn kill_after_epochs(
-    p: &Project,
-    stage: &str,
-    epochs: u64,
-) -> (PathBuf, serde_json::Value) {
-    let child = p.spawn(&["run", "-j", "1", stage]);
+/// Waits (≤ 180 s) until the training's checkpoint holds `epochs` epochs; returns its folder
+/// and state.
+pub(crate) fn wait_for_checkpoint(p: &Project, epochs: u64) -> (PathBuf, serde_json::Value) {
     let started = Instant::now();
-    let found = loop {
+    loop {
         let dir = std::fs::read_dir(p.path().join("cache/scratch-v1/train"))
             .ok()
             .and_then(|mut d| d.next())
@@ -162,14 +157,25 @@ pub(crate) fn kill_after_epochs(
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
             && v["epochs_done"].as_u64().unwrap_or(0) >= epochs
         {
-            break (dir, v);
+            return (dir, v);
         }
         assert!(
-            started.elapsed() < Duration::from_secs(120),
+            started.elapsed() < Duration::from_secs(180),
             "no checkpoint appeared"
         );
         std::thread::sleep(Duration::from_millis(5));
-    };
+    }
+}
+
+/// Runs `stage` (the only train stage running) in a child and kills it with SIGKILL once its
+/// checkpoint holds `epochs` epochs; returns the checkpoint folder and its state.
+pub(crate) fn kill_after_epochs(
+    p: &Project,
+    stage: &str,
+    epochs: u64,
+) -> (PathBuf, serde_json::Value) {
+    let child = p.spawn(&["run", "-j", "1", stage]);
+    let found = wait_for_checkpoint(p, epochs);
     // SAFETY: plain signal delivery to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = wait_child(child);
@@ -456,4 +462,39 @@ fn train_config_mistakes_are_located_before_anything_runs() {
         "`device: cuda` but this cusa-pipe was built without the `cuda` feature"
     };
     assert!(r.stderr.contains(why), "{}", r.stderr);
+}
+
+#[test]
+fn soft_labels_measure_the_teachers_signal_on_the_true_positives() {
+    let p = project("");
+    let r = p.run(&["run", "softlabels"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("note: teacher signal on true positives (batches of 128, τ_s 1): i2t AUC"),
+        "{}",
+        r.stderr
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output("softlabels").join("report.json")).unwrap(),
+    )
+    .unwrap();
+    let s = &report["teacher_signal"];
+    assert_eq!(
+        (s["batch_size"].as_u64(), s["batches"].as_u64()),
+        (Some(128), Some(200))
+    );
+    for dir in ["i2t", "t2i"] {
+        let d = &s[dir];
+        // A uniform row puts 1/B on each of its true positives.
+        let (uniform, count) = (
+            d["mass_uniform"].as_f64().unwrap(),
+            d["positives_per_row"].as_f64().unwrap(),
+        );
+        assert!((uniform - count / 128.0).abs() < 1e-12, "{dir}: {d}");
+        assert!(
+            count > 0.0,
+            "the scenes have extended positives in every split: {d}"
+        );
+    }
 }

@@ -12,7 +12,12 @@
 //! * with `neighbours: k`, `image_neighbours.arrow` / `caption_neighbours.arrow`: each item's k
 //!   nearest other items by teacher cosine (exact, blocked matrix products), as row indices
 //!   into the files above plus the cosines;
-//! * `report.json` — counts, dimensions, teacher metadata, soft-label statistics.
+//! * `report.json` — counts, dimensions, teacher metadata, soft-label statistics, and — when
+//!   the dataset knows the split's true positives (the scenes: every split) — the teachers'
+//!   false-negative signal ([`signal`]): AUC, soft-label mass on true positives vs uniform and
+//!   neighbour precision per direction, also a note; the AUCs in the run record.
+
+pub mod signal;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,6 +47,51 @@ pub struct SoftlabelConfig {
     pub split: String,
     /// Also write each item's k nearest teacher neighbours.
     pub neighbours: Option<usize>,
+    /// How the teachers' false-negative signal is measured (when the split has positives).
+    #[serde(default)]
+    pub signal: SignalConfig,
+}
+
+/// `signal:` of a softlabel stage: the batches and τ_s the diagnostics imitate.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SignalConfig {
+    /// The training batch size [default: 128].
+    #[serde(default = "default_signal_batch")]
+    pub batch_size: usize,
+    /// How many batches are drawn [default: 200].
+    #[serde(default = "default_signal_batches")]
+    pub batches: usize,
+    /// τ_s of the soft labels [default: 1.0, CUSA's].
+    #[serde(default = "default_signal_temperature")]
+    pub temperature: f64,
+    /// Neighbours for precision@k [default: 10].
+    #[serde(default = "default_signal_k")]
+    pub k: usize,
+}
+
+fn default_signal_batch() -> usize {
+    128
+}
+fn default_signal_batches() -> usize {
+    200
+}
+fn default_signal_temperature() -> f64 {
+    1.0
+}
+fn default_signal_k() -> usize {
+    10
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        SignalConfig {
+            batch_size: default_signal_batch(),
+            batches: default_signal_batches(),
+            temperature: default_signal_temperature(),
+            k: default_signal_k(),
+        }
+    }
 }
 
 fn default_split() -> String {
@@ -53,11 +103,31 @@ pub struct SoftlabelKind;
 impl Kind for SoftlabelKind {
     type Config = SoftlabelConfig;
     const NAME: &'static str = "softlabel";
-    const VERSION: u32 = 1;
+    // 2: report.json carries the teacher signal; its teacher metadata sorted.
+    const VERSION: u32 = 2;
 
     fn validate(c: &mut SoftlabelConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if c.neighbours == Some(0) {
             return Err(ConfigError::new("neighbours", "must be at least 1"));
+        }
+        for (key, bad) in [
+            ("signal.batch_size", c.signal.batch_size < 2),
+            ("signal.batches", c.signal.batches == 0),
+            ("signal.k", c.signal.k == 0),
+        ] {
+            if bad {
+                return Err(ConfigError::new(
+                    key,
+                    if key == "signal.batch_size" {
+                        "must be at least 2"
+                    } else {
+                        "must be at least 1"
+                    },
+                ));
+            }
+        }
+        if !(c.signal.temperature.is_finite() && c.signal.temperature > 0.0) {
+            return Err(ConfigError::new("signal.temperature", "must be positive"));
         }
         Ok(Checked::default())
     }
@@ -152,6 +222,16 @@ impl Kind for SoftlabelKind {
         // caption's text-teacher vector and those of the other captions of its image, and of
         // other images' captions.
         let stats = teacher_statistics(&caption_vectors, dt, &caption_image);
+        let signal = teacher_signal(
+            &dataset,
+            &c,
+            &image_ids,
+            &caption_ids,
+            &caption_image,
+            (&image_vectors, di),
+            (&caption_vectors, dt),
+            ctx,
+        )?;
         let report = json!({
             "split": c.split,
             "captions": captions.len(),
@@ -163,6 +243,7 @@ impl Kind for SoftlabelKind {
             "text_teacher": text_teacher.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
             "text_teacher_mean_cosine": stats,
             "neighbours": c.neighbours,
+            "teacher_signal": signal,
         });
         std::fs::write(
             out.join("report.json"),
@@ -181,8 +262,95 @@ impl Kind for SoftlabelKind {
         summary
             .metrics
             .insert("images".into(), Value::from(images.len()));
+        if let Some(s) = &signal {
+            let (i, t) = (&s.i2t, &s.t2i);
+            summary.notes.push(format!(
+                "teacher signal on true positives (batches of {}, τ_s {}): i2t AUC {:.3}, soft-label mass {:.4} vs uniform {:.4}, P@{} {:.3} vs random {:.3}; t2i AUC {:.3}, mass {:.4} vs {:.4}, P@{} {:.3} vs {:.3}",
+                s.batch_size, s.temperature,
+                i.auc, i.mass_on_positives, i.mass_uniform, s.k, i.precision_at_k, i.precision_random,
+                t.auc, t.mass_on_positives, t.mass_uniform, s.k, t.precision_at_k, t.precision_random,
+            ));
+            for (name, d) in [("i2t", i), ("t2i", t)] {
+                summary
+                    .metrics
+                    .insert(format!("teacher_signal_{name}_auc"), json!(d.auc));
+            }
+        }
         Ok(summary)
     }
+}
+
+/// The teachers' false-negative signal on the split ([`signal`]), when the dataset knows its
+/// true positives; `None` (and a log line) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn teacher_signal(
+    dataset: &Path,
+    c: &SoftlabelConfig,
+    image_ids: &[&str],
+    caption_ids: &[&str],
+    caption_image: &[u32],
+    (images, di): (&[f32], usize),
+    (captions, dt): (&[f32], usize),
+    ctx: &StageContext<'_>,
+) -> Result<Option<signal::Signal>, StageError> {
+    let Some(rows) = crate::dataset::read::positives(dataset)? else {
+        ctx.log
+            .line("the dataset has no extended positives: teacher signal not measured");
+        return Ok(None);
+    };
+    let image_row: HashMap<&str, u32> = image_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32))
+        .collect();
+    let caption_row: HashMap<&str, u32> = caption_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32))
+        .collect();
+    let mut positives = std::collections::HashSet::new();
+    for [kind, query, positive] in &rows {
+        let (caption, image) = match kind.as_str() {
+            "caption" => (query.as_str(), positive.as_str()),
+            _ => (positive.as_str(), query.as_str()),
+        };
+        if let (Some(&c), Some(&i)) = (caption_row.get(caption), image_row.get(image))
+            && caption_image[c as usize] != i
+        {
+            positives.insert((c, i));
+        }
+    }
+    if positives.is_empty() {
+        ctx.log.line(format!(
+            "no extended positives within split `{}`: teacher signal not measured",
+            c.split
+        ));
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let batches = signal::batches(
+        caption_ids.len(),
+        c.signal.batch_size,
+        c.signal.batches,
+        0x5EED,
+    );
+    let inputs = signal::Inputs {
+        images,
+        dim_i: di,
+        captions,
+        dim_t: dt,
+        caption_image,
+        positives: &positives,
+    };
+    let s = signal::measure(&inputs, &batches, c.signal.temperature, c.signal.k);
+    ctx.log.line(format!(
+        "teacher signal over {} batches of {} ({} extended positive pairs) in {:.2}s",
+        batches.len(),
+        s.batch_size,
+        positives.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Some(s))
 }
 
 /// Row of each id in `teacher`, or an error naming the ids without a vector.

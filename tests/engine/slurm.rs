@@ -83,11 +83,7 @@ fn active_jobs(p: &Project, part: &str) -> Vec<(String, String)> {
 
 /// `run --json`'s stages: name → (outcome, slurm job id if any).
 fn ran(json: &str) -> BTreeMap<String, (String, Option<String>)> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
-    v["stages"]
-        .as_array()
-        .unwrap()
+    Project::stages(json)
         .iter()
         .map(|s| {
             (

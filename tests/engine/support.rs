@@ -137,13 +137,16 @@ impl Project {
         PathBuf::from(r.stdout.trim())
     }
 
-    /// Outcomes by stage from `run --json` output.
-    pub fn outcomes(json: &str) -> Vec<(String, String)> {
+    /// The `stages` of `run --json` output.
+    pub fn stages(json: &str) -> Vec<serde_json::Value> {
         let v: serde_json::Value =
             serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
-        v["stages"]
-            .as_array()
-            .unwrap()
+        v["stages"].as_array().unwrap().clone()
+    }
+
+    /// Outcomes by stage from `run --json` output.
+    pub fn outcomes(json: &str) -> Vec<(String, String)> {
+        Self::stages(json)
             .iter()
             .map(|s| {
                 (

@@ -1108,15 +1108,27 @@ fn expand_lists(
                     Ok(Value::Null)
                 };
                 interpolate::map_strings(item, "", &mut find)?;
-                let Some((first, elements)) = lists.first().cloned() else {
+                // The list with the most axes drives the repetition; another list pairs with
+                // it when it lists the same elements, or a matrix over some of its axes (each
+                // repetition then reads the element that agrees on those axes).
+                let Some((first, elements)) = lists
+                    .iter()
+                    .max_by_key(|(_, e)| e.first().map_or(0, |x| x.labels.len()))
+                    .cloned()
+                else {
                     out.push(expand_lists(item, &at, universe, stage, from)?);
                     continue;
                 };
                 let labels = |e: &[Element]| -> Vec<Vec<(String, String)>> {
                     e.iter().map(|e| e.labels.clone()).collect()
                 };
-                if let Some((other, _)) = lists.iter().find(|(_, e)| labels(e) != labels(&elements))
-                {
+                let pairs = |other: &[Element]| {
+                    labels(other) == labels(&elements)
+                        || elements
+                            .iter()
+                            .all(|e| other.iter().filter(|x| agrees(x, e)).count() == 1)
+                };
+                if let Some((other, _)) = lists.iter().find(|(_, e)| !pairs(e)) {
                     return Err(err(
                         &at,
                         format!(
@@ -1143,7 +1155,7 @@ fn expand_lists(
                                 Piece::Ref(Ref::Stage { name, select, sub }) => {
                                     match universe.resolve(name, select.as_ref(), stage, from) {
                                         Ok(Resolved::Many(list)) => {
-                                            match list.iter().find(|x| x.labels == e.labels) {
+                                            match list.iter().find(|x| agrees(x, e)) {
                                                 Some(x) => {
                                                     changed = true;
                                                     Piece::Ref(Ref::Stage {
@@ -1176,6 +1188,14 @@ fn expand_lists(
         }
         other => other.clone(),
     })
+}
+
+/// Whether element `x` has, on each of its axes, the label `e` has there (`x`'s axes being
+/// some of `e`'s): `softlabels@teacher=max` agrees with `train@teacher=max,seed=1`.
+fn agrees(x: &Element, e: &Element) -> bool {
+    x.labels
+        .iter()
+        .all(|(a, l)| e.labels.iter().any(|(b, m)| a == b && l == m))
 }
 
 /// `${train@variant=cusa,seed=1/sub}` for one element.

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod command;
+pub mod controlled;
 pub mod dataset;
 pub mod device;
 pub mod download;
@@ -30,6 +31,7 @@ use api::StageKind;
 pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
     let kinds: Vec<Arc<dyn StageKind>> = vec![
         Arc::new(command::CommandKind),
+        Arc::new(controlled::ControlledKind),
         Arc::new(dataset::DatasetKind),
         Arc::new(download::DownloadKind),
         Arc::new(eval::EvalKind),

@@ -24,5 +24,6 @@ mod slurm;
 mod spec_errors;
 mod support;
 mod teacher;
+mod teacher_quality;
 mod train;
 mod trust;

@@ -206,7 +206,8 @@ pub struct DatasetKind;
 impl Kind for DatasetKind {
     type Config = DatasetConfig;
     const NAME: &'static str = "dataset";
-    const VERSION: u32 = 1;
+    // 2: the scenes format records its generator settings in report.json.
+    const VERSION: u32 = 2;
 
     fn validate(config: &mut DatasetConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         config.check_keys()?;
@@ -308,6 +309,9 @@ impl Kind for DatasetKind {
             config.format.name(),
             root_label,
             &rules,
+            (config.format == Format::Scenes)
+                .then(|| config.scenes.clone().unwrap_or_default())
+                .as_ref(),
         )?;
 
         let mut summary = StageSummary::default();

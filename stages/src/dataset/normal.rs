@@ -321,6 +321,10 @@ pub struct Report<'a> {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub positives_per_caption: BTreeMap<String, PositiveStats>,
     pub dropped: &'a [Dropped],
+    /// The generator's settings (the scenes format): the exact content behind every file
+    /// follows from them ([`super::scenes::content`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenes: Option<&'a super::scenes::ScenesConfig>,
 }
 
 /// Distribution of positive images per caption query in one split.
@@ -386,6 +390,7 @@ pub fn write(
     format: &str,
     image_root: &str,
     rules: &Rules<'_>,
+    scenes: Option<&super::scenes::ScenesConfig>,
 ) -> Result<(), StageError> {
     let imgs = &n.images;
     let has_labels = imgs.iter().any(|i| i.raw.label.is_some());
@@ -529,6 +534,7 @@ pub fn write(
         splits,
         positives: n.positives.len(),
         dropped: &n.dropped,
+        scenes,
     };
     let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
     std::fs::write(out.join("report.json"), bytes)

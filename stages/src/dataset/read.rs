@@ -143,6 +143,38 @@ pub fn images(dataset: &Path, split: &str) -> Result<Vec<(String, String)>, Stag
     )
 }
 
+/// The settings a `scenes` dataset was generated with (its report.json's `scenes`), from
+/// which its exact content follows; `None` for any other dataset.
+pub fn scenes_settings(dataset: &Path) -> Result<Option<super::scenes::ScenesConfig>, StageError> {
+    let report = report(dataset)?;
+    if report["format"].as_str() != Some("scenes") {
+        return Ok(None);
+    }
+    serde_json::from_value(report["scenes"].clone())
+        .map(Some)
+        .map_err(|e| {
+            StageError::failed_with_hint(
+                format!(
+                    "{}/report.json records no readable scenes settings: {e}",
+                    dataset.display()
+                ),
+                "it was written by an older cusa-pipe: rerun the dataset stage (`run --force`)",
+            )
+        })
+}
+
+/// Caption ids with their raw (uncleaned) text, all splits, in id order.
+pub fn captions_raw(dataset: &Path) -> Result<Vec<(String, String)>, StageError> {
+    Ok(read_columns(
+        &dataset.join("captions.parquet"),
+        "all",
+        ["caption_id", "text"],
+    )?
+    .into_iter()
+    .map(|[id, text]| (id, text))
+    .collect())
+}
+
 /// A dataset stage's report.json (its settings, counts and dropped rows).
 fn report(dataset: &Path) -> Result<Value, StageError> {
     std::fs::read(dataset.join("report.json"))

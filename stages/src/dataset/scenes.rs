@@ -492,12 +492,57 @@ pub fn render(scene: &Scene, size: u32, rng: &mut SplitMix64) -> RgbImage {
     img
 }
 
-/// A generated image with its captions.
-struct Generated {
-    id: String,
-    split: &'static str,
-    scene: Scene,
-    captions: Vec<Caption>,
+/// A generated image with its captions: the exact content behind one picture.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub id: String,
+    pub split: &'static str,
+    pub scene: Scene,
+    pub captions: Vec<Caption>,
+}
+
+/// The splits in generation order (their index is part of every item's seed).
+fn splits(cfg: &ScenesConfig) -> [(&'static str, usize); 3] {
+    [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)]
+}
+
+/// Item `i` of split number `si`: its scene and captions, and the generator in the state the
+/// picture is drawn from.
+fn item(cfg: &ScenesConfig, si: usize, split: &'static str, i: usize) -> (Generated, SplitMix64) {
+    let mut rng = SplitMix64::new(item_seed(cfg.seed, si, i));
+    let scene = random_scene(&mut rng);
+    let mut kinds: Vec<usize> = Vec::new();
+    while kinds.len() < cfg.captions_per_image {
+        let mut round: Vec<usize> = (0..5).collect();
+        while !round.is_empty() && kinds.len() < cfg.captions_per_image {
+            kinds.push(round.remove(rng.below(round.len())));
+        }
+    }
+    let captions: Vec<Caption> = kinds
+        .iter()
+        .map(|&k| caption(&scene, k, &mut rng))
+        .collect();
+    let generated = Generated {
+        id: format!("{split}-{i:05}"),
+        split,
+        scene,
+        captions,
+    };
+    (generated, rng)
+}
+
+/// Every item's exact content (scenes and captions, no pictures), as [`generate`] makes
+/// them: what stages that need the truth behind the files (controlled teachers) rebuild from
+/// the settings the dataset's report.json records. Caption `k` of item `id` is `{id}-{k}`.
+pub fn content(cfg: &ScenesConfig) -> Vec<Generated> {
+    splits(cfg)
+        .iter()
+        .enumerate()
+        .flat_map(|(si, (name, n))| (0..*n).map(move |i| (si, *name, i)))
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|&(si, split, i)| item(cfg, si, split, i).0)
+        .collect()
 }
 
 /// A seed per (split, index), independent of generation order.
@@ -519,8 +564,7 @@ pub fn generate(cfg: &ScenesConfig, out: &Path) -> Result<RawDataset, StageError
             "`scenes.captions_per_image` must be at least 1",
         ));
     }
-    let splits: [(&'static str, usize); 3] =
-        [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)];
+    let splits = splits(cfg);
     let jobs: Vec<(usize, &'static str, usize)> = splits
         .iter()
         .enumerate()
@@ -535,30 +579,15 @@ pub fn generate(cfg: &ScenesConfig, out: &Path) -> Result<RawDataset, StageError
     let generated: Vec<Result<Generated, StageError>> = jobs
         .par_iter()
         .map(|&(si, split, i)| {
-            let mut rng = SplitMix64::new(item_seed(cfg.seed, si, i));
-            let scene = random_scene(&mut rng);
-            let mut kinds: Vec<usize> = Vec::new();
-            while kinds.len() < cfg.captions_per_image {
-                let mut round: Vec<usize> = (0..5).collect();
-                while !round.is_empty() && kinds.len() < cfg.captions_per_image {
-                    kinds.push(round.remove(rng.below(round.len())));
-                }
-            }
-            let captions: Vec<Caption> = kinds
-                .iter()
-                .map(|&k| caption(&scene, k, &mut rng))
-                .collect();
-            let img = render(&scene, cfg.size, &mut rng);
-            let id = format!("{split}-{i:05}");
-            let path = out.join("images").join(split).join(format!("{id}.png"));
+            let (generated, mut rng) = item(cfg, si, split, i);
+            let img = render(&generated.scene, cfg.size, &mut rng);
+            let path = out
+                .join("images")
+                .join(split)
+                .join(format!("{}.png", generated.id));
             img.save(&path)
                 .map_err(|e| StageError::failed(format!("writing {}: {e}", path.display())))?;
-            Ok(Generated {
-                id,
-                split,
-                scene,
-                captions,
-            })
+            Ok(generated)
         })
         .collect();
     let generated: Vec<Generated> = generated.into_iter().collect::<Result<_, _>>()?;
@@ -628,6 +657,36 @@ pub fn generate(cfg: &ScenesConfig, out: &Path) -> Result<RawDataset, StageError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `content` rebuilds exactly what `generate` wrote (the controlled teachers rely on it).
+    #[test]
+    fn content_is_what_generate_writes() {
+        let cfg = ScenesConfig {
+            seed: 11,
+            train: 6,
+            val: 3,
+            test: 2,
+            size: 32,
+            ..ScenesConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let raw = generate(&cfg, dir.path()).unwrap();
+        let rebuilt: Vec<(String, String, String)> = content(&cfg)
+            .iter()
+            .flat_map(|g| {
+                g.captions
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| (format!("{}-{k}", g.id), g.id.clone(), c.text.clone()))
+            })
+            .collect();
+        let written: Vec<(String, String, String)> = raw
+            .captions
+            .iter()
+            .map(|c| (c.id.clone(), c.image_id.clone(), c.text.clone()))
+            .collect();
+        assert_eq!(rebuilt, written);
+    }
 
     #[test]
     fn every_caption_is_true_of_its_own_scene() {

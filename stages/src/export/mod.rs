@@ -47,6 +47,11 @@ pub struct RunConfig {
     /// adds mean ± sd per name and paired deltas to the baseline, seed by seed (`seeds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<Value>,
+    /// The `softlabel` stage's output the run was trained with (CUSA runs): the report then
+    /// shows its teachers' false-negative signal and, when the runs span several, plots each
+    /// name's difference to the baseline against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softlabels: Option<String>,
 }
 
 impl RunConfig {
@@ -172,6 +177,9 @@ pub(crate) struct Run {
     pub val_rsum: f64,
     /// The eval's metrics.json (test split, usually).
     pub test: Value,
+    /// The teacher signal of the soft labels it trained with (`softlabels:`'s report.json
+    /// `teacher_signal`), when given and measured.
+    pub signal: Option<Value>,
 }
 
 fn read_json(path: &Path, what: &str) -> Result<Value, StageError> {
@@ -209,6 +217,22 @@ fn read_run(r: &RunConfig, ctx: &StageContext<'_>) -> Result<Run, StageError> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let test = read_json(&eval_dir.join("metrics.json"), "metrics.json")?;
+    let signal = match &r.softlabels {
+        None => None,
+        Some(dir) => {
+            let path = ctx.resolve(dir).join("report.json");
+            let report = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .ok_or_else(|| {
+                    StageError::failed_with_hint(
+                        format!("run `{}`: {} is not readable", r.name, path.display()),
+                        "`softlabels:` must be a softlabel stage's output",
+                    )
+                })?;
+            Some(report["teacher_signal"].clone()).filter(|v| !v.is_null())
+        }
+    };
     Ok(Run {
         name: r.label(),
         group: r.name.clone(),
@@ -219,6 +243,7 @@ fn read_run(r: &RunConfig, ctx: &StageContext<'_>) -> Result<Run, StageError> {
         log,
         val_rsum,
         test,
+        signal,
     })
 }
 
@@ -502,7 +527,12 @@ fn export(c: &ExportConfig, ctx: &StageContext<'_>) -> Result<StageSummary, Stag
             "val_rsum": r.val_rsum,
             "test_rsum": r.test["rsum"],
             "split": r.test["split"],
+            "teacher_signal": r.signal.as_ref().map(|s| json!({
+                "i2t_auc": s["i2t"]["auc"],
+                "t2i_auc": s["t2i"]["auc"],
+            })),
         })).collect::<Vec<_>>(),
+        "against_teacher_signal": report::signal_points(&runs, baseline),
     });
     std::fs::write(
         out.join("export.json"),

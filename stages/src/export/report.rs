@@ -189,6 +189,249 @@ fn seed_table(i: &Inputs<'_>, html: &mut String) {
     html.push_str("</table>\n");
 }
 
+/// One name's point of the teacher-signal chart: its soft labels' AUCs and its difference to
+/// the baseline.
+struct SignalPoint {
+    group: String,
+    i2t_auc: f64,
+    t2i_auc: f64,
+    /// Per column (`RSUM`, `mAP@R t2i`): mean difference to the baseline over the paired seeds,
+    /// its sample sd and 95 % interval, and how many seeds.
+    deltas: Vec<(String, Option<seeds::Paired>)>,
+}
+
+/// Every name whose runs trained on soft labels with a measured teacher signal, with its
+/// differences to the baseline (seed by seed when the runs have seeds, else run against run).
+fn signal_groups(runs: &[Run], baseline: usize) -> Vec<SignalPoint> {
+    let columns: [(&str, &[&str]); 2] = [
+        ("RSUM", &["rsum"]),
+        ("mAP@R t2i", &["extended", "t2i", "mAP@R"]),
+    ];
+    let table = super::seed_table(runs, baseline, &columns);
+    let mut out = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for r in runs {
+        let Some(signal) = &r.signal else { continue };
+        if seen.contains(&r.group.as_str()) {
+            continue;
+        }
+        seen.push(&r.group);
+        let (Some(i2t), Some(t2i)) = (signal["i2t"]["auc"].as_f64(), signal["t2i"]["auc"].as_f64())
+        else {
+            continue;
+        };
+        let deltas = match &table {
+            Some((rows, names)) => {
+                let row = rows.iter().find(|x| x.group == r.group);
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| (n.clone(), row.and_then(|x| x.deltas[k])))
+                    .collect()
+            }
+            None => columns
+                .iter()
+                .map(|(n, path)| {
+                    let get = |run: &Run| path.iter().fold(&run.test, |v, k| &v[*k]).as_f64();
+                    let d = get(r)
+                        .zip(get(&runs[baseline]))
+                        .map(|(a, b)| seeds::Paired {
+                            diff: seeds::summary(&[a - b]),
+                            ci: None,
+                        });
+                    (n.to_string(), d)
+                })
+                .collect(),
+        };
+        out.push(SignalPoint {
+            group: r.group.clone(),
+            i2t_auc: i2t,
+            t2i_auc: t2i,
+            deltas,
+        });
+    }
+    out
+}
+
+/// The teacher-signal points as JSON (export.json's `against_teacher_signal`).
+pub(crate) fn signal_points(runs: &[Run], baseline: usize) -> Vec<Value> {
+    signal_groups(runs, baseline)
+        .into_iter()
+        .map(|p| {
+            let deltas: serde_json::Map<String, Value> = p
+                .deltas
+                .iter()
+                .map(|(n, d)| {
+                    (
+                        n.clone(),
+                        match d {
+                            Some(d) => serde_json::json!({
+                                "mean": d.diff.mean,
+                                "sd": d.diff.sd,
+                                "n": d.diff.n,
+                                "ci95": d.ci.map(|(a, b)| vec![a, b]),
+                            }),
+                            None => Value::Null,
+                        },
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "name": p.group,
+                "i2t_auc": p.i2t_auc,
+                "t2i_auc": p.t2i_auc,
+                "mean_auc": 0.5 * (p.i2t_auc + p.t2i_auc),
+                "delta": deltas,
+            })
+        })
+        .collect()
+}
+
+/// A scatter of (x, mean ± sd) points with their labels, as an SVG element.
+fn error_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(String, f64, f64, f64)],
+) -> Result<String, StageError> {
+    if points.is_empty() {
+        return Ok(String::new());
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, 0.0f64, 0.0f64);
+    for (_, x, m, sd) in points {
+        (x0, x1) = (x0.min(*x), x1.max(*x));
+        (y0, y1) = (y0.min(m - sd), y1.max(m + sd));
+    }
+    let xpad = ((x1 - x0) * 0.1).max(0.01);
+    let ypad = ((y1 - y0) * 0.1).max(0.1);
+    let mut svg = String::new();
+    let fail = |e: &dyn std::fmt::Display| StageError::failed(format!("drawing `{title}`: {e}"));
+    {
+        let root = SVGBackend::with_string(&mut svg, (480, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(32)
+            .y_label_area_size(56)
+            .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0 - ypad)..(y1 + ypad))
+            .map_err(|e| fail(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .x_label_formatter(&|x| format!("{x:.2}"))
+            .y_desc(y_label)
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x0 - xpad, 0.0), (x1 + xpad, 0.0)],
+                RGBColor(160, 160, 160).stroke_width(1),
+            )))
+            .map_err(|e| fail(&e))?;
+        let color = COLORS[0];
+        chart
+            .draw_series(points.iter().map(|(_, x, m, sd)| {
+                ErrorBar::new_vertical(*x, m - sd, *m, m + sd, color.filled(), 8)
+            }))
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(points.iter().map(|(name, x, m, _)| {
+                Text::new(name.clone(), (*x, *m), ("sans-serif", 12).into_font())
+            }))
+            .map_err(|e| fail(&e))?;
+        root.present().map_err(|e| fail(&e))?;
+    }
+    Ok(svg)
+}
+
+/// What the teachers behind each run's soft labels knew (the softlabel stage's diagnostics),
+/// and — when the runs span more than one signal — each name's difference to the baseline
+/// against the teachers' AUC.
+fn signal_section(i: &Inputs<'_>, html: &mut String) -> Result<(), StageError> {
+    let shown: Vec<&Run> = {
+        let mut seen: Vec<&str> = Vec::new();
+        i.runs
+            .iter()
+            .filter(|r| r.signal.is_some())
+            .filter(|r| {
+                let new = !seen.contains(&r.group.as_str());
+                seen.push(&r.group);
+                new
+            })
+            .collect()
+    };
+    if shown.is_empty() {
+        return Ok(());
+    }
+    let first = shown[0].signal.as_ref().expect("filtered");
+    let _ = write!(
+        html,
+        "<h2>Teacher signal</h2>\n<p class=\"note\">What the soft labels know about the one-hot target's false negatives, measured on the training split's exact positives \
+         over {} batches of {} at τ_s {} (the softlabel stage's diagnostics): ROC AUC of the teacher similarity for true positives vs negatives (0.5: no signal), \
+         the soft labels' mass on true positives against a uniform row's, and precision@{} of the teacher's nearest neighbours against random.</p>\n\
+         <table class=\"metrics\"><tr><th>run</th><th>i2t AUC</th><th>i2t mass (uniform)</th><th>i2t P@k (random)</th><th>t2i AUC</th><th>t2i mass (uniform)</th><th>t2i P@k (random)</th></tr>\n",
+        first["batches"], first["batch_size"], first["temperature"], first["k"]
+    );
+    for r in &shown {
+        let s = r.signal.as_ref().expect("filtered");
+        let f = |d: &str, k: &str| s[d][k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3} ({:.3})</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3} ({:.3})</td></tr>",
+            esc(&r.group),
+            f("i2t", "auc"),
+            f("i2t", "mass_on_positives"),
+            f("i2t", "mass_uniform"),
+            f("i2t", "precision_at_k"),
+            f("i2t", "precision_random"),
+            f("t2i", "auc"),
+            f("t2i", "mass_on_positives"),
+            f("t2i", "mass_uniform"),
+            f("t2i", "precision_at_k"),
+            f("t2i", "precision_random"),
+        );
+    }
+    html.push_str("</table>\n");
+    let points = signal_groups(i.runs, i.baseline);
+    if points.len() < 2 {
+        return Ok(());
+    }
+    let base = &i.runs[i.baseline].group;
+    let _ = writeln!(
+        html,
+        "<p class=\"note\">Each name's mean difference to <b>{}</b> on the {} split (paired seed by seed; bars: ± the sample sd over seeds) against its teachers' AUC, the mean of i2t and t2i.</p>\n<div class=\"charts\">",
+        esc(base),
+        esc(i.runs[i.baseline].test["split"].as_str().unwrap_or("test"))
+    );
+    for (k, (column, label)) in [("RSUM", "Δ RSUM"), ("mAP@R t2i", "Δ t2i mAP@R")]
+        .iter()
+        .enumerate()
+    {
+        let pts: Vec<(String, f64, f64, f64)> = points
+            .iter()
+            .filter_map(|p| {
+                let d = p.deltas.get(k).and_then(|(_, d)| d.as_ref())?;
+                Some((
+                    p.group.clone(),
+                    0.5 * (p.i2t_auc + p.t2i_auc),
+                    d.diff.mean,
+                    d.diff.sd.unwrap_or(0.0),
+                ))
+            })
+            .collect();
+        html.push_str(&error_chart(
+            &format!("{label} vs {base}, by teacher AUC ({column})"),
+            "teacher AUC (mean of i2t, t2i)",
+            label,
+            &pts,
+        )?);
+    }
+    html.push_str("</div>\n");
+    Ok(())
+}
+
 /// The metrics table: one row per run, the delta to the baseline under each value.
 fn metrics_table(i: &Inputs<'_>, html: &mut String) {
     let columns: Vec<(&str, Vec<&str>)> = vec![
@@ -403,6 +646,7 @@ pub(crate) fn render(i: &Inputs<'_>) -> Result<String, StageError> {
     );
     seed_table(i, &mut html);
     metrics_table(i, &mut html);
+    signal_section(i, &mut html)?;
 
     html.push_str("<h2>Training</h2>\n<div class=\"charts\">\n");
     let per_run = |key: &str| -> Vec<Series> {

@@ -117,6 +117,8 @@ pub struct Evaluated<B: Backend> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Objective {
     pub terms: Vec<Term>,
+    /// τ_s of the teachers' soft labels the CSA and USA terms read (CUSA's: 1.0).
+    pub soft_temperature: f64,
 }
 
 /// Why a batch cannot be scored.

@@ -231,6 +231,52 @@ fn neighbours(
     (precision, pos as f64 / total.max(1) as f64)
 }
 
+/// One direction of the soft labels: which teacher it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// P^II, from the image teacher ([`Inputs::images`]).
+    I2t,
+    /// P^TT, from the text teacher ([`Inputs::captions`]).
+    T2i,
+}
+
+/// The ROC AUC of one direction alone (what a controlled teacher is calibrated on): the same
+/// figure [`measure`] reports, reading only that direction's teacher vectors.
+pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) -> f64 {
+    let image_of = |c: u32| inputs.caption_image[c as usize];
+    let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
+    match which {
+        Which::I2t => {
+            let img = |r: u32| {
+                let r = r as usize;
+                &inputs.images[r * inputs.dim_i..(r + 1) * inputs.dim_i]
+            };
+            direction(
+                inputs,
+                batches,
+                1.0,
+                &|k, l| dot(img(image_of(k)), img(image_of(l))),
+                &|k, l| describes(l, image_of(k)),
+            )
+            .0
+        }
+        Which::T2i => {
+            let cap = |r: u32| {
+                let r = r as usize;
+                &inputs.captions[r * inputs.dim_t..(r + 1) * inputs.dim_t]
+            };
+            direction(
+                inputs,
+                batches,
+                1.0,
+                &|k, l| dot(cap(k), cap(l)),
+                &|k, l| describes(k, image_of(l)),
+            )
+            .0
+        }
+    }
+}
+
 /// The teacher-signal figures (see the module doc).
 pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: usize) -> Signal {
     let img = |r: u32| {

@@ -66,6 +66,7 @@ fn variants(locals: bool) -> Vec<(&'static str, LossConfig)> {
         usa: usa.then_some(UsaConfig { beta: 0.5 }),
         lca: lca.then(LcaConfig::default),
         cra: cra.then(CraConfig::default),
+        soft_temperature: None,
     };
     let mut v = vec![
         ("base", loss(false, false, false, false)),

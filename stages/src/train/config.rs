@@ -285,6 +285,10 @@ pub struct LossConfig {
     /// SelfAlign's context-level term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cra: Option<CraConfig>,
+    /// τ_s of the teachers' soft labels, P = softmax(cos / τ_s), read by CSA and USA
+    /// [default: 1.0, CUSA's: nearly uniform rows; smaller lets the teachers' ranking through].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_temperature: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -297,6 +301,7 @@ impl Default for LossConfig {
             usa: None,
             lca: None,
             cra: None,
+            soft_temperature: None,
         }
     }
 }
@@ -312,7 +317,10 @@ impl LossConfig {
         terms.extend(self.usa.map(|u| Term::Usa { beta: u.beta }));
         terms.extend(self.lca.map(Term::Lca));
         terms.extend(self.cra.map(Term::Cra));
-        Objective { terms }
+        Objective {
+            terms,
+            soft_temperature: self.soft_temperature.unwrap_or(1.0),
+        }
     }
 
     /// Whether a SelfAlign term is on (the student needs locals).
@@ -432,6 +440,20 @@ impl TrainConfig {
             && (u.beta.is_nan() || u.beta < 0.0)
         {
             return Err(ConfigError::new("loss.usa.beta", "must be ≥ 0"));
+        }
+        if let Some(t) = self.loss.soft_temperature {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(ConfigError::new(
+                    "loss.soft_temperature",
+                    "must be positive",
+                ));
+            }
+            if self.loss.csa.is_none() && self.loss.usa.is_none() {
+                return Err(ConfigError::new(
+                    "loss.soft_temperature",
+                    "only the CSA and USA terms read soft labels: add `csa:` or `usa:`, or drop it",
+                ));
+            }
         }
         Ok(())
     }

@@ -357,6 +357,7 @@ pub fn step_loss(cusa: bool) -> LossConfig {
         usa: cusa.then_some(UsaConfig { beta: 0.5 }),
         lca: None,
         cra: None,
+        soft_temperature: None,
     }
 }
 
@@ -821,6 +822,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             temperature: setting("lca_temperature")?,
             freeze_epochs: 1,
         })],
+        soft_temperature: 1.0,
     };
     let want = &f["cases"]["lca"];
     for epoch in [1, 0] {
@@ -880,6 +882,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             temperature: setting("cra_temperature")?,
             hardest: setting("hardest")? as usize,
         })],
+        soft_temperature: 1.0,
     };
     let (v, t) = (leaf_v()?, leaf_t()?);
     let params = SelfAlign {

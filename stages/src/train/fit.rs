@@ -112,8 +112,12 @@ where
     ));
     let objective = c.loss.objective(c.reduction());
     ctx.log.line(format!(
-        "objective: {}{}",
+        "objective: {}{}{}",
         objective.names().join(" + "),
+        match c.loss.soft_temperature {
+            Some(t) => format!(" (soft labels at τ_s {t})"),
+            None => String::new(),
+        },
         if c.embedding == Embedding::SelfalignConcat {
             "; validation with the selfalign-concat embedding"
         } else {

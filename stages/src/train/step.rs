@@ -116,8 +116,8 @@ pub(crate) fn batch_loss<B: AutodiffBackend, S: Student<B> + AutodiffModule<B>>(
         .map(|(ti, tc)| {
             let all: Vec<usize> = (0..b).collect();
             (
-                loss::soft_labels(ti.tensor::<B>(&all, device), 1.0),
-                loss::soft_labels(tc.tensor::<B>(&all, device), 1.0),
+                loss::soft_labels(ti.tensor::<B>(&all, device), objective.soft_temperature),
+                loss::soft_labels(tc.tensor::<B>(&all, device), objective.soft_temperature),
             )
         });
     let targets = BatchTargets {

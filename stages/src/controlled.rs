@@ -202,7 +202,6 @@ impl Kind for ControlledKind {
             return Err(StageError::Cancelled);
         }
         let cancelled = || ctx.cancel.is_cancelled();
-        let out = calibrate(&c, &items, &cancelled, &mut |line| ctx.log.line(line))?;
         let Calibrated {
             built,
             which,
@@ -212,7 +211,7 @@ impl Kind for ControlledKind {
             calibrated,
             heldout,
             other_splits,
-        } = out;
+        } = calibrate(&c, &items, &cancelled, &mut |line| ctx.log.line(line))?;
         let all: Vec<usize> = (0..built.ids.len()).collect();
         let (vectors, dim) = built.vectors(theta, &all);
         let ids: Vec<&str> = built.ids.iter().map(String::as_str).collect();
@@ -236,7 +235,7 @@ impl Kind for ControlledKind {
         )?;
         let report = json!({
             "modality": c.modality_word(),
-            "direction": match which { Which::I2t => "i2t", Which::T2i => "t2i" },
+            "direction": which.name(),
             "target_auc": c.target_auc,
             "theta": theta,
             "content_weight": theta.cos().powi(2),
@@ -269,7 +268,7 @@ impl Kind for ControlledKind {
         summary.notes.push(format!(
             "controlled {} teacher ({}): target AUC {}, reached {calibrated:.3} on calibration batches, {heldout:.3} held out ({}); content alone {ceiling:.3}; {} rows × {dim}",
             c.modality_word(),
-            match which { Which::I2t => "i2t", Which::T2i => "t2i" },
+            which.name(),
             match c.target_auc { TargetAuc::Auc(v) => format!("{v}"), TargetAuc::Max => "max".into() },
             others.join(", "),
             ids.len()
@@ -323,7 +322,16 @@ pub fn calibrate(
         Modality::Image => Which::I2t,
         Modality::Text => Which::T2i,
     };
-    let calibration = Split::new(items, &c.split)?;
+    let calibration = Split::new(items, &c.split);
+    if calibration.captions.len() < 2 || calibration.positives.is_empty() {
+        return Err(StageError::failed_with_hint(
+            format!(
+                "split `{}` has no captions with extended positives to calibrate on",
+                c.split
+            ),
+            "`split:` names one of the dataset's splits: train, val or test (default: train)",
+        ));
+    }
     let cal_batches = signal::batches(
         calibration.captions.len(),
         c.batch_size,
@@ -392,7 +400,7 @@ pub fn calibrate(
         if name == c.split {
             continue;
         }
-        let split = Split::new(items, name)?;
+        let split = Split::new(items, name);
         if split.captions.len() < 2 || split.positives.is_empty() {
             continue;
         }
@@ -618,7 +626,7 @@ struct Split {
 }
 
 impl Split {
-    fn new(items: &[Generated], name: &str) -> Result<Self, StageError> {
+    fn new(items: &[Generated], name: &str) -> Self {
         let mut split: Vec<&Generated> = items.iter().filter(|g| g.split == name).collect();
         split.sort_by(|a, b| a.id.cmp(&b.id));
         let mut captions: Vec<(String, u32, &Caption)> = Vec::new();
@@ -639,12 +647,12 @@ impl Split {
                     .map(move |(i, _)| (c as u32, i as u32))
             })
             .collect();
-        Ok(Split {
+        Split {
             caption_image: captions.iter().map(|c| c.1).collect(),
             captions: captions.into_iter().map(|c| c.0).collect(),
             images: split.iter().map(|g| g.id.clone()).collect(),
             positives,
-        })
+        }
     }
 
     /// The rows of `built` holding this split's items of `modality`, in the split's order.

@@ -240,12 +240,28 @@ pub enum Which {
     T2i,
 }
 
-/// The ROC AUC of one direction alone (what a controlled teacher is calibrated on): the same
-/// figure [`measure`] reports, reading only that direction's teacher vectors.
-pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) -> f64 {
+impl Which {
+    /// `i2t` or `t2i`, as the reports name the direction.
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::I2t => "i2t",
+            Which::T2i => "t2i",
+        }
+    }
+}
+
+/// One direction's batch figures (AUC, mass on positives, uniform mass, positives per row):
+/// the teacher's score and the truth of a (row, column) pair of caption rows.
+fn scored(
+    inputs: &Inputs<'_>,
+    batches: &[Vec<u32>],
+    temperature: f64,
+    which: Which,
+) -> (f64, f64, f64, f64) {
     let image_of = |c: u32| inputs.caption_image[c as usize];
     let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
     match which {
+        // Row image i_k, column caption c_l.
         Which::I2t => {
             let img = |r: u32| {
                 let r = r as usize;
@@ -254,12 +270,12 @@ pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) ->
             direction(
                 inputs,
                 batches,
-                1.0,
+                temperature,
                 &|k, l| dot(img(image_of(k)), img(image_of(l))),
                 &|k, l| describes(l, image_of(k)),
             )
-            .0
         }
+        // Row caption c_k, column image i_l.
         Which::T2i => {
             let cap = |r: u32| {
                 let r = r as usize;
@@ -268,13 +284,18 @@ pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) ->
             direction(
                 inputs,
                 batches,
-                1.0,
+                temperature,
                 &|k, l| dot(cap(k), cap(l)),
                 &|k, l| describes(k, image_of(l)),
             )
-            .0
         }
     }
+}
+
+/// The ROC AUC of one direction alone (what a controlled teacher is calibrated on): the same
+/// figure [`measure`] reports, reading only that direction's teacher vectors.
+pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) -> f64 {
+    scored(inputs, batches, 1.0, which).0
 }
 
 /// The teacher-signal figures (see the module doc).
@@ -289,22 +310,8 @@ pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: u
     };
     let image_of = |c: u32| inputs.caption_image[c as usize];
     let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
-    // i2t: row image i_k, column caption c_l.
-    let (auc_i, mass_i, uni_i, count_i) = direction(
-        inputs,
-        batches,
-        temperature,
-        &|k, l| dot(img(image_of(k)), img(image_of(l))),
-        &|k, l| describes(l, image_of(k)),
-    );
-    // t2i: row caption c_k, column image i_l.
-    let (auc_t, mass_t, uni_t, count_t) = direction(
-        inputs,
-        batches,
-        temperature,
-        &|k, l| dot(cap(k), cap(l)),
-        &|k, l| describes(k, image_of(l)),
-    );
+    let (auc_i, mass_i, uni_i, count_i) = scored(inputs, batches, temperature, Which::I2t);
+    let (auc_t, mass_t, uni_t, count_t) = scored(inputs, batches, temperature, Which::T2i);
     // Whole-split neighbours. Images: another image j is a hit when one of its captions
     // describes the query image.
     let n_images = inputs.images.len() / inputs.dim_i.max(1);

@@ -11,7 +11,10 @@ functions `Metrics().compute_all_metrics` calls; its public entry point only tak
     python3 scripts/bench/eval_eccv_caption.py DIR   # DIR written by `cusa-pipe bench eval`
 
 Prints one JSON object: seconds (the whole computation, loading excluded), peak RSS (MiB),
-and the metrics in percent.
+the metrics in percent, and the machine's floor: the best of three runs of the one product
+`images @ captions.T` alone (`gemm_seconds`) with the BLAS that did it (`blas`, from
+threadpoolctl when installed: library, kernel architecture, threads). `cusa-pipe bench eval`
+runs this with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset, so OpenBLAS picks its own kernels.
 """
 import json
 import resource
@@ -93,4 +96,24 @@ for direction in ("i2t", "t2i"):
     }
 out["seconds"] = time.perf_counter() - t0
 out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+# The floor: one single-precision product of the same shape, nothing else.
+product = np.empty((ni, nc), dtype=np.float32)
+best = float("inf")
+for _ in range(3):
+    t = time.perf_counter()
+    np.matmul(images, captions.T, out=product)
+    best = min(best, time.perf_counter() - t)
+out["gemm_seconds"] = best
+try:
+    from threadpoolctl import threadpool_info
+
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    out["blas"] = ", ".join(
+        f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} kernels, "
+        f"{i.get('num_threads')} threads"
+        for i in blas
+    )
+except ImportError:
+    out["blas"] = "unknown (pip install threadpoolctl to name it)"
 print(json.dumps(out))

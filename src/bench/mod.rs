@@ -35,7 +35,7 @@ pub enum Suite {
     Dataset,
     /// The quickstart's teachers vs Python onnxruntime + tokenizers + PIL/numpy
     Teacher,
-    /// Step time of +CSA/+USA/+CUSA vs the base loss; training pairs/s
+    /// Step time of +CSA/+USA/+CUSA vs the base loss; training pairs/s; vs PyTorch on the CPU
     Train,
     /// Retrieval metrics on 5K × 25K embeddings vs numpy + eccv-caption
     Eval,
@@ -81,7 +81,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 512)]
     dim: usize,
     /// The Python of the peers (pandas + pyarrow for dataset, numpy + eccv-caption for eval,
-    /// moto[server] + boto3 for remote)
+    /// onnxruntime + onnx + tokenizers + pillow for teacher, torch for train, moto[server] +
+    /// boto3 for remote)
     #[arg(long, default_value = "python3")]
     python: PathBuf,
     /// Small objects of the remote suite
@@ -105,7 +106,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Engine => engine(args),
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),
         Suite::Teacher => teacher::teacher(&args.dir, &args.python),
-        Suite::Train => train::train(args.batch, args.steps),
+        Suite::Train => train::train(args.batch, args.steps, &args.python),
         Suite::Gpu => gpu::gpu(&args.gpu, &args.dir, args.batch, args.steps),
         Suite::Remote => {
             let big = args.dir.join("data/big.bin");
@@ -206,13 +207,13 @@ fn engine(args: BenchArgs) -> anyhow::Result<i32> {
     let cusa_first = t.elapsed();
     cusa("status")?;
     let status = best(args.repeat, || cusa("status"))?;
-    let verdict = if status.as_secs_f64() < 0.5 {
+    let verdict = if status.as_secs_f64() < 0.15 {
         "met"
     } else {
         "NOT met"
     };
     println!(
-        "  cusa-pipe status          {:>9}   goal < 0.5 s: {verdict}",
+        "  cusa-pipe status          {:>9}   goal < 0.15 s: {verdict}",
         secs(status)
     );
 
@@ -260,7 +261,7 @@ fn engine(args: BenchArgs) -> anyhow::Result<i32> {
         status,
         "dvc status",
         dvc_status,
-        "goal ≥ 20×",
+        "goal < 0.15 s and ≥ 20×",
     );
     Ok(0)
 }

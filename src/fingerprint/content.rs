@@ -4,20 +4,25 @@
 //! sorted list of relative paths with each file's digest, size and executable bit (empty
 //! folders included), encoded canonically. The same manifest describes committed output trees
 //! in the store, so an input folder and an output tree with equal content have equal digests.
+//! A folder's digest is streamed into the hasher entry by entry ([`ContentHasher::digest_path`]):
+//! the manifest itself is built only for callers that keep it.
 //!
 //! The stat cache (one file per input root under `stat-v1/`) maps each relative path to
 //! (device, inode, size, mtime ns, ctime ns) → digest. A file whose stat matches is not read;
 //! any write changes mtime/ctime, so a flipped byte is seen. Files modified less than
 //! [`RACY_WINDOW_NS`] before the cache was written are not trusted (git's "racily clean"
 //! problem: a later write within the same timestamp tick would go unnoticed) and are hashed
-//! again next time. Folders holding a `CACHEDIR.TAG` (caches, ours included) are skipped, so a
-//! project input that contains the cache does not change with every run. Misses are hashed in parallel with rayon. The cache is only an
-//! optimisation: deleting `stat-v1/` is always safe.
+//! again next time. The cache file is flat ([`StatCache`]): fixed-size records sorted by path
+//! and one block of path bytes, read with one `read` and looked up in place, so a no-op check of
+//! 100,000 files allocates nothing per file for it. Folders holding a `CACHEDIR.TAG` (caches,
+//! ours included) are skipped, so a project input that contains the cache does not change with
+//! every run. Misses are hashed in parallel with rayon. The cache is only an optimisation:
+//! deleting `stat-v1/` is always safe, and a file it cannot read (truncated, another version's
+//! format) counts as empty.
 
-use std::collections::HashMap;
 use std::fs::{File, Metadata};
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,14 +37,10 @@ pub const RACY_WINDOW_NS: i128 = 1_000_000_000;
 /// A hex sha256.
 pub type Hex = String;
 
-/// Files found by a walk: relative path and metadata.
-type FileList = Vec<(String, FileStat)>;
-
-/// What the hasher needs to know of a file: its stat key, size and executable bit.
+/// What the hasher needs to know of a file: its stat key (size included) and executable bit.
 #[derive(Clone, Copy)]
-pub struct FileStat {
+struct FileStat {
     stat: Stat,
-    size: u64,
     exec: bool,
 }
 
@@ -47,7 +48,6 @@ impl FileStat {
     fn of(m: &Metadata) -> Self {
         FileStat {
             stat: Stat::of(m),
-            size: m.len(),
             exec: m.permissions().mode() & 0o111 != 0,
         }
     }
@@ -104,38 +104,19 @@ pub struct Manifest {
 
 impl Manifest {
     /// Canonical bytes ([`crate::canonical`]); their sha256 is the folder's digest. Written
-    /// directly (keys in sorted order) because a manifest can list millions of files; a test
-    /// pins these bytes to the generic encoder.
+    /// directly (keys in sorted order, [`encode_entry`]) because a manifest can list millions of
+    /// files; a test pins these bytes to the generic encoder.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.entries.len() * 128);
-        out.extend_from_slice(b"{\"entries\":[");
+        out.extend_from_slice(MANIFEST_OPEN);
         for (i, e) in self.entries.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            let path = serde_json::to_string(&e.path).expect("strings serialise");
-            match &e.node {
-                Node::File { sha256, size, exec } => {
-                    out.push(b'{');
-                    if *exec {
-                        out.extend_from_slice(b"\"exec\":true,");
-                    }
-                    out.extend_from_slice(b"\"path\":");
-                    out.extend_from_slice(path.as_bytes());
-                    out.extend_from_slice(b",\"sha256\":\"");
-                    out.extend_from_slice(sha256.as_bytes());
-                    out.extend_from_slice(
-                        format!("\",\"size\":{size},\"type\":\"file\"}}").as_bytes(),
-                    );
-                }
-                Node::Dir => {
-                    out.extend_from_slice(b"{\"path\":");
-                    out.extend_from_slice(path.as_bytes());
-                    out.extend_from_slice(b",\"type\":\"dir\"}");
-                }
-            }
+            let node = match &e.node {
+                Node::File { sha256, size, exec } => Some((sha256.as_bytes(), *size, *exec)),
+                Node::Dir => None,
+            };
+            encode_entry(&mut out, i > 0, &e.path, node);
         }
-        out.extend_from_slice(b"]}");
+        out.extend_from_slice(MANIFEST_CLOSE);
         out
     }
 
@@ -223,6 +204,51 @@ impl Manifest {
     }
 }
 
+const MANIFEST_OPEN: &[u8] = b"{\"entries\":[";
+const MANIFEST_CLOSE: &[u8] = b"]}";
+
+/// Appends one manifest entry's canonical bytes: a file (`Some((hex sha256, size, exec))`) or
+/// a folder (`None`), preceded by a comma unless it is the first.
+fn encode_entry(out: &mut Vec<u8>, comma: bool, path: &str, file: Option<(&[u8], u64, bool)>) {
+    if comma {
+        out.push(b',');
+    }
+    let quoted = |out: &mut Vec<u8>| {
+        // JSON string: only `"`, `\` and control characters need escaping (serde_json's rule).
+        if path.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(path.as_bytes());
+            out.push(b'"');
+        } else {
+            out.extend_from_slice(
+                serde_json::to_string(path)
+                    .expect("strings serialise")
+                    .as_bytes(),
+            );
+        }
+    };
+    match file {
+        Some((sha256, size, exec)) => {
+            out.push(b'{');
+            if exec {
+                out.extend_from_slice(b"\"exec\":true,");
+            }
+            out.extend_from_slice(b"\"path\":");
+            quoted(out);
+            out.extend_from_slice(b",\"sha256\":\"");
+            out.extend_from_slice(sha256);
+            out.extend_from_slice(b"\",\"size\":");
+            let _ = write!(out, "{size}"); // writing to a Vec cannot fail
+            out.extend_from_slice(b",\"type\":\"file\"}");
+        }
+        None => {
+            out.extend_from_slice(b"{\"path\":");
+            quoted(out);
+            out.extend_from_slice(b",\"type\":\"dir\"}");
+        }
+    }
+}
+
 /// A digest of a project input: a file or a folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathDigest {
@@ -230,32 +256,176 @@ pub struct PathDigest {
     pub is_dir: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Stat {
     dev: u64,
     ino: u64,
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
 }
 
 impl Stat {
     fn of(m: &Metadata) -> Self {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         Stat {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
         }
     }
 }
 
-#[derive(Serialize, Deserialize, Default)]
-struct StatCacheFile {
-    root: String,
-    written_at_ns: i128,
-    entries: Vec<(String, Stat, [u8; 32])>,
+/// A stat cache file, read whole and looked up in place.
+///
+/// Layout (little-endian): magic `cusastat`, version u32 (2), record count u32, written-at ns
+/// i64, root length u32 + root bytes; then one 80-byte record per file, sorted by path bytes:
+/// path offset u32 and length u32 (into the path block), dev, ino, size (u64), mtime ns, ctime
+/// ns (i64), sha256 (32 bytes); then the path block. Anything else parses as an empty cache.
+struct StatCache {
+    bytes: Vec<u8>,
+    count: usize,
+    records: usize,
+    paths: usize,
+    written_at_ns: i64,
+}
+
+const STAT_MAGIC: &[u8; 8] = b"cusastat";
+const STAT_VERSION: u32 = 2;
+const STAT_RECORD: usize = 80;
+
+impl StatCache {
+    fn empty() -> StatCache {
+        StatCache {
+            bytes: Vec::new(),
+            count: 0,
+            records: 0,
+            paths: 0,
+            written_at_ns: 0,
+        }
+    }
+
+    fn read(path: &Path) -> StatCache {
+        std::fs::read(path)
+            .ok()
+            .and_then(StatCache::parse)
+            .unwrap_or_else(StatCache::empty)
+    }
+
+    fn parse(bytes: Vec<u8>) -> Option<StatCache> {
+        let u32_at = |at: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+        };
+        if bytes.get(..8)? != STAT_MAGIC || u32_at(8)? != STAT_VERSION {
+            return None;
+        }
+        let count = u32_at(12)? as usize;
+        let written_at_ns = i64::from_le_bytes(bytes.get(16..24)?.try_into().ok()?);
+        let records = 28usize.checked_add(u32_at(24)? as usize)?;
+        let paths = records.checked_add(count.checked_mul(STAT_RECORD)?)?;
+        if paths > bytes.len() {
+            return None;
+        }
+        let cache = StatCache {
+            count,
+            records,
+            paths,
+            written_at_ns,
+            bytes,
+        };
+        // Every path inside the block, valid UTF-8 and in strictly increasing order.
+        let mut previous: Option<&[u8]> = None;
+        for i in 0..count {
+            let r = cache.records + i * STAT_RECORD;
+            let off = u32::from_le_bytes(cache.bytes[r..r + 4].try_into().ok()?) as usize;
+            let len = u32::from_le_bytes(cache.bytes[r + 4..r + 8].try_into().ok()?) as usize;
+            let start = cache.paths.checked_add(off)?;
+            let path = cache.bytes.get(start..start.checked_add(len)?)?;
+            std::str::from_utf8(path).ok()?;
+            if previous.is_some_and(|p| p >= path) {
+                return None;
+            }
+            previous = Some(path);
+        }
+        Some(cache)
+    }
+
+    fn record(&self, i: usize) -> &[u8] {
+        let r = self.records + i * STAT_RECORD;
+        &self.bytes[r..r + STAT_RECORD]
+    }
+
+    fn path(&self, i: usize) -> &[u8] {
+        let r = self.record(i);
+        let off = u32::from_le_bytes(r[0..4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) as usize;
+        &self.bytes[self.paths + off..self.paths + off + len]
+    }
+
+    fn stat(&self, i: usize) -> Stat {
+        let r = self.record(i);
+        let u = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().expect("8 bytes"));
+        Stat {
+            dev: u(8),
+            ino: u(16),
+            size: u(24),
+            mtime_ns: u(32) as i64,
+            ctime_ns: u(40) as i64,
+        }
+    }
+
+    fn digest(&self, i: usize) -> [u8; 32] {
+        self.record(i)[48..80].try_into().expect("32 bytes")
+    }
+
+    /// Whether record `i` was old enough when the cache was written to be trusted.
+    fn trusted(&self, i: usize) -> bool {
+        (self.stat(i).mtime_ns as i128) < self.written_at_ns as i128 - RACY_WINDOW_NS
+    }
+
+    /// The cache file for `files` (sorted by path, as the walk returns them).
+    fn encode<'a>(
+        root: &Path,
+        files: impl Iterator<Item = (&'a str, Stat, &'a [u8; 32])> + Clone,
+    ) -> Vec<u8> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let root = root.as_os_str().as_encoded_bytes();
+        let (count, path_bytes) = files
+            .clone()
+            .fold((0usize, 0usize), |(n, b), (p, _, _)| (n + 1, b + p.len()));
+        let mut out = Vec::with_capacity(28 + root.len() + count * STAT_RECORD + path_bytes);
+        out.extend_from_slice(STAT_MAGIC);
+        out.extend_from_slice(&STAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        out.extend_from_slice(&now.to_le_bytes());
+        out.extend_from_slice(&(root.len() as u32).to_le_bytes());
+        out.extend_from_slice(root);
+        let mut off = 0u32;
+        for (path, st, digest) in files.clone() {
+            out.extend_from_slice(&off.to_le_bytes());
+            out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            for v in [
+                st.dev,
+                st.ino,
+                st.size,
+                st.mtime_ns as u64,
+                st.ctime_ns as u64,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(digest);
+            off += path.len() as u32;
+        }
+        for (path, _, _) in files {
+            out.extend_from_slice(path.as_bytes());
+        }
+        out
+    }
 }
 
 /// Hashes files and folders, with a stat cache in `stat_dir` (or none).
@@ -276,7 +446,8 @@ impl ContentHasher {
         Self { stat_dir }
     }
 
-    /// Digest of a file or folder.
+    /// Digest of a file or folder. A folder's manifest is streamed into the hasher, never
+    /// held whole.
     pub fn digest_path(&self, path: &Path, walk: Walk) -> Result<PathDigest, HashError> {
         let meta = if walk.follow_links {
             std::fs::metadata(path)
@@ -285,16 +456,37 @@ impl ContentHasher {
         }
         .map_err(io_err(path))?;
         if meta.is_dir() {
+            let (found, digests) = self.listing(path, walk)?;
+            let mut hasher = Sha256::new();
+            let mut chunk = Vec::with_capacity(1 << 16);
+            chunk.extend_from_slice(MANIFEST_OPEN);
+            let mut hex = [0u8; 64];
+            for (i, ((rel, item), digest)) in found.iter().zip(&digests).enumerate() {
+                let node = match item {
+                    Found::File(st) => {
+                        hex::encode_to_slice(digest, &mut hex).expect("64 bytes for 32");
+                        Some((&hex[..], st.stat.size, st.exec))
+                    }
+                    Found::Dir => None,
+                };
+                encode_entry(&mut chunk, i > 0, rel, node);
+                if chunk.len() >= 1 << 16 {
+                    hasher.update(&chunk);
+                    chunk.clear();
+                }
+            }
+            chunk.extend_from_slice(MANIFEST_CLOSE);
+            hasher.update(&chunk);
             Ok(PathDigest {
-                digest: self.manifest(path, walk)?.digest(),
+                digest: hex::encode(hasher.finalize()),
                 is_dir: true,
             })
         } else if meta.is_file() {
-            let old = self.load(path);
-            let (digest, _) =
-                self.manifest_of_files(path, vec![(String::new(), FileStat::of(&meta))], old)?;
+            let cache = self.load(path);
+            let found = [(String::new(), Found::File(FileStat::of(&meta)))];
+            let digests = self.digests(path, &found, &cache)?;
             Ok(PathDigest {
-                digest: digest[0].clone(),
+                digest: hex::encode(digests[0]),
                 is_dir: false,
             })
         } else if meta.file_type().is_symlink() {
@@ -310,107 +502,113 @@ impl ContentHasher {
 
     /// The manifest of a folder.
     pub fn manifest(&self, root: &Path, walk: Walk) -> Result<Manifest, HashError> {
-        // Reading the stat cache overlaps with the walk.
-        let (found, old) = rayon::join(|| walk_tree(root, walk.follow_links), || self.load(root));
-        let found = found?;
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut files: FileList = Vec::with_capacity(found.len());
-        for (rel, item) in found {
-            match item {
-                Found::Dir => entries.push(Entry {
-                    path: rel,
-                    node: Node::Dir,
-                }),
-                Found::File(st) => files.push((rel, st)),
-            }
-        }
-        let (digests, files) = self.manifest_of_files(root, files, old)?;
-        for ((rel, st), sha256) in files.into_iter().zip(digests) {
-            entries.push(Entry {
-                path: rel,
-                node: Node::File {
-                    sha256,
-                    size: st.size,
-                    exec: st.exec,
+        let (found, digests) = self.listing(root, walk)?;
+        let entries = found
+            .into_iter()
+            .zip(digests)
+            .map(|((path, item), digest)| Entry {
+                path,
+                node: match item {
+                    Found::File(st) => Node::File {
+                        sha256: hex::encode(digest),
+                        size: st.stat.size,
+                        exec: st.exec,
+                    },
+                    Found::Dir => Node::Dir,
                 },
-            });
-        }
-        // A folder is listed only when nothing lies below it: a file's path implies its parents.
-        let mut parents: std::collections::HashSet<&str> = std::collections::HashSet::new();
-        for e in &entries {
-            let mut p = e.path.as_str();
-            while let Some(cut) = p.rfind('/') {
-                p = &p[..cut];
-                parents.insert(p);
-            }
-        }
-        let parents: std::collections::HashSet<String> =
-            parents.into_iter().map(str::to_string).collect();
-        entries.retain(|e| e.node != Node::Dir || !parents.contains(&e.path));
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
+            })
+            .collect();
         Ok(Manifest { entries })
     }
 
-    /// Digests of `files` (paths relative to `root`; "" is `root` itself), using the stat
-    /// cache. Returns digests in the order given, with the metadata.
-    fn manifest_of_files(
+    /// A folder's entries in manifest order (sorted by path; a folder only when nothing lies
+    /// below it) with, beside each, its digest (zeros for a folder), through the stat cache.
+    fn listing(&self, root: &Path, walk: Walk) -> Result<Listing, HashError> {
+        // Reading the stat cache overlaps with the walk.
+        let (found, cache) = rayon::join(|| walk_tree(root, walk.follow_links), || self.load(root));
+        let found = found?;
+        let digests = self.digests(root, &found, &cache)?;
+        Ok((found, digests))
+    }
+
+    /// The digest of every file in `found` (paths relative to `root`, sorted; "" is `root`
+    /// itself), aligned with it (zeros for folders): from `cache` where a trusted record's stat
+    /// matches, read otherwise (in parallel). The cache is rewritten when anything was read, a
+    /// record was untrusted or the file set changed.
+    fn digests(
         &self,
         root: &Path,
-        files: FileList,
-        old: StatCacheFile,
-    ) -> Result<(Vec<Hex>, FileList), HashError> {
-        let cache_path = self.cache_path(root);
-        let trusted_before = old.written_at_ns - RACY_WINDOW_NS;
-        let known: HashMap<&str, (&Stat, &[u8; 32])> = old
-            .entries
-            .iter()
-            .filter(|(_, s, _)| s.mtime_ns < trusted_before)
-            .map(|(p, s, d)| (p.as_str(), (s, d)))
-            .collect();
-
-        let stats: Vec<Stat> = files.iter().map(|(_, f)| f.stat).collect();
-        let digests: Vec<Result<[u8; 32], HashError>> = files
-            .par_iter()
-            .zip(stats.par_iter())
-            .map(|((rel, _), stat)| match known.get(rel.as_str()) {
-                Some((s, d)) if *s == stat => Ok(**d),
-                _ => {
-                    let path = if rel.is_empty() {
-                        root.to_path_buf()
-                    } else {
-                        root.join(rel)
-                    };
-                    sha256_file(&path)
-                }
-            })
-            .collect();
-        let digests: Vec<[u8; 32]> = digests.into_iter().collect::<Result<_, _>>()?;
-        let misses = files
-            .iter()
-            .zip(&stats)
-            .filter(|((rel, _), st)| !matches!(known.get(rel.as_str()), Some((s, _)) if *s == *st))
-            .count();
-        let still_racy = old.entries.len() != known.len();
-        if let Some(cache_path) = cache_path
-            && (misses > 0 || still_racy || old.entries.len() != files.len())
-        {
-            let entries = files
-                .iter()
-                .zip(&stats)
-                .zip(&digests)
-                .map(|(((rel, _), st), d)| (rel.clone(), *st, *d))
-                .collect();
-            save_stat_cache(&cache_path, root, entries);
+        found: &[(String, Found)],
+        cache: &StatCache,
+    ) -> Result<Vec<[u8; 32]>, HashError> {
+        const FOLDER: u32 = u32::MAX;
+        const MISS: u32 = u32::MAX - 1;
+        // Both lists are sorted by path bytes: one merge finds every file's record.
+        let mut known: Vec<u32> = Vec::with_capacity(found.len());
+        let (mut j, mut misses, mut files) = (0, 0, 0);
+        for (rel, item) in found {
+            let Found::File(st) = item else {
+                known.push(FOLDER);
+                continue;
+            };
+            files += 1;
+            let rel = rel.as_bytes();
+            while j < cache.count && cache.path(j) < rel {
+                j += 1;
+            }
+            if j < cache.count
+                && cache.path(j) == rel
+                && cache.trusted(j)
+                && cache.stat(j) == st.stat
+            {
+                known.push(j as u32);
+            } else {
+                known.push(MISS);
+                misses += 1;
+            }
         }
-        Ok((digests.iter().map(hex::encode).collect(), files))
+        let digests: Vec<[u8; 32]> = found
+            .par_iter()
+            .zip(known.par_iter())
+            .map_init(
+                || vec![0u8; 256 * 1024],
+                |buffer, ((rel, _), &k)| match k {
+                    FOLDER => Ok([0; 32]),
+                    MISS => {
+                        let path = if rel.is_empty() {
+                            root.to_path_buf()
+                        } else {
+                            root.join(rel)
+                        };
+                        sha256_into(&path, buffer)
+                    }
+                    k => Ok(cache.digest(k as usize)),
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        // Records too recent to trust are rewritten, so they can be trusted next time.
+        let untrusted = (0..cache.count).any(|i| !cache.trusted(i));
+        if let Some(cache_path) = self.cache_path(root)
+            && (misses > 0 || untrusted || cache.count != files)
+        {
+            let records = found
+                .iter()
+                .zip(&digests)
+                .filter_map(|((rel, item), d)| match item {
+                    Found::File(st) => Some((rel.as_str(), st.stat, d)),
+                    Found::Dir => None,
+                });
+            save_stat_cache(&cache_path, &StatCache::encode(root, records));
+        }
+        Ok(digests)
     }
 
     /// The stat cache of `root` (empty when there is none or it is unreadable).
-    fn load(&self, root: &Path) -> StatCacheFile {
+    fn load(&self, root: &Path) -> StatCache {
         self.cache_path(root)
             .as_deref()
-            .map(load_stat_cache)
-            .unwrap_or_default()
+            .map(StatCache::read)
+            .unwrap_or_else(StatCache::empty)
     }
 
     /// Records that `root`'s files have the digests in `manifest` (just hashed by the caller),
@@ -419,7 +617,7 @@ impl ContentHasher {
         let Some(cache_path) = self.cache_path(root) else {
             return;
         };
-        let mut entries = Vec::new();
+        let mut records = Vec::new();
         for e in &manifest.entries {
             if let Node::File { sha256, .. } = &e.node {
                 let (Ok(meta), Ok(bytes)) = (
@@ -431,10 +629,12 @@ impl ContentHasher {
                 let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else {
                     return;
                 };
-                entries.push((e.path.clone(), Stat::of(&meta), digest));
+                records.push((e.path.as_str(), Stat::of(&meta), digest));
             }
         }
-        save_stat_cache(&cache_path, root, entries);
+        // Manifest entries are sorted by path, as the cache's records must be.
+        let records = records.iter().map(|(p, st, d)| (*p, *st, d));
+        save_stat_cache(&cache_path, &StatCache::encode(root, records));
     }
 
     fn cache_path(&self, root: &Path) -> Option<PathBuf> {
@@ -445,50 +645,56 @@ impl ContentHasher {
     }
 }
 
+/// A walk's entries and, aligned with them, their digests.
+type Listing = (Vec<(String, Found)>, Vec<[u8; 32]>);
+
 /// What the walk found at a relative path.
 enum Found {
+    /// A folder with nothing below it (a folder with content is implied by its files).
     Dir,
     File(FileStat),
 }
 
-/// Lists a folder recursively: sub-folders are read in parallel, each entry costs one stat
-/// (none for folders, whose type comes from the directory entry). Symbolic links are followed
-/// (with loop detection) or refused.
+/// Lists a folder recursively, sorted by path: sub-folders are read in parallel, each file
+/// costs one stat (none for folders, whose type comes from the directory entry). Symbolic
+/// links are followed (with loop detection) or refused.
 fn walk_tree(root: &Path, follow_links: bool) -> Result<Vec<(String, Found)>, HashError> {
     let meta = std::fs::metadata(root).map_err(io_err(root))?;
-    let mut out = walk_dir(
+    walk_dir(
         root,
         String::new(),
         follow_links,
         &[(meta.dev(), meta.ino())],
-    )?;
-    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    )
 }
 
+/// One folder's entries, sorted by path. Each folder sorts only its own children (in parallel
+/// with the others): a sub-folder's entries all start with `name/`, so its block sorts among
+/// its siblings under that key (`/` included: `a/x` comes after `a.txt`), an empty folder under
+/// its bare name.
 fn walk_dir(
     dir: &Path,
     rel: String,
     follow: bool,
     ancestors: &[(u64, u64)],
 ) -> Result<Vec<(String, Found)>, HashError> {
-    let mut out = Vec::new();
+    let mut files: Vec<(String, Found)> = Vec::new();
     let mut subdirs: Vec<(PathBuf, String, (u64, u64))> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
-        let path = entry.path();
         let name = entry.file_name();
-        let name = name
-            .to_str()
-            .ok_or_else(|| HashError::NonUtf8 { path: path.clone() })?;
+        let Some(name) = name.to_str() else {
+            return Err(HashError::NonUtf8 { path: entry.path() });
+        };
         let child_rel = if rel.is_empty() {
             name.to_string()
         } else {
             format!("{rel}/{name}")
         };
-        let mut ft = entry.file_type().map_err(io_err(&path))?;
+        let mut ft = entry.file_type().map_err(|e| io_err(&entry.path())(e))?;
         let mut meta = None;
         if ft.is_symlink() {
+            let path = entry.path();
             if !follow {
                 return Err(HashError::Symlink { path });
             }
@@ -497,6 +703,7 @@ fn walk_dir(
             meta = Some(m);
         }
         if ft.is_dir() {
+            let path = entry.path();
             let id = match &meta {
                 Some(m) => (m.dev(), m.ino()),
                 None => {
@@ -519,64 +726,77 @@ fn walk_dir(
         } else if ft.is_file() {
             let m = match meta {
                 Some(m) => m,
-                None => entry.metadata().map_err(io_err(&path))?,
+                // fstatat on the open directory: no path is built for a file.
+                None => entry.metadata().map_err(|e| io_err(&entry.path())(e))?,
             };
-            out.push((child_rel, Found::File(FileStat::of(&m))));
+            files.push((child_rel, Found::File(FileStat::of(&m))));
         } else {
-            return Err(HashError::Special { path });
+            return Err(HashError::Special { path: entry.path() });
         }
     }
-    let nested: Vec<Result<Vec<(String, Found)>, HashError>> = subdirs
+    type Block = (String, Vec<(String, Found)>);
+    let nested: Vec<Result<Block, HashError>> = subdirs
         .into_par_iter()
         .map(|(path, child_rel, id)| {
             let mut chain = ancestors.to_vec();
             chain.push(id);
             let mut v = walk_dir(&path, child_rel.clone(), follow, &chain)?;
-            v.push((child_rel, Found::Dir));
-            Ok(v)
+            // A folder is listed only when nothing lies below it.
+            let key = if v.is_empty() {
+                v.push((child_rel.clone(), Found::Dir));
+                child_rel
+            } else {
+                format!("{child_rel}/")
+            };
+            Ok((key, v))
         })
         .collect();
-    for n in nested {
-        out.extend(n?);
+    let mut blocks: Vec<Block> = nested.into_iter().collect::<Result<_, _>>()?;
+    files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    if blocks.is_empty() {
+        return Ok(files);
+    }
+    blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    // Merge the sorted files with the sorted sub-folder blocks.
+    let total = files.len() + blocks.iter().map(|(_, v)| v.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    let mut blocks = blocks.into_iter().peekable();
+    for file in files {
+        while let Some((_, block)) = blocks.next_if(|(key, _)| *key < file.0) {
+            out.extend(block);
+        }
+        out.push(file);
+    }
+    for (_, block) in blocks {
+        out.extend(block);
     }
     Ok(out)
 }
 
-fn load_stat_cache(path: &Path) -> StatCacheFile {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| postcard::from_bytes(&b).ok())
-        .unwrap_or_default()
-}
-
-fn save_stat_cache(path: &Path, root: &Path, entries: Vec<(String, Stat, [u8; 32])>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    let file = StatCacheFile {
-        root: root.to_string_lossy().into_owned(),
-        written_at_ns: now,
-        entries,
-    };
-    if let (Ok(bytes), Some(dir)) = (postcard::to_allocvec(&file), path.parent()) {
+fn save_stat_cache(path: &Path, bytes: &[u8]) {
+    if let Some(dir) = path.parent() {
         // Best effort: a lost cache only costs re-hashing.
         let _ = std::fs::create_dir_all(dir);
-        let _ = crate::store::atomic::write_file(path, &bytes, false);
+        let _ = crate::store::atomic::write_file(path, bytes, false);
     }
 }
 
 /// sha256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> Result<[u8; 32], HashError> {
+    sha256_into(path, &mut vec![0u8; 256 * 1024])
+}
+
+/// sha256 of a file's bytes, read through `buffer` (reused across files by the callers that
+/// hash many: a fresh buffer per file would be fresh pages per file).
+fn sha256_into(path: &Path, buffer: &mut [u8]) -> Result<[u8; 32], HashError> {
     let mut file = File::open(path).map_err(io_err(path))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buf).map_err(io_err(path))?;
+        let n = file.read(buffer).map_err(io_err(path))?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        hasher.update(&buffer[..n]);
     }
     Ok(hasher.finalize().into())
 }
@@ -601,6 +821,31 @@ mod tests {
         }
         let h = ContentHasher::new(None);
         let walk = Walk { follow_links: true };
+        let ma = h.manifest(a.path(), walk).unwrap();
+        assert_eq!(ma.digest(), h.manifest(b.path(), walk).unwrap().digest());
+        // The streamed digest is the digest of the manifest's bytes, escapes, folders, the
+        // executable bit and `a.txt` before `a/` included.
+        write(&a.path().join("a \"q\"\\.txt"), b"q");
+        write(&a.path().join("a/\ttab"), b"t");
+        std::fs::create_dir_all(a.path().join("a.d")).unwrap();
+        let exec = a.path().join("run.sh");
+        write(&exec, b"#!/bin/sh");
+        std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let full = h.manifest(a.path(), walk).unwrap();
+        let streamed = h.digest_path(a.path(), walk).unwrap();
+        assert_eq!(streamed.digest, full.digest());
+        assert!(streamed.is_dir);
+        let mut sorted = full.entries.clone();
+        sorted.sort_by(|x, y| x.path.cmp(&y.path));
+        assert_eq!(sorted, full.entries, "the walk returns manifest order");
+        let ma = h.manifest(a.path(), walk).unwrap();
+        for p in ["a \"q\"\\.txt", "a/\ttab", "a.d", "run.sh"] {
+            std::fs::remove_file(a.path().join(p))
+                .or_else(|_| std::fs::remove_dir(a.path().join(p)))
+                .unwrap();
+        }
+        std::fs::remove_dir(a.path().join("a")).unwrap();
+        assert_ne!(ma.digest(), h.manifest(a.path(), walk).unwrap().digest());
         let ma = h.manifest(a.path(), walk).unwrap();
         assert_eq!(ma.digest(), h.manifest(b.path(), walk).unwrap().digest());
         let paths: Vec<&str> = ma.entries.iter().map(|e| e.path.as_str()).collect();
@@ -718,10 +963,50 @@ mod tests {
             .unwrap()
             .unwrap()
             .path();
-        let mut c: StatCacheFile =
-            postcard::from_bytes(&std::fs::read(&cache_file).unwrap()).unwrap();
-        c.entries[0].2 = [7u8; 32];
-        std::fs::write(&cache_file, postcard::to_allocvec(&c).unwrap()).unwrap();
+        let c = StatCache::parse(std::fs::read(&cache_file).unwrap()).unwrap();
+        assert!(c.count > 0);
+        let mut bytes = c.bytes.clone();
+        let digest_at = c.records + 48;
+        bytes[digest_at..digest_at + 32].copy_from_slice(&[7u8; 32]);
+        std::fs::write(&cache_file, bytes).unwrap();
+    }
+
+    #[test]
+    fn stat_cache_files_round_trip_and_damage_reads_as_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let st = |n: u64| Stat {
+            dev: 1,
+            ino: n,
+            size: n * 10,
+            mtime_ns: -5,
+            ctime_ns: i64::MAX,
+        };
+        let records = [("a b", st(1), [1u8; 32]), ("a/é", st(2), [2u8; 32])];
+        let bytes = StatCache::encode(d.path(), records.iter().map(|(p, s, d)| (*p, *s, d)));
+        let c = StatCache::parse(bytes.clone()).unwrap();
+        assert_eq!(c.count, 2);
+        for (i, (path, stat, digest)) in records.iter().enumerate() {
+            assert_eq!(
+                (c.path(i), c.stat(i), c.digest(i)),
+                (path.as_bytes(), *stat, *digest)
+            );
+        }
+        assert!(c.trusted(0), "modified long before the write");
+        // Truncated anywhere, or out of order: not a cache.
+        for cut in [0, 7, 27, bytes.len() - 1] {
+            assert!(
+                StatCache::parse(bytes[..cut].to_vec()).is_none(),
+                "cut {cut}"
+            );
+        }
+        let swapped = StatCache::encode(
+            d.path(),
+            [&records[1], &records[0]]
+                .into_iter()
+                .map(|(p, s, d)| (*p, *s, d)),
+        );
+        assert!(StatCache::parse(swapped).is_none());
+        assert!(StatCache::parse(b"\x01\x02postcard".to_vec()).is_none());
     }
 
     #[test]

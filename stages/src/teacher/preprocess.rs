@@ -135,19 +135,23 @@ impl Preprocess {
             Resize::Shortest(s) if w <= h => (s, (s as f64 * h as f64 / w as f64) as u32),
             Resize::Shortest(s) => ((s as f64 * w as f64 / h as f64) as u32, s),
         };
-        let resized = if (nw, nh) == (w, h) {
-            img.clone()
-        } else {
-            resample(img, nw, nh, self.interpolation)
-        };
-        match self.crop {
-            None => resized,
-            Some(c) => {
+        let window = match self.crop {
+            None => Window::whole(nw, nh),
+            Some(c) => Window {
                 // Python's round(): halves go to the even neighbour (58.5 → 58).
-                let top = ((nh as f64 - c as f64) / 2.0).round_ties_even().max(0.0) as u32;
-                let left = ((nw as f64 - c as f64) / 2.0).round_ties_even().max(0.0) as u32;
-                image::imageops::crop_imm(&resized, left, top, c.min(nw), c.min(nh)).to_image()
-            }
+                top: ((nh as f64 - c as f64) / 2.0).round_ties_even().max(0.0) as u32,
+                left: ((nw as f64 - c as f64) / 2.0).round_ties_even().max(0.0) as u32,
+                width: c.min(nw),
+                height: c.min(nh),
+            },
+        };
+        if (nw, nh) == (w, h) {
+            image::imageops::crop_imm(img, window.left, window.top, window.width, window.height)
+                .to_image()
+        } else {
+            // Only the pixels the crop keeps are computed: each output pixel depends on its own
+            // coefficients alone, so they equal the full resize's, cropped.
+            resample_window(img, nw, nh, self.interpolation, window)
         }
     }
 
@@ -163,15 +167,20 @@ impl Preprocess {
         let base = out.len();
         out.resize(base + raw.len(), 0.0);
         let dst = &mut out[base..];
-        for (i, px) in raw.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                let src = if bgr { 2 - c } else { c };
-                let v = lut[src][px[src] as usize];
-                if self.layout == "nhwc" {
-                    dst[i * 3 + c] = v;
-                } else {
-                    dst[c * plane + i] = v;
+        let order = if bgr { [2, 1, 0] } else { [0, 1, 2] };
+        if self.layout == "nhwc" {
+            for (px, o) in raw.chunks_exact(3).zip(dst.chunks_exact_mut(3)) {
+                for (c, &src) in order.iter().enumerate() {
+                    o[c] = lut[src][px[src] as usize];
                 }
+            }
+        } else {
+            let (r, rest) = dst.split_at_mut(plane);
+            let (g, b) = rest.split_at_mut(plane);
+            for (i, px) in raw.chunks_exact(3).enumerate() {
+                r[i] = lut[order[0]][px[order[0]] as usize];
+                g[i] = lut[order[1]][px[order[1]] as usize];
+                b[i] = lut[order[2]][px[order[2]] as usize];
             }
         }
     }
@@ -348,14 +357,53 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
+/// A rectangle of a resized image: the part a centre crop keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Window {
+    pub fn whole(width: u32, height: u32) -> Window {
+        Window {
+            left: 0,
+            top: 0,
+            width,
+            height,
+        }
+    }
+}
+
 /// Pillow's two-pass resample of an RGB image (horizontal first, rows limited to those the
 /// vertical pass reads).
 pub fn resample(img: &RgbImage, out_w: u32, out_h: u32, filter: Interpolation) -> RgbImage {
+    resample_window(img, out_w, out_h, filter, Window::whole(out_w, out_h))
+}
+
+/// [`resample`] computing only `window` of the `out_w` × `out_h` result (columns and rows
+/// outside it are never computed; the horizontal pass reads only the rows the window's
+/// vertical pass needs).
+pub fn resample_window(
+    img: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    filter: Interpolation,
+    window: Window,
+) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     let (hb, hk, hks) = coefficients(in_w, out_w, filter);
     let (vb, vk, vks) = coefficients(in_h, out_h, filter);
+    let (left, top) = (window.left as usize, window.top as usize);
+    let hb = &hb[left..left + window.width as usize];
+    let hk = &hk[left * hks..];
+    let vb = &vb[top..top + window.height as usize];
+    let vk = &vk[top * vks..];
+    let (out_w, out_h) = (window.width, window.height);
     let first = vb.first().map(|b| b.0).unwrap_or(0);
-    let last = vb.last().map(|b| b.0 + b.1).unwrap_or(in_h as usize);
+    let last = vb.iter().map(|b| b.0 + b.1).max().unwrap_or(in_h as usize);
     let src = img.as_raw();
     // Pillow accumulates in 32 bits: 255 · 2^22 · Σ|k| stays below 2^31.
     let half = 1i32 << (PRECISION_BITS - 1);
@@ -473,5 +521,26 @@ mod tests {
             "channel planes in NCHW order"
         );
         assert!((t[224 * 224] - (200.0 / 255.0 - 0.456) / 0.224).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_resized_window_is_the_full_resize_cropped() {
+        let img = RgbImage::from_fn(96, 80, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (y * 13) as u8, (x * y) as u8])
+        });
+        for filter in [Interpolation::Bicubic, Interpolation::Bilinear] {
+            let full = resample(&img, 307, 256, filter);
+            let w = Window {
+                left: 41,
+                top: 16,
+                width: 224,
+                height: 224,
+            };
+            let cropped = image::imageops::crop_imm(&full, w.left, w.top, w.width, w.height);
+            assert_eq!(
+                resample_window(&img, 307, 256, filter, w),
+                cropped.to_image()
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@ use cusa_stages::ml::clip::shape::{Activation, ClipShape, TextShape, Tower, Visi
 use cusa_stages::ml::scenes_small::ScenesSmallShape;
 use cusa_stages::train::bench::{
     StepFigure, clip_step_times_cpu, feature_heads_step_times_cpu, scenes_small_step_times_cpu,
+    scenes_small_step_times_flex,
 };
 
 fn table(figures: &[StepFigure]) {
@@ -70,6 +71,13 @@ pub fn train(batch: usize, steps: usize, python: &Path) -> anyhow::Result<i32> {
     let scenes_small = scenes_small_step_times_cpu(batch, &shape, (steps / 4).max(3), 2);
     table(&scenes_small);
     torch_peer(python, batch, (steps / 4).max(3), cores, &scenes_small[0]);
+    println!("\nthe same scenes-small student on burn flex (f32), burn's other CPU backend:");
+    table(&scenes_small_step_times_flex(
+        batch,
+        &shape,
+        (steps / 4).max(3),
+        2,
+    ));
     let clip = tiny_clip();
     println!(
         "\nclip student, the tiny test shape (ViT 2×80 patch 8 at 32 px, text 2×64 over 14 tokens, embed 48; tests/fixtures/clip-tiny):"

@@ -365,3 +365,20 @@ pub fn scenes_small_step_times_cpu(
 ) -> Vec<StepFigure> {
     scenes_small_step_times::<Cpu>(&Default::default(), batch, shape, steps, warmup)
 }
+
+/// [`scenes_small_step_times`] on burn's other CPU backend, flex (f32), for comparison with
+/// ndarray (instantiated here, see [`feature_heads_step_times_cpu`]).
+pub fn scenes_small_step_times_flex(
+    batch: usize,
+    shape: &ScenesSmallShape,
+    steps: usize,
+    warmup: usize,
+) -> Vec<StepFigure> {
+    scenes_small_step_times::<burn::backend::Autodiff<burn::backend::Flex>>(
+        &Default::default(),
+        batch,
+        shape,
+        steps,
+        warmup,
+    )
+}

@@ -229,13 +229,20 @@ fn extended_of(scores: &[f32], positives: &[usize]) -> (f64, f64, f64) {
         .filter(|&(_, &s)| s >= t)
         .map(|(g, &s)| (s, sorted_positives.binary_search(&g).is_ok()))
         .collect();
-    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    ap_at_r(&order, sorted_positives.len())
+    ap_at_r(&mut order, sorted_positives.len())
 }
 
-/// `f32::total_cmp`'s order as an integer order (negative values' magnitude bits flipped).
+/// `f32::total_cmp`'s order as an integer order (negative values' magnitude bits flipped; the
+/// flip is its own inverse, see [`from_total_key`]).
 fn total_key(s: f32) -> i32 {
-    let bits = s.to_bits() as i32;
+    flip_negative(s.to_bits() as i32)
+}
+
+fn from_total_key(k: i32) -> f32 {
+    f32::from_bits(flip_negative(k) as u32)
+}
+
+fn flip_negative(bits: i32) -> i32 {
     bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
 
@@ -258,13 +265,13 @@ fn nth_largest(scores: &[f32], r: usize) -> f32 {
         top.insert(at, k);
         floor = top[0];
     }
-    let k = top[0];
-    f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32)
+    from_total_key(top[0])
 }
 
-/// (AP@R, R-Precision, R@1) from the top of a ranking (score, positive?) sorted best first,
-/// wrong items first among exact ties, against `r` positives.
-fn ap_at_r(order: &[(f32, bool)], r: usize) -> (f64, f64, f64) {
+/// (AP@R, R-Precision, R@1) of the candidates (score, positive?) against `r` positives: they
+/// are ranked best first, wrong items first among exact ties (against the query).
+fn ap_at_r(order: &mut [(f32, bool)], r: usize) -> (f64, f64, f64) {
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let (mut hits, mut ap) = (0usize, 0.0);
     for (k, &(_, positive)) in order.iter().take(r).enumerate() {
         if positive {
@@ -603,8 +610,7 @@ fn fused(
                     .into_iter()
                     .map(|(s, g)| (s, p.binary_search(&(g as usize)).is_ok()))
                     .collect();
-                order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                ap_at_r(&order, p.len())
+                ap_at_r(&mut order, p.len())
             })
             .collect();
         mean_extended(per_caption.into_iter())

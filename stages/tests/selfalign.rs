@@ -9,11 +9,12 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
+use cusa_stages::ml::selfalign::Where;
 use cusa_stages::train::device_check::selfalign_parity_within;
 
-fn check<B: AutodiffBackend>(tol: f64) {
+fn check<B: AutodiffBackend>(tol: f64, place: Where) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/selfalign.json");
-    let rows = selfalign_parity_within::<B>(&fixture, &Default::default(), tol).unwrap();
+    let rows = selfalign_parity_within::<B>(&fixture, &Default::default(), tol, place).unwrap();
     let checks: Vec<&str> = rows.iter().map(|r| r.check.as_str()).collect();
     // Sinkhorn; LCA value, words, detached regions and prototypes, trained and frozen; CRA value
     // and four gradients; the guide in training (output, statistics, four gradients, none for
@@ -33,12 +34,16 @@ fn check<B: AutodiffBackend>(tol: f64) {
     assert!(failed.is_empty(), "out of bounds: {failed:#?}");
 }
 
+// Both places SelfAlign's no-gradient parts can run: host loops (what CPU training uses) and
+// tensor operations (what a GPU uses), each on its own against the same fixture.
 #[test]
 fn selfalign_terms_and_gradients_match_float64_numpy_in_f64() {
-    check::<Autodiff<NdArray<f64>>>(1e-6);
+    check::<Autodiff<NdArray<f64>>>(1e-6, Where::Host);
+    check::<Autodiff<NdArray<f64>>>(1e-6, Where::Device);
 }
 
 #[test]
 fn selfalign_terms_and_gradients_match_float64_numpy_in_f32() {
-    check::<Autodiff<NdArray<f32>>>(2e-5);
+    check::<Autodiff<NdArray<f32>>>(2e-5, Where::Host);
+    check::<Autodiff<NdArray<f32>>>(2e-5, Where::Device);
 }

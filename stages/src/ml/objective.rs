@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
 use super::loss::{self, Reduction};
-use super::selfalign::{self, CraConfig, GuideStats, LcaConfig};
+use super::selfalign::{self, CraConfig, GuideStats, LcaConfig, Where};
 use super::student::{Embeddings, Temperatures};
 use crate::ml::selfalign::SelfAlign;
 
@@ -119,6 +119,9 @@ pub struct Objective {
     pub terms: Vec<Term>,
     /// τ_s of the teachers' soft labels the CSA and USA terms read (CUSA's: 1.0).
     pub soft_temperature: f64,
+    /// Where SelfAlign's no-gradient parts (LCA's Sinkhorn) run: host loops on a CPU backend,
+    /// tensor operations on a GPU. Same values either way (both checked against numpy).
+    pub selfalign_on: Where,
 }
 
 /// Why a batch cannot be scored.
@@ -243,14 +246,7 @@ impl Objective {
                     } else {
                         prototypes
                     };
-                    selfalign::lca(
-                        v,
-                        t,
-                        prototypes,
-                        c.epsilon,
-                        c.sinkhorn_iterations,
-                        c.temperature,
-                    ) * c.weight
+                    selfalign::lca(v, t, prototypes, &c, self.selfalign_on) * c.weight
                 }
                 Term::Cra(c) => {
                     let (Some(v), Some(t)) = (&e.image.locals, &e.text.locals) else {
@@ -265,16 +261,11 @@ impl Objective {
                     let (image_guide, image_stats) = gi.forward_train(v.mean());
                     let (text_guide, text_stats) = gt.forward_train(t.mean());
                     guide_stats = Some((image_stats, text_stats));
-                    let same = same_image::<B>(&targets.image_ids, &device);
-                    let t2v = selfalign::cra_direction(
-                        text_guide,
-                        v,
-                        same.clone(),
-                        c.temperature,
-                        c.hardest,
-                    );
+                    let ids = &targets.image_ids;
+                    let t2v =
+                        selfalign::cra_direction(text_guide, v, ids, c.temperature, c.hardest);
                     let v2t =
-                        selfalign::cra_direction(image_guide, t, same, c.temperature, c.hardest);
+                        selfalign::cra_direction(image_guide, t, ids, c.temperature, c.hardest);
                     (t2v + v2t) * (0.5 * c.weight)
                 }
             };

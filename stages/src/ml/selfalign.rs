@@ -16,7 +16,11 @@
 //!   as PyTorch's `BatchNorm1d`) and with its running statistics at inference; the running
 //!   statistics are plain values (momentum 0.1, unbiased variance), updated by the training loop
 //!   after each step, never by gradients — so they are in the checkpoint and a resumed run ends
-//!   with the same bytes.
+//!   with the same bytes;
+//! * CRA's "hardest negatives" are a weight mask over every candidate (1 above the k-th
+//!   largest score, a share on its copies): exactly a sorted top-k's sum, ties included;
+//! * Sinkhorn gives the same assignments computed on the host (CPU backends) or with tensor
+//!   operations (GPU), and the host's sums have a fixed order (same bytes on any thread count).
 //!
 //! Checked against a float64 numpy implementation with finite-difference gradients
 //! (`scripts/fixtures/selfalign.py` → `stages/tests/fixtures/selfalign.json`).
@@ -25,7 +29,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{log_softmax, relu, softplus};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// `loss.lca:` — the concept-level term.
@@ -150,23 +154,212 @@ impl<B: Backend> Locals<B> {
 /// Rows of `[b, n, d]` scaled to unit length along the last axis (`F.normalize`, eps 1e-12).
 pub fn l2_normalize3<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let norm = x.clone().square().sum_dim(2).sqrt().clamp_min(1e-12);
-    x / norm
+    // A product with the reciprocal: its backward is two full-size passes fewer than a
+    // quotient's.
+    x * norm.recip()
+}
+
+/// SwAV's Sinkhorn–Knopp assignments kept in scaling form: Q = n · diag(u) · E · diag(v) with
+/// E = exp((s − max s)/ε). Each of the reference's normalisations (columns to mass 1/k, rows to
+/// 1/n) only rescales columns or rows, so it updates v or u from one pass over E instead of
+/// rewriting the n × k matrix: E is computed once, and a caller that needs a few rows of Q
+/// (LCA: the regions words match) never forms the rest.
+///
+/// Two places to compute it, same function: on the host ([`Where::Host`], a CPU backend:
+/// plain loops, E computed in place in the scores' own buffer, rows in parallel, column sums
+/// in fixed blocks so the bytes do not depend on the thread count) or with tensor operations
+/// where the tensors live ([`Where::Device`], a GPU: no copy to the host).
+pub struct Assignments<B: Backend> {
+    inner: Scaling<B>,
+    n: usize,
+    k: usize,
+    device: B::Device,
+}
+
+enum Scaling<B: Backend> {
+    Device {
+        kernel: Tensor<B, 2>,
+        /// u, `[n, 1]`.
+        rows: Tensor<B, 2>,
+        /// v, `[1, k]`.
+        cols: Tensor<B, 2>,
+    },
+    Host {
+        kernel: Vec<f32>,
+        rows: Vec<f64>,
+        cols: Vec<f64>,
+    },
+}
+
+/// Where SelfAlign's no-gradient computations run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Where {
+    /// Host loops over the tensors' values (the tensors are in host memory anyway).
+    #[default]
+    Host,
+    /// Tensor operations on the tensors' device.
+    Device,
+}
+
+/// Rows per block of the host column sums (fixed, so the sums' order is too).
+const BLOCK_ROWS: usize = 256;
+
+/// E = exp((s − max s)/ε) of host scores, in f32 (computed in f64 when the scores are).
+fn host_kernel(scores: TensorData, epsilon: f64) -> Vec<f32> {
+    use rayon::prelude::*;
+    if scores.dtype == burn::tensor::DType::F64 {
+        let s: Vec<f64> = scores.into_vec().expect("f64 scores");
+        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        return s
+            .par_iter()
+            .map(|&x| ((x - max) / epsilon).exp() as f32)
+            .collect();
+    }
+    let mut e: Vec<f32> = scores
+        .convert::<f32>()
+        .into_vec()
+        .expect("converted to f32");
+    let max = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let scale = (1.0 / epsilon) as f32;
+    e.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|x| *x = ((*x - max) * scale).exp()));
+    e
+}
+
+/// u and v after `iterations` column-then-row normalisations of E (`n × k`, row-major).
+fn host_scaling(e: &[f32], n: usize, k: usize, iterations: usize) -> (Vec<f64>, Vec<f64>) {
+    use rayon::prelude::*;
+    let block_sums = |u: &[f64]| -> Vec<f64> {
+        let partial: Vec<Vec<f64>> = e
+            .par_chunks(BLOCK_ROWS * k)
+            .zip(u.par_chunks(BLOCK_ROWS))
+            .map(|(rows, u)| {
+                let mut col = vec![0.0f64; k];
+                for (row, &ui) in rows.chunks_exact(k).zip(u) {
+                    for (c, &x) in col.iter_mut().zip(row) {
+                        *c += ui * x as f64;
+                    }
+                }
+                col
+            })
+            .collect();
+        partial.into_iter().fold(vec![0.0; k], |mut a, p| {
+            a.iter_mut().zip(p).for_each(|(a, p)| *a += p);
+            a
+        })
+    };
+    let total: f64 = e
+        .par_chunks(BLOCK_ROWS * k)
+        .map(|c| c.iter().map(|&x| x as f64).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum();
+    let mut rows = vec![1.0 / total; n];
+    let mut cols = vec![1.0; k];
+    for _ in 0..iterations {
+        cols = block_sums(&rows)
+            .into_iter()
+            .map(|c| 1.0 / (k as f64 * c))
+            .collect();
+        rows = e
+            .par_chunks_exact(k)
+            .map(|row| {
+                let sum: f64 = row.iter().zip(&cols).map(|(&x, &v)| x as f64 * v).sum();
+                1.0 / (n as f64 * sum)
+            })
+            .collect();
+    }
+    (rows, cols)
+}
+
+impl<B: Backend> Assignments<B> {
+    /// Scores `[n, k]` (cosines of n items to k prototypes) → the assignments after
+    /// `iterations` column-then-row normalisations. No gradient.
+    pub fn new(scores: Tensor<B, 2>, epsilon: f64, iterations: usize, place: Where) -> Self {
+        let [n, k] = scores.dims();
+        let device = scores.device();
+        let s = scores.detach();
+        let inner = match place {
+            Where::Host => {
+                let kernel = host_kernel(s.into_data(), epsilon);
+                let (rows, cols) = host_scaling(&kernel, n, k, iterations);
+                Scaling::Host { kernel, rows, cols }
+            }
+            Where::Device => {
+                // exp(s/ε) up to a constant factor, which the first normalisation removes.
+                let max = s.clone().max().reshape([1, 1]);
+                let kernel = (s - max).mul_scalar(1.0 / epsilon).exp();
+                // The reference's first step divides by the total (it matters with no
+                // iteration).
+                let mut rows = Tensor::ones([n, 1], &device) / kernel.clone().sum().reshape([1, 1]);
+                let mut cols = Tensor::ones([1, k], &device);
+                for _ in 0..iterations {
+                    // Column sums of diag(u)·E·diag(v) are (uᵀE)_j·v_j: dividing them by
+                    // k·(uᵀE)_j·v_j leaves v_j = 1/(k·(uᵀE)_j); rows likewise.
+                    let col = (kernel.clone() * rows).sum_dim(0);
+                    cols = (col * k as f64).recip();
+                    let row = (kernel.clone() * cols.clone()).sum_dim(1);
+                    rows = (row * n as f64).recip();
+                }
+                Scaling::Device { kernel, rows, cols }
+            }
+        };
+        Self {
+            inner,
+            n,
+            k,
+            device,
+        }
+    }
+
+    /// Rows `index` of Q, `[index.len, k]`.
+    pub fn select(&self, index: &[usize]) -> Tensor<B, 2> {
+        let (n, k) = (self.n as f64, self.k);
+        match &self.inner {
+            Scaling::Device { kernel, rows, cols } => {
+                let index = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(index.iter().map(|&i| i as i64).collect(), [index.len()])
+                        .convert::<B::IntElem>(),
+                    &self.device,
+                );
+                let u = rows.clone().select(0, index.clone());
+                (kernel.clone().select(0, index) * u * cols.clone() * n).detach()
+            }
+            Scaling::Host { kernel, rows, cols } => {
+                let mut q = Vec::with_capacity(index.len() * k);
+                for &i in index {
+                    let scale = n * rows[i];
+                    q.extend(
+                        kernel[i * k..(i + 1) * k]
+                            .iter()
+                            .zip(cols)
+                            .map(|(&x, &v)| scale * x as f64 * v),
+                    );
+                }
+                Tensor::from_data(
+                    TensorData::new(q, [index.len(), k]).convert::<B::FloatElem>(),
+                    &self.device,
+                )
+            }
+        }
+    }
+
+    /// All of Q, `[n, k]`.
+    pub fn dense(self) -> Tensor<B, 2> {
+        let all: Vec<usize> = (0..self.n).collect();
+        self.select(&all)
+    }
 }
 
 /// Soft assignments of `scores` `[n, k]` (cosines of n items to k prototypes) by SwAV's
 /// Sinkhorn–Knopp: equal mass per prototype, each row summing to 1. No gradient.
-pub fn sinkhorn<B: Backend>(scores: Tensor<B, 2>, epsilon: f64, iterations: usize) -> Tensor<B, 2> {
-    let [n, k] = scores.dims();
-    let s = scores.detach();
-    // exp(s/ε) up to a constant factor, which the first normalisation removes.
-    let max = s.clone().max().reshape([1, 1]);
-    let mut q = ((s - max) / epsilon).exp();
-    q = q.clone() / q.sum().reshape([1, 1]);
-    for _ in 0..iterations {
-        q = q.clone() / q.sum_dim(0) / k as f64;
-        q = q.clone() / q.sum_dim(1) / n as f64;
-    }
-    (q * n as f64).detach()
+pub fn sinkhorn<B: Backend>(
+    scores: Tensor<B, 2>,
+    epsilon: f64,
+    iterations: usize,
+    place: Where,
+) -> Tensor<B, 2> {
+    Assignments::new(scores, epsilon, iterations, place).dense()
 }
 
 /// LCA (without its weight): each valid word predicts, through softmax(prototypes · t / τ), the
@@ -178,27 +371,35 @@ pub fn lca<B: Backend>(
     image: &Locals<B>,
     text: &Locals<B>,
     prototypes: Tensor<B, 2>,
-    epsilon: f64,
-    iterations: usize,
-    temperature: f64,
+    c: &LcaConfig,
+    place: Where,
 ) -> Tensor<B, 1> {
     let [b, r, d] = image.states.dims();
     let [_, l, _] = text.states.dims();
-    let device = image.states.device();
     let v = l2_normalize3(image.states.clone()).detach();
     let t = l2_normalize3(text.states.clone());
-    let q = sinkhorn(
+    let q = Assignments::new(
         v.clone()
             .reshape([b * r, d])
             .matmul(prototypes.clone().detach().transpose()),
-        epsilon,
-        iterations,
+        c.epsilon,
+        c.sinkhorn_iterations,
+        place,
     );
     // The region of its own image each word matches best: row b·r + argmax of the flat list.
     let best = t.clone().detach().matmul(v.swap_dims(1, 2)).argmax(2); // [b, l, 1]
-    let offsets = Tensor::<B, 1, Int>::arange(0..b as i64, &device).reshape([b, 1, 1]) * r as i64;
-    let target = q.select(0, (best + offsets).reshape([b * l]));
-    let logits = t.reshape([b * l, d]).matmul(prototypes.transpose()) / temperature;
+    let best: Vec<i64> = best
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .unwrap_or_default();
+    let rows: Vec<usize> = best
+        .iter()
+        .enumerate()
+        .map(|(w, &region)| (w / l) * r + region as usize)
+        .collect();
+    let target = q.select(&rows);
+    let logits = t.reshape([b * l, d]).matmul(prototypes.transpose()) / c.temperature;
     let ce = (target * log_softmax(logits, 1))
         .sum_dim(1)
         .neg()
@@ -207,45 +408,128 @@ pub fn lca<B: Backend>(
     ((ce * text.valid.clone()).sum_dim(1) / count).mean()
 }
 
-/// `log Σ exp` along axis 1, `[b, n]` → `[b, 1]`.
-fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let m = x.clone().max_dim(1).detach();
-    m.clone() + (x - m).exp().sum_dim(1).log()
+/// Stands for the log-sum of a guide with no negative at all (every local in the batch is its
+/// own image's or padding): far below any scaled cosine, so its softplus and gradient are 0.
+const NO_NEGATIVES: f64 = -1e9;
+
+/// Host-side selection of CRA's hardest negatives for one direction: for guide i, the valid
+/// locals of pairs showing another image, and among them the `k` most similar, as weights over
+/// all b·n locals — 1 above the k-th largest score, the k-th value's share (places left ÷
+/// copies) on each copy of it, 0 elsewhere — so Σ w·e^x is exactly the sum over a top-k
+/// selection (tied scores are equal whichever copies a sort keeps: repeated images give exact
+/// ties) and the gradient needs no gather or scatter. `shift` is the row's largest candidate
+/// (for a stable log-sum-exp; 0 where a guide has no candidate, so the exponentials stay
+/// finite), `base` what the row's log-sum starts from (`shift`, or [`NO_NEGATIVES`]) and
+/// `empty` 1 where a guide has no candidate (the sum it is added to is then 0).
+struct Hardest {
+    weights: Vec<f32>,
+    shift: Vec<f64>,
+    base: Vec<f64>,
+    empty: Vec<f64>,
 }
 
-/// Value far below any scaled cosine: excluded candidates (exp of it is 0).
-const EXCLUDED: f64 = -1e9;
+fn hardest_negatives(
+    scores: &[f64],
+    image_ids: &[u64],
+    valid: &[f64],
+    n: usize,
+    k: usize,
+) -> Hardest {
+    let b = image_ids.len();
+    let cols = b * n;
+    let mut out = Hardest {
+        weights: vec![0.0; b * cols],
+        shift: vec![0.0; b],
+        base: vec![NO_NEGATIVES; b],
+        empty: vec![0.0; b],
+    };
+    let eligible = |i: usize, j: usize| image_ids[j / n] != image_ids[i] && valid[j] != 0.0;
+    let mut pool = Vec::with_capacity(cols);
+    for i in 0..b {
+        let row = &scores[i * cols..(i + 1) * cols];
+        pool.clear();
+        pool.extend((0..cols).filter(|&j| eligible(i, j)).map(|j| row[j]));
+        if pool.is_empty() {
+            out.empty[i] = 1.0;
+            continue;
+        }
+        let take = k.min(pool.len());
+        let (_, &mut kth, _) = pool.select_nth_unstable_by(take - 1, |a, b| b.total_cmp(a));
+        let (above, copies) = pool.iter().fold((0, 0), |(a, c), &x| {
+            (a + usize::from(x > kth), c + usize::from(x == kth))
+        });
+        let share = (take - above) as f32 / copies as f32;
+        out.shift[i] = pool.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        out.base[i] = out.shift[i];
+        let w = &mut out.weights[i * cols..(i + 1) * cols];
+        for j in (0..cols).filter(|&j| eligible(i, j)) {
+            w[j] = if row[j] > kth {
+                1.0
+            } else if row[j] == kth {
+                share
+            } else {
+                0.0
+            };
+        }
+    }
+    out
+}
+
+/// A host copy of a tensor's values.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    // The product makes a fresh tensor: reading one the autograd graph still shares goes
+    // element by element on ndarray (10× slower than this extra pass).
+    t.detach()
+        .mul_scalar(1.0)
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .unwrap_or_default()
+}
 
 /// One direction of CRA: each guide (row i of `guides`, `[b, d]`) against the valid locals of
 /// its own pair (positives) and the `hardest` most similar valid locals of samples showing
-/// another image (negatives; `same[i][j]` is true when pairs i and j show the same image), by
-/// InfoNCE on cosines / `temperature`: per positive p, −log(e^p / (e^p + Σ_neg e^n)), averaged
-/// over a guide's positives, then over guides. Fewer candidates than `hardest` keeps them all.
+/// another image (negatives; pairs i and j show the same image when `image_ids[i] ==
+/// image_ids[j]`), by InfoNCE on cosines / `temperature`: per positive p, −log(e^p / (e^p +
+/// Σ_neg e^n)), averaged over a guide's positives, then over guides. Fewer candidates than
+/// `hardest` keeps them all.
 pub fn cra_direction<B: Backend>(
     guides: Tensor<B, 2>,
     locals: &Locals<B>,
-    same: Tensor<B, 2, Bool>,
+    image_ids: &[u64],
     temperature: f64,
     hardest: usize,
 ) -> Tensor<B, 1> {
     let [b, n, d] = locals.states.dims();
+    let device = guides.device();
     let g = super::loss::l2_normalize(guides);
     let l = l2_normalize3(locals.states.clone());
-    let positives = (g.clone().reshape([b, 1, d]) * l.clone())
-        .sum_dim(2)
+    // Guide i · its own pair's locals: one small product per pair.
+    let positives = l
+        .clone()
+        .matmul(g.clone().reshape([b, d, 1]))
         .reshape([b, n])
         / temperature;
     let scores = g.matmul(l.reshape([b * n, d]).transpose()) / temperature; // [b, b·n]
-    let invalid = locals.valid.clone().equal_elem(0.0).reshape([1, b * n]);
-    let excluded = same
-        .reshape([b, b, 1])
-        .expand([b, b, n])
-        .reshape([b, b * n])
-        .bool_or(invalid.expand([b, b * n]));
-    let candidates = scores.mask_fill(excluded, EXCLUDED);
-    let k = hardest.min(b * n).max(1);
-    let (_, idx) = candidates.clone().detach().topk_with_indices(k, 1);
-    let negatives = logsumexp(candidates.gather(1, idx)); // [b, 1]
+    let hard = hardest_negatives(
+        &host(scores.clone()),
+        image_ids,
+        &host(locals.valid.clone()),
+        n,
+        hardest.max(1),
+    );
+    let column = |v: Vec<f64>| {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(v, [b, 1]).convert::<B::FloatElem>(),
+            &device,
+        )
+    };
+    let weights = Tensor::<B, 2>::from_data(
+        TensorData::new(hard.weights, [b, b * n]).convert::<B::FloatElem>(),
+        &device,
+    );
+    let sum = ((scores - column(hard.shift)).exp() * weights).sum_dim(1) + column(hard.empty);
+    let negatives = column(hard.base) + sum.log(); // [b, 1]
     let per_positive = softplus(negatives - positives, 1.0);
     let count = locals.valid.clone().sum_dim(1).clamp_min(1.0);
     ((per_positive * locals.valid.clone()).sum_dim(1) / count).mean()
@@ -397,5 +681,136 @@ impl<B: Backend> SelfAlign<B> {
         self.image_guide = self.image_guide.map(|g| g.update_running(&stats.0));
         self.text_guide = self.text_guide.map(|g| g.update_running(&stats.1));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    type B = Autodiff<NdArray<f64>>;
+
+    fn tensor<const D: usize>(v: Vec<f64>, shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::from_data(
+            TensorData::new(v, shape).convert::<f64>(),
+            &Default::default(),
+        )
+    }
+
+    /// CRA's direction by its definition: sort each guide's candidates, keep the `k` largest.
+    fn cra_by_sorting(g: &[f64], l: &[f64], ids: &[u64], n: usize, d: usize, k: usize) -> f64 {
+        let unit = |v: &[f64]| {
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / norm).collect::<Vec<_>>()
+        };
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let b = ids.len();
+        let locals: Vec<Vec<f64>> = l.chunks(d).map(unit).collect();
+        let mut total = 0.0;
+        for i in 0..b {
+            let gi = unit(&g[i * d..(i + 1) * d]);
+            let mut negatives: Vec<f64> = (0..b * n)
+                .filter(|&j| ids[j / n] != ids[i])
+                .map(|j| dot(&gi, &locals[j]) / 0.7)
+                .collect();
+            negatives.sort_by(|a, b| b.total_cmp(a));
+            negatives.truncate(k);
+            let max = negatives.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + negatives.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            total += (0..n)
+                .map(|p| {
+                    let pos = dot(&gi, &locals[i * n + p]) / 0.7;
+                    (1.0 + (lse - pos).exp()).ln()
+                })
+                .sum::<f64>()
+                / n as f64;
+        }
+        total / b as f64
+    }
+
+    #[test]
+    fn hardest_negatives_by_weights_equal_a_sorted_top_k_even_through_ties() {
+        let (b, n, d) = (4, 3, 5);
+        // Pairs 1 and 2 show one image: their regions are equal, every score of them comes
+        // twice, and most cuts below split such a pair of copies.
+        let ids = [0u64, 1, 1, 2];
+        let mut l: Vec<f64> = (0..b * n * d)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        let copy = l[n * d..2 * n * d].to_vec();
+        l[2 * n * d..3 * n * d].copy_from_slice(&copy);
+        let g: Vec<f64> = (0..b * d)
+            .map(|i| ((i * 29 % 19) as f64 - 9.0) / 5.0)
+            .collect();
+        for k in 1..=9 {
+            let got = cra_direction(
+                tensor(g.clone(), [b, d]),
+                &Locals::dense(tensor(l.clone(), [b, n, d])),
+                &ids,
+                0.7,
+                k,
+            );
+            let got = host(got)[0];
+            let want = cra_by_sorting(&g, &l, &ids, n, d, k);
+            // (Within f32 rounding: a test binary that also runs the f32 backend on the same
+            // CPU device can make this one compute in f32; a wrong tie rule is off by far more.)
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs(),
+                "k {k}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_guide_without_negatives_adds_nothing_and_keeps_gradients_finite() {
+        let (b, n, d) = (2, 2, 3);
+        let g = tensor(vec![0.3, -0.2, 0.9, 0.1, 0.4, -0.5], [b, d]).require_grad();
+        let l = tensor(
+            (0..b * n * d).map(|i| (i as f64 - 5.5) / 3.0).collect(),
+            [b, n, d],
+        )
+        .require_grad();
+        // One image in the whole batch: no guide has a negative.
+        let value = cra_direction(g.clone(), &Locals::dense(l.clone()), &[7, 7], 0.7, 512);
+        assert_eq!(host(value.clone())[0], 0.0);
+        let grads = value.backward();
+        for grad in [host(g.grad(&grads).unwrap()), host(l.grad(&grads).unwrap())] {
+            assert!(grad.iter().all(|x| x.is_finite()), "{grad:?}");
+        }
+    }
+
+    #[test]
+    fn host_and_device_sinkhorn_agree() {
+        let (n, k) = (40, 16);
+        let scores: Vec<f64> = (0..n * k)
+            .map(|i| ((i * 7919 % 201) as f64 - 100.0) / 100.0)
+            .collect();
+        for iterations in [0, 1, 2, 3] {
+            let host_q = host(sinkhorn(
+                tensor(scores.clone(), [n, k]),
+                0.05,
+                iterations,
+                Where::Host,
+            ));
+            let device_q = host(sinkhorn(
+                tensor(scores.clone(), [n, k]),
+                0.05,
+                iterations,
+                Where::Device,
+            ));
+            for (h, d) in host_q.iter().zip(&device_q) {
+                assert!(
+                    (h - d).abs() <= 1e-4 * d.abs().max(1e-3),
+                    "{iterations}: {h} vs {d}"
+                );
+            }
+            if iterations > 0 {
+                // Rows sum to 1 after a row normalisation.
+                for row in host_q.chunks(k) {
+                    assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+                }
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@ use crate::ml::embed::Embedding;
 use crate::ml::loss::Reduction;
 use crate::ml::objective::{Base, Objective, Term};
 pub use crate::ml::precision::Precision;
+use crate::ml::selfalign::Where;
 pub use crate::ml::selfalign::{CraConfig, LcaConfig};
 
 /// `with:` of a train stage.
@@ -320,6 +321,7 @@ impl LossConfig {
         Objective {
             terms,
             soft_temperature: self.soft_temperature.unwrap_or(1.0),
+            selfalign_on: Where::Host,
         }
     }
 

@@ -42,6 +42,7 @@ use crate::ml::clip::{ClipStudent, ClipStudentShape};
 use crate::ml::loss::{self, Reduction};
 use crate::ml::optim::GroupedAdamW;
 use crate::ml::precision::Precision;
+use crate::ml::selfalign::Where;
 use crate::ml::student::Student;
 
 /// One compared quantity: `value` must lie within `[low, high]`.
@@ -624,7 +625,12 @@ pub fn run<B: AutodiffBackend>(
                 rows.extend(new);
             };
             group(loss_parity::<B>(&plan.losses, device)?);
-            group(selfalign_parity_within::<B>(&plan.selfalign, device, 2e-5)?);
+            group(selfalign_parity_within::<B>(
+                &plan.selfalign,
+                device,
+                2e-5,
+                Where::Device,
+            )?);
             group(clip_parity::<B>(&plan.fixtures, Precision::Fp32, device)?);
             if plan.precision == Precision::Bf16Mixed {
                 group(clip_parity::<B>(
@@ -718,6 +724,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
     fixture_path: &Path,
     device: &B::Device,
     tol: f64,
+    place: Where,
 ) -> Result<Vec<Parity>, String> {
     use burn::module::Param;
 
@@ -805,6 +812,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             .matmul(prototypes()?.transpose()),
         setting("epsilon")?,
         setting("sinkhorn_iterations")? as usize,
+        place,
     );
     out.push(Parity::within(
         "selfalign sinkhorn",
@@ -823,6 +831,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             freeze_epochs: 1,
         })],
         soft_temperature: 1.0,
+        selfalign_on: place,
     };
     let want = &f["cases"]["lca"];
     for epoch in [1, 0] {
@@ -883,6 +892,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             hardest: setting("hardest")? as usize,
         })],
         soft_temperature: 1.0,
+        selfalign_on: place,
     };
     let (v, t) = (leaf_v()?, leaf_t()?);
     let params = SelfAlign {

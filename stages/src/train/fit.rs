@@ -110,7 +110,10 @@ where
         val.caption_ids.len(),
         val.image_ids.len(),
     ));
-    let objective = c.loss.objective(c.reduction());
+    let mut objective = c.loss.objective(c.reduction());
+    if backend == "cuda" {
+        objective.selfalign_on = crate::ml::selfalign::Where::Device;
+    }
     ctx.log.line(format!(
         "objective: {}{}{}",
         objective.names().join(" + "),

@@ -392,7 +392,7 @@ pub fn lca<B: Backend>(
         .into_data()
         .convert::<i64>()
         .into_vec()
-        .unwrap_or_default();
+        .expect("converted to i64");
     let rows: Vec<usize> = best
         .iter()
         .enumerate()
@@ -417,15 +417,11 @@ const NO_NEGATIVES: f64 = -1e9;
 /// all b·n locals — 1 above the k-th largest score, the k-th value's share (places left ÷
 /// copies) on each copy of it, 0 elsewhere — so Σ w·e^x is exactly the sum over a top-k
 /// selection (tied scores are equal whichever copies a sort keeps: repeated images give exact
-/// ties) and the gradient needs no gather or scatter. `shift` is the row's largest candidate
-/// (for a stable log-sum-exp; 0 where a guide has no candidate, so the exponentials stay
-/// finite), `base` what the row's log-sum starts from (`shift`, or [`NO_NEGATIVES`]) and
-/// `empty` 1 where a guide has no candidate (the sum it is added to is then 0).
+/// ties) and the gradient needs no gather or scatter. `shift` is each row's largest candidate
+/// (for a stable log-sum-exp), `None` where a guide has no candidate at all.
 struct Hardest {
     weights: Vec<f32>,
-    shift: Vec<f64>,
-    base: Vec<f64>,
-    empty: Vec<f64>,
+    shift: Vec<Option<f64>>,
 }
 
 fn hardest_negatives(
@@ -439,30 +435,28 @@ fn hardest_negatives(
     let cols = b * n;
     let mut out = Hardest {
         weights: vec![0.0; b * cols],
-        shift: vec![0.0; b],
-        base: vec![NO_NEGATIVES; b],
-        empty: vec![0.0; b],
+        shift: vec![None; b],
     };
-    let eligible = |i: usize, j: usize| image_ids[j / n] != image_ids[i] && valid[j] != 0.0;
-    let mut pool = Vec::with_capacity(cols);
+    let (mut candidates, mut pool) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
     for i in 0..b {
         let row = &scores[i * cols..(i + 1) * cols];
-        pool.clear();
-        pool.extend((0..cols).filter(|&j| eligible(i, j)).map(|j| row[j]));
-        if pool.is_empty() {
-            out.empty[i] = 1.0;
+        candidates.clear();
+        candidates
+            .extend((0..cols).filter(|&j| image_ids[j / n] != image_ids[i] && valid[j] != 0.0));
+        if candidates.is_empty() {
             continue;
         }
+        pool.clear();
+        pool.extend(candidates.iter().map(|&j| row[j]));
         let take = k.min(pool.len());
         let (_, &mut kth, _) = pool.select_nth_unstable_by(take - 1, |a, b| b.total_cmp(a));
         let (above, copies) = pool.iter().fold((0, 0), |(a, c), &x| {
             (a + usize::from(x > kth), c + usize::from(x == kth))
         });
         let share = (take - above) as f32 / copies as f32;
-        out.shift[i] = pool.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        out.base[i] = out.shift[i];
+        out.shift[i] = Some(pool.iter().copied().fold(f64::NEG_INFINITY, f64::max));
         let w = &mut out.weights[i * cols..(i + 1) * cols];
-        for j in (0..cols).filter(|&j| eligible(i, j)) {
+        for &j in &candidates {
             w[j] = if row[j] > kth {
                 1.0
             } else if row[j] == kth {
@@ -528,8 +522,14 @@ pub fn cra_direction<B: Backend>(
         TensorData::new(hard.weights, [b, b * n]).convert::<B::FloatElem>(),
         &device,
     );
-    let sum = ((scores - column(hard.shift)).exp() * weights).sum_dim(1) + column(hard.empty);
-    let negatives = column(hard.base) + sum.log(); // [b, 1]
+    // A guide without candidates: shift 0 keeps the exponentials finite (their weights are 0),
+    // 1 added to its empty sum makes the log 0, and its log-sum is NO_NEGATIVES.
+    let per_row = |f: fn(Option<f64>) -> f64| column(hard.shift.iter().copied().map(f).collect());
+    let shift = per_row(|s| s.unwrap_or(0.0));
+    let empty = per_row(|s| if s.is_none() { 1.0 } else { 0.0 });
+    let base = per_row(|s| s.unwrap_or(NO_NEGATIVES));
+    let sum = ((scores - shift).exp() * weights).sum_dim(1) + empty;
+    let negatives = base + sum.log(); // [b, 1]
     let per_positive = softplus(negatives - positives, 1.0);
     let count = locals.valid.clone().sum_dim(1).clamp_min(1.0);
     ((per_positive * locals.valid.clone()).sum_dim(1) / count).mean()
@@ -630,11 +630,7 @@ impl<B: Backend> Guide<B> {
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.detach()
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_default()
+    host(t).into_iter().map(|v| v as f32).collect()
 }
 
 /// A student's SelfAlign parameters: the LCA prototypes and the CRA guide heads.
@@ -743,6 +739,27 @@ mod tests {
         let g: Vec<f64> = (0..b * d)
             .map(|i| ((i * 29 % 19) as f64 - 9.0) / 5.0)
             .collect();
+        // Some cut below must split tied copies, or the test shows nothing about ties: guide
+        // 0's candidates (pairs 1, 2, 3) in order, each of pair 1's scores twice.
+        let unit = |v: &[f64]| {
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / norm).collect::<Vec<_>>()
+        };
+        let g0 = unit(&g[..d]);
+        let mut sorted: Vec<f64> = (n..b * n)
+            .map(|j| {
+                unit(&l[j * d..(j + 1) * d])
+                    .iter()
+                    .zip(&g0)
+                    .map(|(x, y)| x * y)
+                    .sum()
+            })
+            .collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        assert!(
+            (1..sorted.len()).any(|k| sorted[k - 1] == sorted[k]),
+            "no k cuts a pair of tied copies: {sorted:?}"
+        );
         for k in 1..=9 {
             let got = cra_direction(
                 tensor(g.clone(), [b, d]),

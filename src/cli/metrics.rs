@@ -178,7 +178,11 @@ pub fn metrics(args: MetricsArgs, cache_dir: Option<PathBuf>) -> Result<i32, Cli
     let _lock = engine.store.lock(false, || {
         eprintln!("  waiting  the cache is locked by `cusa-pipe cache gc`")
     })?;
-    let rows = rows(&engine, args.all);
+    let mut rows = rows(&engine, args.all);
+    if !args.columns.is_empty() {
+        // A stage that measured none of the columns asked for has no row.
+        rows.retain(|r| r.record.results.keys().any(|k| args.columns.contains(k)));
+    }
     if rows.is_empty() && !args.json {
         eprintln!(
             "nothing measured yet: no stage of {} has results in the cache (`eval` stages record theirs when they run)",
@@ -352,6 +356,11 @@ fn over_seeds(
             .filter(|(k, _)| args.columns.is_empty() || args.columns.contains(k))
             .filter_map(|(k, v)| Some((k, v.as_f64()?)))
             .collect();
+        if numbers.is_empty() {
+            // None of the columns asked for (e.g. `--columns rsum` and a softlabel stage's
+            // teacher signal): no table of empty rows.
+            continue;
+        }
         let t = match tables.iter_mut().position(|t| t.stage == stage) {
             Some(i) => &mut tables[i],
             None => {
@@ -382,6 +391,8 @@ fn over_seeds(
             values,
         });
     }
+    // The matrix stages' tables first (the ablation), then the other measured stages'.
+    tables.sort_by_key(|t| t.stage.is_empty());
     if let Some(b) = &args.baseline
         && !tables.iter().any(|t| t.groups.contains(b))
     {

@@ -172,11 +172,12 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     let masked = numbers.replace_all(&table, |c: &regex::Captures| "#".repeat(c[0].len()));
     insta::assert_snapshot!(masked, @r"
     $ cusa-pipe metrics --baseline again
-    stage         split  best epoch  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P
-    train           val           1     ####        -         -      ###        -         -  #####            -          -          -        -        -
-    eval           test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+    stage         split  best epoch  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P  i2t teacher AUC  i2t mass %  i2t uniform %  i2t P@10  t2i teacher AUC  t2i mass %  t2i uniform %  t2i P@10
+    softlabels    train           -        -        -         -        -        -         -      -            -          -          -        -        -             ####         ###            ###      ####             ####         ###            ###      ####
+    train           val           1     ####        -         -      ###        -         -  #####            -          -          -        -        -                -           -              -         -                -           -              -         -
+    eval           test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -         -                -           -              -         -
       Δ vs again                        ####     ####      ####     ####     ####      ####   ####         ####       ####       ####     ####     ####
-    again          test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####
+    again          test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -         -                -           -              -         -
     [exit 0]
     ");
     let m = metrics(&p, "eval");
@@ -184,15 +185,26 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let rows = doc["rows"].as_array().unwrap();
-    // The training records what it chose its epoch on (the validation split) too.
     assert_eq!(
         rows.iter()
             .map(|r| r["stage"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        ["train", "eval", "again"]
+        ["softlabels", "train", "eval", "again"]
     );
-    assert_eq!(rows[0]["results"]["split"], "val");
-    let rows = &rows[1..];
+    // The softlabel stage's teacher signal on the training split, in percent.
+    let signal = &rows[0]["results"];
+    assert_eq!(signal["split"], "train");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output("softlabels").join("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        signal["t2i teacher AUC"].as_f64(),
+        Some(100.0 * report["teacher_signal"]["t2i"]["auc"].as_f64().unwrap())
+    );
+    // The training records what it chose its epoch on (the validation split) too.
+    assert_eq!(rows[1]["results"]["split"], "val");
+    let rows = &rows[2..];
     let results = &rows[0]["results"];
     assert_eq!(results["split"], "test");
     assert_eq!(results["i2t R@1"], m["i2t"]["R@1"]);
@@ -244,6 +256,7 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
             ("again".into(), "current".into(), "test".into()),
             ("eval".into(), "cached".into(), "val".into()),
             ("eval".into(), "current".into(), "test".into()),
+            ("softlabels".into(), "current".into(), "train".into()),
             ("train".into(), "current".into(), "val".into()),
         ],
         "{runs:?}"

@@ -17,6 +17,7 @@ pub mod precision;
 pub mod retrieval;
 pub mod scenes_small;
 pub mod selfalign;
+mod selfalign_host;
 pub mod stats;
 pub mod student;
 pub mod vocab;

@@ -262,10 +262,9 @@ impl Objective {
                     let (text_guide, text_stats) = gt.forward_train(t.mean());
                     guide_stats = Some((image_stats, text_stats));
                     let ids = &targets.image_ids;
-                    let t2v =
-                        selfalign::cra_direction(text_guide, v, ids, c.temperature, c.hardest);
-                    let v2t =
-                        selfalign::cra_direction(image_guide, t, ids, c.temperature, c.hardest);
+                    let (tau, hardest, place) = (c.temperature, c.hardest, self.selfalign_on);
+                    let t2v = selfalign::cra_direction(text_guide, v, ids, tau, hardest, place);
+                    let v2t = selfalign::cra_direction(image_guide, t, ids, tau, hardest, place);
                     (t2v + v2t) * (0.5 * c.weight)
                 }
             };

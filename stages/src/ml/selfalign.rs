@@ -20,7 +20,10 @@
 //! * CRA's "hardest negatives" are a weight mask over every candidate (1 above the k-th
 //!   largest score, a share on its copies): exactly a sorted top-k's sum, ties included;
 //! * Sinkhorn gives the same assignments computed on the host (CPU backends) or with tensor
-//!   operations (GPU), and the host's sums have a fixed order (same bytes on any thread count).
+//!   operations (GPU), and the host's sums have a fixed order (same bytes on any thread count);
+//! * [`lca`] and [`cra_direction`] compute one function in two places: with tensor operations
+//!   and autodiff ([`Where::Device`], a GPU) or by hand with their gradients on the host
+//!   ([`Where::Host`], a CPU backend: `selfalign_host`).
 //!
 //! Checked against a float64 numpy implementation with finite-difference gradients
 //! (`scripts/fixtures/selfalign.py` → `stages/tests/fixtures/selfalign.json`).
@@ -31,6 +34,8 @@ use burn::tensor::activation::{log_softmax, relu, softplus};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use super::selfalign_host as host;
 
 /// `loss.lca:` — the concept-level term.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -205,7 +210,7 @@ pub enum Where {
 const BLOCK_ROWS: usize = 256;
 
 /// E = exp((s − max s)/ε) of host scores, in f32 (computed in f64 when the scores are).
-fn host_kernel(scores: TensorData, epsilon: f64) -> Vec<f32> {
+pub(crate) fn host_kernel(scores: TensorData, epsilon: f64) -> Vec<f32> {
     use rayon::prelude::*;
     if scores.dtype == burn::tensor::DType::F64 {
         let s: Vec<f64> = scores.into_vec().expect("f64 scores");
@@ -227,7 +232,12 @@ fn host_kernel(scores: TensorData, epsilon: f64) -> Vec<f32> {
 }
 
 /// u and v after `iterations` column-then-row normalisations of E (`n × k`, row-major).
-fn host_scaling(e: &[f32], n: usize, k: usize, iterations: usize) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn host_scaling(
+    e: &[f32],
+    n: usize,
+    k: usize,
+    iterations: usize,
+) -> (Vec<f64>, Vec<f64>) {
     use rayon::prelude::*;
     let block_sums = |u: &[f64]| -> Vec<f64> {
         let partial: Vec<Vec<f64>> = e
@@ -250,7 +260,7 @@ fn host_scaling(e: &[f32], n: usize, k: usize, iterations: usize) -> (Vec<f64>, 
     };
     let total: f64 = e
         .par_chunks(BLOCK_ROWS * k)
-        .map(|c| c.iter().map(|&x| x as f64).sum::<f64>())
+        .map(|c| c.chunks(k).map(|row| dot_lanes(row, None)).sum::<f64>())
         .collect::<Vec<f64>>()
         .iter()
         .sum();
@@ -263,13 +273,41 @@ fn host_scaling(e: &[f32], n: usize, k: usize, iterations: usize) -> (Vec<f64>, 
             .collect();
         rows = e
             .par_chunks_exact(k)
-            .map(|row| {
-                let sum: f64 = row.iter().zip(&cols).map(|(&x, &v)| x as f64 * v).sum();
-                1.0 / (n as f64 * sum)
-            })
+            .map(|row| 1.0 / (n as f64 * dot_lanes(row, Some(&cols))))
             .collect();
     }
     (rows, cols)
+}
+
+/// Σ xᵢ·yᵢ (y = 1 when `None`) in f64, over eight interleaved partial sums: one fixed order
+/// that the compiler turns into vector instructions (a plain running sum cannot be).
+fn dot_lanes(x: &[f32], y: Option<&[f64]>) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let whole = x.len() / LANES * LANES;
+    match y {
+        Some(y) => {
+            for (xs, ys) in x[..whole].chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
+                for ((a, &x), &y) in acc.iter_mut().zip(xs).zip(ys) {
+                    *a += x as f64 * y;
+                }
+            }
+            for (i, &x) in x[whole..].iter().enumerate() {
+                acc[i] += x as f64 * y[whole + i];
+            }
+        }
+        None => {
+            for xs in x[..whole].chunks_exact(LANES) {
+                for (a, &x) in acc.iter_mut().zip(xs) {
+                    *a += x as f64;
+                }
+            }
+            for (i, &x) in x[whole..].iter().enumerate() {
+                acc[i] += x as f64;
+            }
+        }
+    }
+    acc.iter().sum()
 }
 
 impl<B: Backend> Assignments<B> {
@@ -374,6 +412,9 @@ pub fn lca<B: Backend>(
     c: &LcaConfig,
     place: Where,
 ) -> Tensor<B, 1> {
+    if place == Where::Host {
+        return lca_on_host(image, text, prototypes, c);
+    }
     let [b, r, d] = image.states.dims();
     let [_, l, _] = text.states.dims();
     let v = l2_normalize3(image.states.clone()).detach();
@@ -410,7 +451,7 @@ pub fn lca<B: Backend>(
 
 /// Stands for the log-sum of a guide with no negative at all (every local in the batch is its
 /// own image's or padding): far below any scaled cosine, so its softplus and gradient are 0.
-const NO_NEGATIVES: f64 = -1e9;
+pub(crate) const NO_NEGATIVES: f64 = -1e9;
 
 /// Host-side selection of CRA's hardest negatives for one direction: for guide i, the valid
 /// locals of pairs showing another image, and among them the `k` most similar, as weights over
@@ -419,12 +460,12 @@ const NO_NEGATIVES: f64 = -1e9;
 /// selection (tied scores are equal whichever copies a sort keeps: repeated images give exact
 /// ties) and the gradient needs no gather or scatter. `shift` is each row's largest candidate
 /// (for a stable log-sum-exp), `None` where a guide has no candidate at all.
-struct Hardest {
-    weights: Vec<f32>,
-    shift: Vec<Option<f64>>,
+pub(crate) struct Hardest {
+    pub(crate) weights: Vec<f32>,
+    pub(crate) shift: Vec<Option<f64>>,
 }
 
-fn hardest_negatives(
+pub(crate) fn hardest_negatives(
     scores: &[f64],
     image_ids: &[u64],
     valid: &[f64],
@@ -493,7 +534,11 @@ pub fn cra_direction<B: Backend>(
     image_ids: &[u64],
     temperature: f64,
     hardest: usize,
+    place: Where,
 ) -> Tensor<B, 1> {
+    if place == Where::Host {
+        return cra_on_host(guides, locals, image_ids, temperature, hardest);
+    }
     let [b, n, d] = locals.states.dims();
     let device = guides.device();
     let g = super::loss::l2_normalize(guides);
@@ -533,6 +578,109 @@ pub fn cra_direction<B: Backend>(
     let per_positive = softplus(negatives - positives, 1.0);
     let count = locals.valid.clone().sum_dim(1).clamp_min(1.0);
     ((per_positive * locals.valid.clone()).sum_dim(1) / count).mean()
+}
+
+/// [`lca`] on the host: value and gradients by hand (`selfalign_host`), in the backend's float
+/// type.
+fn lca_on_host<B: Backend>(
+    image: &Locals<B>,
+    text: &Locals<B>,
+    prototypes: Tensor<B, 2>,
+    c: &LcaConfig,
+) -> Tensor<B, 1> {
+    fn run<B: Backend, T: host::Real>(
+        image: &Locals<B>,
+        text: &Locals<B>,
+        prototypes: &Tensor<B, 2>,
+        c: &LcaConfig,
+        want: (bool, bool),
+    ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+        let [b, r, d] = image.states.dims();
+        let [_, l, _] = text.states.dims();
+        let [k, _] = prototypes.dims();
+        let input = host::LcaInput::<T> {
+            image: &host::read(image.states.clone()),
+            text: &host::read(text.states.clone()),
+            text_valid: &host::read(text.valid.clone()),
+            prototypes: &host::read(prototypes.clone()),
+            b,
+            r,
+            l,
+            d,
+            k,
+        };
+        host::lca(&input, c, want)
+    }
+    let device = prototypes.device();
+    // The word states are computed tensors (burn only reports leaves as requiring a
+    // gradient): always differentiated. The prototypes are the parameter itself, or detached
+    // while frozen.
+    let want = (true, prototypes.is_require_grad());
+    let (value, d_text, d_prototypes) = if host::is_f64(&text.states) {
+        run::<B, f64>(image, text, &prototypes, c, want)
+    } else {
+        run::<B, f32>(image, text, &prototypes, c, want)
+    };
+    let mut parts = Vec::new();
+    if let Some(g) = d_text {
+        parts.push((flat(text.states.clone()), g));
+    }
+    if let Some(g) = d_prototypes {
+        parts.push((flat(prototypes), g));
+    }
+    host::attach(value, &device, parts)
+}
+
+/// [`cra_direction`] on the host: value and gradients by hand (`selfalign_host`), in the
+/// backend's float type.
+fn cra_on_host<B: Backend>(
+    guides: Tensor<B, 2>,
+    locals: &Locals<B>,
+    image_ids: &[u64],
+    temperature: f64,
+    hardest: usize,
+) -> Tensor<B, 1> {
+    fn run<B: Backend, T: host::Real>(
+        guides: &Tensor<B, 2>,
+        locals: &Locals<B>,
+        image_ids: &[u64],
+        (temperature, hardest): (f64, usize),
+        want: (bool, bool),
+    ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+        host::cra_direction::<T>(
+            &host::read(guides.clone()),
+            &host::read(locals.states.clone()),
+            &host::read(locals.valid.clone()),
+            image_ids,
+            locals.states.dims().into(),
+            temperature,
+            hardest,
+            want,
+        )
+    }
+    let device = guides.device();
+    // Both are computed tensors (burn only reports leaves as requiring a gradient).
+    let want = (true, true);
+    let settings = (temperature, hardest);
+    let (value, d_guides, d_locals) = if host::is_f64(&guides) {
+        run::<B, f64>(&guides, locals, image_ids, settings, want)
+    } else {
+        run::<B, f32>(&guides, locals, image_ids, settings, want)
+    };
+    let mut parts = Vec::new();
+    if let Some(g) = d_guides {
+        parts.push((flat(guides), g));
+    }
+    if let Some(g) = d_locals {
+        parts.push((flat(locals.states.clone()), g));
+    }
+    host::attach(value, &device, parts)
+}
+
+/// A tensor as one row of its values (same graph node's gradient).
+fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 1> {
+    let n = t.shape().num_elements();
+    t.reshape([n])
 }
 
 /// Batch statistics of a guide's pre-norm activations, for the running statistics.
@@ -760,13 +908,14 @@ mod tests {
             (1..sorted.len()).any(|k| sorted[k - 1] == sorted[k]),
             "no k cuts a pair of tied copies: {sorted:?}"
         );
-        for k in 1..=9 {
+        for (k, place) in (1..=9).flat_map(|k| [(k, Where::Host), (k, Where::Device)]) {
             let got = cra_direction(
                 tensor(g.clone(), [b, d]),
                 &Locals::dense(tensor(l.clone(), [b, n, d])),
                 &ids,
                 0.7,
                 k,
+                place,
             );
             let got = host(got)[0];
             let want = cra_by_sorting(&g, &l, &ids, n, d, k);
@@ -774,7 +923,7 @@ mod tests {
             // CPU device can make this one compute in f32; a wrong tie rule is off by far more.)
             assert!(
                 (got - want).abs() < 1e-6 * want.abs(),
-                "k {k}: {got} vs {want}"
+                "k {k}, {place:?}: {got} vs {want}"
             );
         }
     }
@@ -788,13 +937,72 @@ mod tests {
             [b, n, d],
         )
         .require_grad();
-        // One image in the whole batch: no guide has a negative.
-        let value = cra_direction(g.clone(), &Locals::dense(l.clone()), &[7, 7], 0.7, 512);
-        assert_eq!(host(value.clone())[0], 0.0);
-        let grads = value.backward();
-        for grad in [host(g.grad(&grads).unwrap()), host(l.grad(&grads).unwrap())] {
-            assert!(grad.iter().all(|x| x.is_finite()), "{grad:?}");
+        for place in [Where::Host, Where::Device] {
+            // One image in the whole batch: no guide has a negative.
+            let locals = Locals::dense(l.clone());
+            let value = cra_direction(g.clone(), &locals, &[7, 7], 0.7, 512, place);
+            assert_eq!(host(value.clone())[0], 0.0, "{place:?}");
+            let grads = value.backward();
+            for grad in [host(g.grad(&grads).unwrap()), host(l.grad(&grads).unwrap())] {
+                assert!(grad.iter().all(|x| x.is_finite()), "{place:?}: {grad:?}");
+            }
         }
+    }
+
+    #[test]
+    fn host_terms_and_gradients_have_the_same_bits_on_any_thread_count() {
+        // Products of 120 and more rows: several blocks (32 rows at least), split over the threads.
+        let (b, r, l, d, k) = (24, 5, 4, 6, 70);
+        let values = |n: usize, seed: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| (((i + seed) * 7919 % 409) as f64 - 204.0) / 101.0)
+                .collect()
+        };
+        let ids: Vec<u64> = (0..b as u64).map(|i| i / 3).collect();
+        let mut valid = vec![1.0; b * l];
+        valid.iter_mut().skip(3).step_by(7).for_each(|v| *v = 0.0);
+        let run = || {
+            let image = tensor(values(b * r * d, 1), [b, r, d]).require_grad();
+            let text = tensor(values(b * l * d, 2), [b, l, d]).require_grad();
+            let prototypes = crate::ml::loss::l2_normalize(tensor(values(k * d, 3), [k, d]))
+                .detach()
+                .require_grad();
+            let text_locals = Locals {
+                states: text.clone(),
+                valid: tensor(valid.clone(), [b, l]),
+            };
+            let image_locals = Locals::dense(image.clone());
+            let lca_value = lca(
+                &image_locals,
+                &text_locals,
+                prototypes.clone(),
+                &LcaConfig::default(),
+                Where::Host,
+            );
+            let guides = tensor(values(b * d, 4), [b, d]).require_grad();
+            let t2v = cra_direction(guides.clone(), &image_locals, &ids, 0.7, 9, Where::Host);
+            let v2t = cra_direction(guides.clone(), &text_locals, &ids, 0.7, 9, Where::Host);
+            let total = lca_value + t2v + v2t;
+            let grads = total.clone().backward();
+            let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+            [
+                bits(host(total)),
+                bits(host(image.grad(&grads).unwrap())),
+                bits(host(text.grad(&grads).unwrap())),
+                bits(host(prototypes.grad(&grads).unwrap())),
+                bits(host(guides.grad(&grads).unwrap())),
+            ]
+        };
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(run)
+        };
+        let one = on(1);
+        assert!(one[3].iter().any(|&x| x != 0), "prototypes get a gradient");
+        assert_eq!(one, on(3));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! * `report.json` — counts, dimensions, teacher metadata, soft-label statistics, and — when
 //!   the dataset knows the split's true positives (the scenes: every split) — the teachers'
 //!   false-negative signal ([`signal`]): AUC, soft-label mass on true positives vs uniform and
-//!   neighbour precision per direction, also a note; the AUCs in the run record.
+//!   neighbour precision per direction, also a note, and in the run record's results (in
+//!   percent: the `cusa-pipe metrics` columns `i2t teacher AUC`, `i2t mass %`, …).
 
 pub mod signal;
 
@@ -104,7 +105,9 @@ impl Kind for SoftlabelKind {
     type Config = SoftlabelConfig;
     const NAME: &'static str = "softlabel";
     // 2: report.json carries the teacher signal; its teacher metadata sorted.
-    const VERSION: u32 = 2;
+    // 3: the teacher signal in the run record's results (`cusa-pipe metrics`); the output
+    //    tree is unchanged, so the stages downstream stay fresh.
+    const VERSION: u32 = 3;
 
     fn validate(c: &mut SoftlabelConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if c.neighbours == Some(0) {
@@ -274,6 +277,17 @@ impl Kind for SoftlabelKind {
                 summary
                     .metrics
                     .insert(format!("teacher_signal_{name}_auc"), json!(d.auc));
+            }
+            // `metrics`' columns, in percent like the retrieval figures (one decimal there;
+            // report.json keeps every digit).
+            let results = &mut summary.results;
+            results.insert("split".into(), json!(c.split));
+            for (name, d) in [("i2t", i), ("t2i", t)] {
+                let percent = |x: f64| json!(100.0 * x);
+                results.insert(format!("{name} teacher AUC"), percent(d.auc));
+                results.insert(format!("{name} mass %"), percent(d.mass_on_positives));
+                results.insert(format!("{name} uniform %"), percent(d.mass_uniform));
+                results.insert(format!("{name} P@{}", s.k), percent(d.precision_at_k));
             }
         }
         Ok(summary)

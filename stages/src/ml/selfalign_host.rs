@@ -1,0 +1,417 @@
+//! SelfAlign's two terms on a CPU backend: each term's value and its gradients with respect to
+//! its inputs computed together by hand over the tensors' host values, then handed to the
+//! autodiff graph as one scalar whose gradient is the computed one ([`attach`]).
+//!
+//! Why it exists: written with tensor operations (what a GPU runs, `selfalign`'s
+//! [`Where::Device`](super::selfalign::Where) path), LCA and CRA are some twenty element-wise
+//! passes forward and as many backward, each a fresh full-size tensor on burn-ndarray; here
+//! each step is one loop over the values, rows in parallel, and the matrix products go to the
+//! `gemm` crate.
+//!
+//! Invariants:
+//! * the mathematics of the tensor path (docs/method.md): both are checked against the float64
+//!   fixture, values and gradients (`stages/tests/selfalign.rs`);
+//! * matrix products in the backend's float type (f32 or f64), every element-wise step in f64;
+//! * the bytes do not depend on the thread count: products run in blocks of a fixed number of
+//!   rows, each block on one thread with one summation order, and every reduction across rows
+//!   is summed in row order;
+//! * the scalar returned to the graph has the computed loss as its value, and as gradient with
+//!   respect to each input that requires one, exactly the computed gradient: Σ x·g − (Σ x·g,
+//!   detached) adds 0 to the value.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Element, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::selfalign::{NO_NEGATIVES, hardest_negatives, host_kernel, host_scaling};
+
+/// A float type the products run in: the backend's own (f32 when it trains in f32, f64 for
+/// the float64 checks).
+pub(crate) trait Real: Element + Copy + Send + Sync + 'static {
+    fn of(x: f64) -> Self;
+    fn get(self) -> f64;
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn get(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn get(self) -> f64 {
+        self
+    }
+}
+
+/// Whether a tensor's values are f64 (then the products run in f64).
+pub(crate) fn is_f64<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.dtype() == DType::F64
+}
+
+/// A host copy of a tensor's values in `T`.
+pub(crate) fn read<B: Backend, const D: usize, T: Real>(t: Tensor<B, D>) -> Vec<T> {
+    // The product makes a fresh tensor: reading one the autograd graph still shares goes
+    // element by element on ndarray (10× slower than this extra pass).
+    t.detach()
+        .mul_scalar(1.0)
+        .into_data()
+        .convert::<T>()
+        .into_vec::<T>()
+        .expect("converted to the product type")
+}
+
+/// `value` as a one-element tensor whose gradient with respect to each input of `parts` is
+/// the gradient paired with it (inputs that need none are left out by the caller).
+pub(crate) fn attach<B: Backend>(
+    value: f64,
+    device: &B::Device,
+    parts: Vec<(Tensor<B, 1>, Vec<f64>)>,
+) -> Tensor<B, 1> {
+    let mut out = Tensor::<B, 1>::from_data(
+        TensorData::new(vec![value], [1]).convert::<B::FloatElem>(),
+        device,
+    );
+    for (x, grad) in parts {
+        let g = Tensor::<B, 1>::from_data(
+            TensorData::new(grad, x.shape()).convert::<B::FloatElem>(),
+            device,
+        );
+        let s = (x * g).sum();
+        out = out + (s.clone() - s.detach());
+    }
+    out
+}
+
+/// Rows per block of an `m`-row product: an eighth of the rows (work for up to eight threads,
+/// and the other operand packed once per block), at least 32. A function of the shape alone:
+/// the blocks, not the threads, fix each sum's order.
+fn block_rows(m: usize) -> usize {
+    m.div_ceil(8).max(32)
+}
+
+/// The transpose of a row-major `rows × cols` matrix, row-major (`cols × rows`): products
+/// read contiguous rows (the `gemm` crate packs a strided operand several times slower).
+fn transpose<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let mut out = vec![T::of(0.0); x.len()];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tile, dst)| {
+            let c0 = tile * TILE;
+            let width = dst.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in 0..width {
+                        dst[c * rows + r] = x[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `a · b` (`m × k` times `k × n`, both row-major), row-major `m × n`; blocks of
+/// [`block_rows`] rows in parallel, one thread each.
+fn product<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
+    assert!(
+        a.len() == m * k && b.len() == k * n,
+        "product operand shapes"
+    );
+    let mut out = vec![T::of(0.0); m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let block = block_rows(m);
+    out.par_chunks_mut(block * n)
+        .zip(a.par_chunks(block * k))
+        .for_each(|(dst, lhs)| {
+            let rows = dst.len() / n;
+            // SAFETY: dst is rows × n (column stride 1, row stride n), lhs rows × k (column
+            // stride 1, row stride k), b k × n (column stride 1, row stride n): the assert
+            // above and the matching chunk sizes pin every length; read_dst = false only
+            // writes dst.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    T::of(0.0),
+                    T::of(1.0),
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    out
+}
+
+/// Rows (`d` wide) scaled to unit length (`F.normalize`: the norm clamped at 1e-12), with the
+/// clamped norms.
+fn unit_rows<T: Real>(x: &[T], d: usize) -> (Vec<T>, Vec<f64>) {
+    let norms: Vec<f64> = x
+        .par_chunks(d.max(1))
+        .map(|row| {
+            row.iter()
+                .map(|v| v.get() * v.get())
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12)
+        })
+        .collect();
+    let mut unit = vec![T::of(0.0); x.len()];
+    unit.par_chunks_mut(d.max(1))
+        .zip(x.par_chunks(d.max(1)))
+        .zip(&norms)
+        .for_each(|((u, row), &norm)| {
+            u.iter_mut()
+                .zip(row)
+                .for_each(|(u, v)| *u = T::of(v.get() / norm))
+        });
+    (unit, norms)
+}
+
+/// The gradient of x given that of x̂ = x / max(|x|, ε), row by row: (dx̂ − x̂ (x̂·dx̂)) / |x|,
+/// or dx̂ / ε where the clamp holds (the norm then gets no gradient).
+fn unit_rows_backward<T: Real>(unit: &[T], norms: &[f64], d_unit: &[T], d: usize) -> Vec<f64> {
+    let mut out = vec![0.0; unit.len()];
+    out.par_chunks_mut(d.max(1))
+        .zip(unit.par_chunks(d.max(1)))
+        .zip(d_unit.par_chunks(d.max(1)))
+        .zip(norms)
+        .for_each(|(((out, u), du), &norm)| {
+            let clamped = norm <= 1e-12;
+            let along: f64 = if clamped {
+                0.0
+            } else {
+                u.iter().zip(du).map(|(u, g)| u.get() * g.get()).sum()
+            };
+            for ((o, u), g) in out.iter_mut().zip(u).zip(du) {
+                *o = (g.get() - u.get() * along) / norm;
+            }
+        });
+    out
+}
+
+/// Σ over the rows of a caption or guide, each `valid` weight over the row's count (at least
+/// 1), over the batch: the weights `valid / (count · b)` of the mean of means both terms take.
+fn mean_of_means_weights(valid: &[f64], b: usize, n: usize) -> Vec<f64> {
+    valid
+        .chunks(n.max(1))
+        .flat_map(|row| {
+            let count = row.iter().sum::<f64>().max(1.0);
+            row.iter().map(move |v| v / (count * b as f64))
+        })
+        .collect()
+}
+
+/// One CRA direction's value and gradients (see `selfalign::cra_direction`): `guides`
+/// `[b, d]`, `locals` `[b, n, d]` (both before normalisation), `valid` `[b, n]`. The gradients
+/// come back for the inputs asked for, as f64 in the inputs' layout.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cra_direction<T: Real>(
+    guides: &[T],
+    locals: &[T],
+    valid: &[f64],
+    image_ids: &[u64],
+    (b, n, d): (usize, usize, usize),
+    temperature: f64,
+    hardest: usize,
+    (want_guides, want_locals): (bool, bool),
+) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+    let cols = b * n;
+    let (g, g_norms) = unit_rows(guides, d);
+    let (l, l_norms) = unit_rows(locals, d);
+    let cosines = product(b, cols, d, &g, &transpose(&l, cols, d));
+    let scores: Vec<f64> = cosines.par_iter().map(|c| c.get() / temperature).collect();
+    let hard = hardest_negatives(&scores, image_ids, valid, n, hardest.max(1));
+    let weight = mean_of_means_weights(valid, b, n);
+    // Per guide: its log-sum over the kept negatives, its loss, its gradient row.
+    let rows: Vec<(f64, Vec<T>)> = (0..b)
+        .into_par_iter()
+        .map(|i| {
+            let s = &scores[i * cols..(i + 1) * cols];
+            let w = &hard.weights[i * cols..(i + 1) * cols];
+            let (lse, terms) = match hard.shift[i] {
+                Some(shift) => {
+                    let terms: Vec<f64> = s
+                        .iter()
+                        .zip(w)
+                        .map(|(&x, &w)| {
+                            if w == 0.0 {
+                                0.0
+                            } else {
+                                w as f64 * (x - shift).exp()
+                            }
+                        })
+                        .collect();
+                    let sum: f64 = terms.iter().sum();
+                    (shift + sum.ln(), Some((terms, sum)))
+                }
+                None => (NO_NEGATIVES, None),
+            };
+            let (mut loss, mut d_lse) = (0.0, 0.0);
+            let mut grad = vec![0.0f64; cols];
+            for m in 0..n {
+                let a = weight[i * n + m];
+                if a == 0.0 {
+                    continue;
+                }
+                let x = lse - s[i * n + m];
+                // softplus(x) = log(1 + eˣ) and its derivative σ(x), stable both ways.
+                loss += a * (x.max(0.0) + (-x.abs()).exp().ln_1p());
+                let sigma = if x >= 0.0 {
+                    1.0 / (1.0 + (-x).exp())
+                } else {
+                    x.exp() / (1.0 + x.exp())
+                };
+                d_lse += a * sigma;
+                grad[i * n + m] -= a * sigma;
+            }
+            if let Some((terms, sum)) = terms {
+                for (g, t) in grad.iter_mut().zip(terms) {
+                    *g += d_lse * t / sum;
+                }
+            }
+            let grad = grad.into_iter().map(|g| T::of(g / temperature)).collect();
+            (loss, grad)
+        })
+        .collect();
+    let value = rows.iter().map(|(loss, _)| loss).sum();
+    let d_scores: Vec<T> = rows.into_iter().flat_map(|(_, g)| g).collect();
+    let d_guides = want_guides.then(|| {
+        let d_unit = product(b, d, cols, &d_scores, &l);
+        unit_rows_backward(&g, &g_norms, &d_unit, d)
+    });
+    let d_locals = want_locals.then(|| {
+        let d_unit = product(cols, d, b, &transpose(&d_scores, b, cols), &g);
+        unit_rows_backward(&l, &l_norms, &d_unit, d)
+    });
+    (value, d_guides, d_locals)
+}
+
+/// LCA's shape and settings, for [`lca`].
+pub(crate) struct LcaInput<'a, T> {
+    /// Image locals `[b, r, d]` before normalisation (no gradient).
+    pub image: &'a [T],
+    /// Word states `[b, l, d]` before normalisation.
+    pub text: &'a [T],
+    /// `[b, l]`, 1 for a real word.
+    pub text_valid: &'a [f64],
+    /// `[k, d]`, unit rows.
+    pub prototypes: &'a [T],
+    pub b: usize,
+    pub r: usize,
+    pub l: usize,
+    pub d: usize,
+    pub k: usize,
+}
+
+/// LCA's value and gradients (see `selfalign::lca`) for the word states and the prototypes,
+/// each when asked for, as f64 in the inputs' layout.
+pub(crate) fn lca<T: Real>(
+    x: &LcaInput<T>,
+    c: &super::selfalign::LcaConfig,
+    (want_text, want_prototypes): (bool, bool),
+) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+    let LcaInput { b, r, l, d, k, .. } = *x;
+    let (v, _) = unit_rows(x.image, d);
+    let (t, t_norms) = unit_rows(x.text, d);
+    // Sinkhorn over every region of the batch, in scaling form.
+    let regions = b * r;
+    let prototypes_t = transpose(x.prototypes, k, d);
+    let scores = product(regions, k, d, &v, &prototypes_t);
+    let kernel = host_kernel(TensorData::new(scores, [regions, k]), c.epsilon);
+    let (u, cols) = host_scaling(&kernel, regions, k, c.sinkhorn_iterations);
+    // Each word's region: the most similar of its own image's (the first of equals).
+    let best: Vec<usize> = (0..b)
+        .into_par_iter()
+        .flat_map_iter(|p| {
+            let sims = product(
+                l,
+                r,
+                d,
+                &t[p * l * d..(p + 1) * l * d],
+                &transpose(&v[p * r * d..(p + 1) * r * d], r, d),
+            );
+            (0..l)
+                .map(|w| {
+                    let row = &sims[w * r..(w + 1) * r];
+                    let mut best = 0;
+                    for (m, s) in row.iter().enumerate() {
+                        if s.get() > row[best].get() {
+                            best = m;
+                        }
+                    }
+                    p * r + best
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let logits = product(b * l, k, d, &t, &prototypes_t);
+    let weight = mean_of_means_weights(x.text_valid, b, l);
+    let rows: Vec<(f64, Vec<T>)> = (0..b * l)
+        .into_par_iter()
+        .map(|w| {
+            let a = weight[w];
+            if a == 0.0 {
+                return (0.0, vec![T::of(0.0); k]);
+            }
+            let region = best[w];
+            let scale = regions as f64 * u[region];
+            let q: Vec<f64> = kernel[region * k..(region + 1) * k]
+                .iter()
+                .zip(&cols)
+                .map(|(&e, &v)| scale * e as f64 * v)
+                .collect();
+            let z: Vec<f64> = logits[w * k..(w + 1) * k]
+                .iter()
+                .map(|z| z.get() / c.temperature)
+                .collect();
+            let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = z.iter().map(|z| (z - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let lse = max + sum.ln();
+            let mass: f64 = q.iter().sum();
+            let ce = lse * mass - q.iter().zip(&z).map(|(q, z)| q * z).sum::<f64>();
+            let grad = e
+                .iter()
+                .zip(&q)
+                .map(|(e, q)| T::of(a * (e / sum * mass - q) / c.temperature))
+                .collect();
+            (a * ce, grad)
+        })
+        .collect();
+    let value = rows.iter().map(|(loss, _)| loss).sum();
+    let d_logits: Vec<T> = rows.into_iter().flat_map(|(_, g)| g).collect();
+    let d_text = want_text.then(|| {
+        let d_unit = product(b * l, d, k, &d_logits, x.prototypes);
+        unit_rows_backward(&t, &t_norms, &d_unit, d)
+    });
+    let d_prototypes = want_prototypes.then(|| {
+        let grad = product(k, d, b * l, &transpose(&d_logits, b * l, k), &t);
+        grad.into_iter().map(|g| g.get()).collect()
+    });
+    (value, d_text, d_prototypes)
+}

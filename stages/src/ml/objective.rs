@@ -119,8 +119,9 @@ pub struct Objective {
     pub terms: Vec<Term>,
     /// τ_s of the teachers' soft labels the CSA and USA terms read (CUSA's: 1.0).
     pub soft_temperature: f64,
-    /// Where SelfAlign's no-gradient parts (LCA's Sinkhorn) run: host loops on a CPU backend,
-    /// tensor operations on a GPU. Same values either way (both checked against numpy).
+    /// Where SelfAlign's terms are computed: on the host with their gradients by hand on a CPU
+    /// backend, with tensor operations and autodiff on a GPU. The same function either way
+    /// (both checked against numpy).
     pub selfalign_on: Where,
 }
 

@@ -196,13 +196,14 @@ enum Scaling<B: Backend> {
     },
 }
 
-/// Where SelfAlign's no-gradient computations run.
+/// Where SelfAlign's terms are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Where {
-    /// Host loops over the tensors' values (the tensors are in host memory anyway).
+    /// On the host (the tensors are in host memory anyway): Sinkhorn by loops, and LCA and CRA
+    /// with their gradients by hand (`selfalign_host`).
     #[default]
     Host,
-    /// Tensor operations on the tensors' device.
+    /// Tensor operations on the tensors' device, autodiff for the gradients.
     Device,
 }
 
@@ -512,14 +513,7 @@ pub(crate) fn hardest_negatives(
 
 /// A host copy of a tensor's values.
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    // The product makes a fresh tensor: reading one the autograd graph still shares goes
-    // element by element on ndarray (10× slower than this extra pass).
-    t.detach()
-        .mul_scalar(1.0)
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .unwrap_or_default()
+    host::read(t)
 }
 
 /// One direction of CRA: each guide (row i of `guides`, `[b, d]`) against the valid locals of
@@ -645,8 +639,7 @@ fn cra_on_host<B: Backend>(
         locals: &Locals<B>,
         image_ids: &[u64],
         (temperature, hardest): (f64, usize),
-        want: (bool, bool),
-    ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+    ) -> (f64, Vec<f64>, Vec<f64>) {
         host::cra_direction::<T>(
             &host::read(guides.clone()),
             &host::read(locals.states.clone()),
@@ -655,25 +648,20 @@ fn cra_on_host<B: Backend>(
             locals.states.dims().into(),
             temperature,
             hardest,
-            want,
         )
     }
     let device = guides.device();
-    // Both are computed tensors (burn only reports leaves as requiring a gradient).
-    let want = (true, true);
+    // Both inputs are computed tensors, always differentiated.
     let settings = (temperature, hardest);
     let (value, d_guides, d_locals) = if host::is_f64(&guides) {
-        run::<B, f64>(&guides, locals, image_ids, settings, want)
+        run::<B, f64>(&guides, locals, image_ids, settings)
     } else {
-        run::<B, f32>(&guides, locals, image_ids, settings, want)
+        run::<B, f32>(&guides, locals, image_ids, settings)
     };
-    let mut parts = Vec::new();
-    if let Some(g) = d_guides {
-        parts.push((flat(guides), g));
-    }
-    if let Some(g) = d_locals {
-        parts.push((flat(locals.states.clone()), g));
-    }
+    let parts = vec![
+        (flat(guides), d_guides),
+        (flat(locals.states.clone()), d_locals),
+    ];
     host::attach(value, &device, parts)
 }
 

@@ -228,7 +228,7 @@ fn mean_of_means_weights(valid: &[f64], b: usize, n: usize) -> Vec<f64> {
 
 /// One CRA direction's value and gradients (see `selfalign::cra_direction`): `guides`
 /// `[b, d]`, `locals` `[b, n, d]` (both before normalisation), `valid` `[b, n]`. The gradients
-/// come back for the inputs asked for, as f64 in the inputs' layout.
+/// with respect to both, as f64 in the inputs' layout.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cra_direction<T: Real>(
     guides: &[T],
@@ -238,8 +238,7 @@ pub(crate) fn cra_direction<T: Real>(
     (b, n, d): (usize, usize, usize),
     temperature: f64,
     hardest: usize,
-    (want_guides, want_locals): (bool, bool),
-) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
+) -> (f64, Vec<f64>, Vec<f64>) {
     let cols = b * n;
     let (g, g_norms) = unit_rows(guides, d);
     let (l, l_norms) = unit_rows(locals, d);
@@ -300,14 +299,9 @@ pub(crate) fn cra_direction<T: Real>(
         .collect();
     let value = rows.iter().map(|(loss, _)| loss).sum();
     let d_scores: Vec<T> = rows.into_iter().flat_map(|(_, g)| g).collect();
-    let d_guides = want_guides.then(|| {
-        let d_unit = product(b, d, cols, &d_scores, &l);
-        unit_rows_backward(&g, &g_norms, &d_unit, d)
-    });
-    let d_locals = want_locals.then(|| {
-        let d_unit = product(cols, d, b, &transpose(&d_scores, b, cols), &g);
-        unit_rows_backward(&l, &l_norms, &d_unit, d)
-    });
+    let d_guides = unit_rows_backward(&g, &g_norms, &product(b, d, cols, &d_scores, &l), d);
+    let d_unit = product(cols, d, b, &transpose(&d_scores, b, cols), &g);
+    let d_locals = unit_rows_backward(&l, &l_norms, &d_unit, d);
     (value, d_guides, d_locals)
 }
 

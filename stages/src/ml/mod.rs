@@ -1,13 +1,14 @@
 //! Machine-learning building blocks shared by the stages that train and evaluate students:
 //! the losses of the method (`loss`), the retrieval metrics (`retrieval`), the students
 //! (`student`, `scenes_small` with its word vocabulary `vocab`), the optimiser set-up (`optim`),
-//! what matrix products compute in (`precision`) and the walk over a module's parameters
-//! (`params`).
+//! what matrix products compute in (`precision`), the walk over a module's parameters
+//! (`params`) and single-pass CPU versions of the students' costliest steps (`cpu_ops`).
 //!
 //! Everything here is generic over a burn [`Backend`](burn::tensor::backend::Backend) and knows
 //! nothing about pipelines, files or the cache.
 
 pub mod clip;
+pub mod cpu_ops;
 pub mod embed;
 pub mod loss;
 pub mod objective;

@@ -11,13 +11,14 @@
 //! heads of docs/method.md ([`Heads`]).
 
 use burn::module::Module;
-use burn::nn::transformer::{
-    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
-};
+use burn::nn::activation::Activation;
+use burn::nn::attention::MhaInput;
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Slice, Tensor, TensorData, activation::gelu};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use super::cpu_ops;
 use super::selfalign::{Locals, SelfAlign, SelfAlignShape};
 use super::student::{Encoded, Heads, SplitInputs, Student, Temperatures, renumber};
 use super::vocab::PAD;
@@ -86,39 +87,11 @@ pub fn region_layer(image_size: usize, channels: &[usize]) -> (usize, usize, usi
 /// c_out). Same function and initialisation (Kaiming-uniform over the 9·c inputs) as a
 /// `Conv2d`, but burn-ndarray's conv2d backward is ~30× slower than its forward (13.9 s vs
 /// 0.44 s for a batch of 128 at 48 px with [32, 64, 128, 256] on 2 cores), while matrix
-/// products train at full speed.
+/// products train at full speed. The patches and the GELU are `cpu_ops`' single-pass
+/// versions on burn-ndarray (same bits as the tensor compositions other backends run).
 #[derive(Module, Debug)]
 pub struct ConvEncoder<B: Backend> {
     pub convs: Vec<Linear<B>>,
-}
-
-/// `x` `[b, h, w, c]` with one zero row/column on every side.
-fn pad1<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, w, c] = x.dims();
-    let device = x.device();
-    let rows = Tensor::zeros([b, 1, w, c], &device);
-    let x = Tensor::cat(vec![rows.clone(), x, rows], 1);
-    let cols = Tensor::zeros([b, h + 2, 1, c], &device);
-    Tensor::cat(vec![cols.clone(), x, cols], 2)
-}
-
-/// The 3×3 stride-2 patches of `x` `[b, h, w, c]`: `[b, h', w', 9·c]` with h' = ⌈h/2⌉.
-fn patches<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [_, h, w, _] = x.dims();
-    let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
-    let padded = pad1(x);
-    let mut views = Vec::with_capacity(9);
-    for ky in 0..3 {
-        for kx in 0..3 {
-            views.push(padded.clone().slice([
-                Slice::full(),
-                Slice::new(ky as isize, Some((ky + 2 * ho - 1) as isize), 2),
-                Slice::new(kx as isize, Some((kx + 2 * wo - 1) as isize), 2),
-                Slice::full(),
-            ]));
-        }
-    }
-    Tensor::cat(views, 3)
 }
 
 impl<B: Backend> ConvEncoder<B> {
@@ -144,11 +117,11 @@ impl<B: Backend> ConvEncoder<B> {
     ) -> (Tensor<B, 2>, Option<Tensor<B, 3>>) {
         let mut cells = None;
         for (i, conv) in self.convs.iter().enumerate() {
-            let p = patches(x);
+            let p = cpu_ops::patches(x);
             let [b, h, w, k] = p.dims();
             let y = conv.forward(p.reshape([b * h * w, k]));
             let c = y.dims()[1];
-            x = gelu(y.reshape([b, h, w, c]));
+            x = cpu_ops::gelu(y.reshape([b, h, w, c]));
             if regions == Some(i) {
                 cells = Some(x.clone().reshape([b, h * w, c]));
             }
@@ -194,13 +167,50 @@ impl<B: Backend> WordTransformer<B> {
             .slice([0..l, 0..width])
             .reshape([1, l, width]);
         let x = self.tokens.forward(ids) + positions;
-        let h = self
-            .encoder
-            .forward(TransformerEncoderInput::new(x).mask_pad(pad.clone()));
+        let h = encode(&self.encoder, x, pad.clone());
         let keep = pad.bool_not().float().reshape([b, l, 1]);
         let count = keep.clone().sum_dim(1).reshape([b, 1]).clamp_min(1.0);
         ((h.clone() * keep).sum_dim(1).reshape([b, width]) / count, h)
     }
+}
+
+/// burn's `TransformerEncoder::forward` with a padding mask, layer by layer as burn writes it,
+/// the feed-forward's exact GELU computed by `cpu_ops` (one pass each way on burn-ndarray, the
+/// same bits): the parameters stay burn's modules, so checkpoints do not change.
+fn encode<B: Backend>(
+    encoder: &TransformerEncoder<B>,
+    mut x: Tensor<B, 3>,
+    pad: Tensor<B, 2, Bool>,
+) -> Tensor<B, 3> {
+    for layer in &encoder.layers {
+        let mut residual = x.clone();
+        if layer.norm_first {
+            residual = layer.norm_2.forward(residual);
+        }
+        let residual = layer
+            .mha
+            .forward(MhaInput::self_attn(residual).mask_pad(pad.clone()))
+            .context;
+        x = x + layer.dropout.forward(residual);
+        let residual = if layer.norm_first {
+            layer.norm_1.forward(x.clone())
+        } else {
+            x = layer.norm_1.forward(x);
+            x.clone()
+        };
+        let ff = &layer.pwff;
+        let h = ff.linear_inner.forward(residual);
+        let h = match &ff.activation {
+            Activation::Gelu(g) if !g.approximate => cpu_ops::gelu(h),
+            other => other.forward(h),
+        };
+        let residual = ff.linear_outer.forward(ff.dropout.forward(h));
+        x = x + layer.dropout.forward(residual);
+        if !layer.norm_first {
+            x = layer.norm_2.forward(x);
+        }
+    }
+    x
 }
 
 #[derive(Module, Debug)]
@@ -356,6 +366,61 @@ mod tests {
     use burn::backend::NdArray;
 
     type B = NdArray<f32>;
+
+    /// `encode` is burn's encoder forward with the GELU swapped for `cpu_ops`' one: the same
+    /// values and parameter gradients, bit for bit, with padding in the batch.
+    #[test]
+    fn the_word_encoder_has_burns_bits() {
+        use burn::backend::Autodiff;
+        use burn::nn::transformer::TransformerEncoderInput;
+        use burn::tensor::Distribution;
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let encoder = TransformerEncoderConfig::new(16, 32, 4, 2)
+            .with_dropout(0.0)
+            .with_norm_first(true)
+            .init::<A>(&device);
+        let x = Tensor::<A, 3>::random([3, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+        let pad = Tensor::<A, 2, Bool>::from_data(
+            TensorData::new(
+                (0..15)
+                    .map(|i| i % 5 >= [5, 3, 1][i / 5])
+                    .collect::<Vec<_>>(),
+                [3, 5],
+            ),
+            &device,
+        );
+        let bits = |t: Tensor<NdArray<f32>, 3>| -> Vec<u32> {
+            let v = t.into_data().to_vec::<f32>().expect("f32");
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let run = |ours: bool| {
+            let y = if ours {
+                encode(&encoder, x.clone(), pad.clone())
+            } else {
+                encoder.forward(TransformerEncoderInput::new(x.clone()).mask_pad(pad.clone()))
+            };
+            let grads = (y.clone() * y.clone()).sum().backward();
+            let layer = &encoder.layers[0];
+            let w = layer
+                .pwff
+                .linear_inner
+                .weight
+                .val()
+                .grad(&grads)
+                .expect("grad");
+            let q = layer.mha.query.weight.val().grad(&grads).expect("grad");
+            (bits(y.inner()), w, q)
+        };
+        let (ours, theirs) = (run(true), run(false));
+        assert!(ours.0 == theirs.0, "encoder outputs differ");
+        let flat = |t: Tensor<NdArray<f32>, 2>| bits(t.unsqueeze::<3>());
+        assert!(
+            flat(ours.1) == flat(theirs.1),
+            "feed-forward gradients differ"
+        );
+        assert!(flat(ours.2) == flat(theirs.2), "attention gradients differ");
+    }
 
     #[test]
     fn padding_does_not_change_a_captions_embedding() {

@@ -16,7 +16,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
@@ -83,7 +83,7 @@ impl<B: Backend> Mlp<B> {
         let h = if self.quick_gelu {
             h.clone() * sigmoid(h * 1.702)
         } else {
-            gelu(h)
+            crate::ml::cpu_ops::gelu(h)
         };
         precision.linear(&self.fc2, h)
     }

@@ -19,8 +19,8 @@
 //!   the patches' gradient sums each
 //!   input element's contributions in the order burn's autodiff adds the nine views'
 //!   gradients, +0.0 from views that do not cover it included. Tests compare values and
-//!   gradients bit for bit with the compositions (`gelu` and `patches_reference`); the engine's
-//!   snapshot hashes of trained outputs did not move;
+//!   gradients bit for bit with the compositions (`gelu` and `patches_reference`), and the
+//!   scenes-small runs of examples/selfalign.yaml gave the same output hashes before and after;
 //! * used only for burn-ndarray in f32 (`NdArray<f32>` and `Autodiff<NdArray<f32>>`, recognised
 //!   by type, a contiguous f32 tensor): any other backend or float type (CUDA, flex, the f64
 //!   checks) runs burn's own composition, unchanged;
@@ -56,17 +56,19 @@ fn downcast<A: 'static, T: 'static>(x: A) -> Result<T, A> {
     }
 }
 
-/// A burn-ndarray tensor's values when it holds f32 (a copy only if it is not contiguous).
-fn values(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
-    match t {
-        NdArrayTensor::F32(storage) => {
-            let view = storage.view();
-            Some(match view.to_slice() {
-                Some(s) => Cow::Borrowed(s),
-                None => Cow::Owned(view.iter().copied().collect()),
-            })
-        }
-        _ => None,
+/// An f32 burn-ndarray tensor's values (a copy only if it is not contiguous). Only f32
+/// tensors get here ([`host`] admits no other), and their gradients have their float type.
+fn values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
+    let NdArrayTensor::F32(storage) = t else {
+        panic!(
+            "cpu_ops reads f32 tensors only, got {:?}",
+            burn::tensor::TensorMetadata::dtype(t)
+        );
+    };
+    let view = storage.view();
+    match view.to_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(view.iter().copied().collect()),
     }
 }
 
@@ -106,12 +108,53 @@ fn back<B: Backend, T: 'static, const D: usize>(t: T) -> Tensor<B, D> {
         .expect("the backend the tensor came from")
 }
 
-fn map_chunks(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
-    out
+/// `f` of every element, in parallel chunks (no zero-filled buffer first).
+fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    x.par_iter().with_min_len(CHUNK).map(|&x| f(x)).collect()
+}
+
+/// `x` through one of this module's operations: `forward` maps the input's values and shape
+/// to the output's; with autodiff, `step` is registered as its backward with `state(input)`.
+/// Any other backend or float type runs `reference` (burn's composition).
+fn apply<B, O, const D: usize>(
+    x: Tensor<B, D>,
+    reference: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+    forward: impl FnOnce(&[f32], [usize; D]) -> (Vec<f32>, [usize; D]),
+    step: O,
+    state: impl FnOnce(&NdArrayTensor) -> O::State,
+) -> Tensor<B, D>
+where
+    B: Backend,
+    O: Backward<Inner, 1>,
+{
+    let dims = x.dims();
+    match host(x) {
+        Host::Other(x) => reference(x),
+        Host::Plain(x) => {
+            let p = x.into_primitive().tensor();
+            let (v, shape) = forward(&values(&p), dims);
+            let y = tensor(v, &shape);
+            back(Tensor::<Inner, D>::from_primitive(TensorPrimitive::Float(
+                y,
+            )))
+        }
+        Host::Tracked(x) => {
+            let p = x.into_primitive().tensor();
+            let (v, shape) = forward(&values(&p.primitive), dims);
+            let y = tensor(v, &shape);
+            let out = match step
+                .prepare::<NoCheckpointing>([p.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state(&p.primitive), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            back(Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(
+                out,
+            )))
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,11 +227,6 @@ fn gelu_gradient(x: f32, grad: f32, three: f32) -> f32 {
     (y1 + y2) * grad
 }
 
-fn gelu_forward(x: &NdArrayTensor) -> Option<NdArrayTensor> {
-    let v = values(x)?;
-    Some(tensor(map_chunks(&v, gelu_value), &shape_of(x)))
-}
-
 #[derive(Debug)]
 struct GeluStep;
 
@@ -199,21 +237,14 @@ impl Backward<Inner, 1> for GeluStep {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let input = ops.state;
         unary::<Inner, _>(ops.parents, ops.node, grads, |grad| {
-            let (Some(x), Some(g)) = (values(&input), values(&grad)) else {
-                return <Inner as burn::tensor::ops::ActivationOps<Inner>>::gelu_backward(
-                    input.clone(),
-                    grad,
-                );
-            };
+            let (x, g) = (values(&input), values(&grad));
             let three = std::hint::black_box(3.0f32);
-            let mut out = vec![0.0f32; x.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(o, (x, g))| {
-                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                        *o = gelu_gradient(x, g, three);
-                    }
-                });
+            let out: Vec<f32> = x
+                .par_iter()
+                .zip(g.par_iter())
+                .with_min_len(CHUNK)
+                .map(|(&x, &g)| gelu_gradient(x, g, three))
+                .collect();
             tensor(out, &shape_of(&grad))
         });
     }
@@ -222,39 +253,13 @@ impl Backward<Inner, 1> for GeluStep {
 /// GELU (the erf form, as `burn::tensor::activation::gelu`): one pass forward and one
 /// backward on burn-ndarray f32, burn's own composition elsewhere; the same bits either way.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match host(x) {
-        Host::Other(x) => burn::tensor::activation::gelu(x),
-        Host::Plain(x) => {
-            let p = x.into_primitive().tensor();
-            match gelu_forward(&p) {
-                Some(y) => back(Tensor::<Inner, D>::from_primitive(TensorPrimitive::Float(
-                    y,
-                ))),
-                None => back(burn::tensor::activation::gelu(
-                    Tensor::<Inner, D>::from_primitive(TensorPrimitive::Float(p)),
-                )),
-            }
-        }
-        Host::Tracked(x) => {
-            let p = x.into_primitive().tensor();
-            let Some(y) = gelu_forward(&p.primitive) else {
-                return back(burn::tensor::activation::gelu(
-                    Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(p)),
-                ));
-            };
-            let out = match GeluStep
-                .prepare::<NoCheckpointing>([p.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(p.primitive.clone(), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            back(Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(
-                out,
-            )))
-        }
-    }
+    apply(
+        x,
+        burn::tensor::activation::gelu,
+        |v, dims| (map(v, gelu_value), dims),
+        GeluStep,
+        NdArrayTensor::clone,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,8 +361,7 @@ impl Backward<Inner, 1> for PatchesStep {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dims = ops.state;
         unary::<Inner, _>(ops.parents, ops.node, grads, |grad| {
-            let g = values(&grad).expect("the patches' gradient is f32 like their input");
-            tensor(patches_backward(&g, dims), &dims)
+            tensor(patches_backward(&values(&grad), dims), &dims)
         });
     }
 }
@@ -392,42 +396,13 @@ pub fn patches_reference<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 /// pass each way on burn-ndarray f32; [`patches_reference`] elsewhere; the same bits.
 pub fn patches<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let dims = x.dims();
-    match host(x) {
-        Host::Other(x) => patches_reference(x),
-        Host::Plain(x) => {
-            let p = x.into_primitive().tensor();
-            let Some(v) = values(&p) else {
-                return back(patches_reference(Tensor::<Inner, 4>::from_primitive(
-                    TensorPrimitive::Float(p),
-                )));
-            };
-            let out = tensor(patches_forward(&v, dims), &patch_dims(dims));
-            back(Tensor::<Inner, 4>::from_primitive(TensorPrimitive::Float(
-                out,
-            )))
-        }
-        Host::Tracked(x) => {
-            let p = x.into_primitive().tensor();
-            let Some(v) = values(&p.primitive) else {
-                return back(patches_reference(Tensor::<Cpu, 4>::from_primitive(
-                    TensorPrimitive::Float(p),
-                )));
-            };
-            let y = tensor(patches_forward(&v, dims), &patch_dims(dims));
-            drop(v);
-            let out = match PatchesStep
-                .prepare::<NoCheckpointing>([p.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(dims, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            back(Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(
-                out,
-            )))
-        }
-    }
+    apply(
+        x,
+        patches_reference,
+        |v, dims| (patches_forward(v, dims), patch_dims(dims)),
+        PatchesStep,
+        |_| dims,
+    )
 }
 
 fn patch_dims([b, h, w, c]: [usize; 4]) -> [usize; 4] {
@@ -499,6 +474,20 @@ mod tests {
             let want = ((x as f64).tanh() as f32).to_bits();
             assert_eq!(tanh_f32(x).to_bits(), want, "tanh({x:e})");
         }
+    }
+
+    /// The bit-for-bit tests below compare the fast path with burn's only if the fast path
+    /// runs: f32 ndarray tensors (with and without autodiff) take it, nothing else does.
+    #[test]
+    fn only_f32_ndarray_tensors_take_the_fast_path() {
+        let dev = Default::default();
+        let tracked = Tensor::<Cpu, 2>::zeros([2, 3], &dev);
+        assert!(matches!(host(tracked), Host::Tracked(_)));
+        let plain = Tensor::<Inner, 2>::zeros([2, 3], &dev);
+        assert!(matches!(host(plain), Host::Plain(_)));
+        type F64 = Autodiff<NdArray<f64>>;
+        let other = Tensor::<F64, 2>::zeros([2, 3], &dev);
+        assert!(matches!(host(other), Host::Other(_)));
     }
 
     #[test]

@@ -766,7 +766,7 @@ impl<B: Backend> Guide<B> {
 }
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    host(t).into_iter().map(|v| v as f32).collect()
+    host::read(t)
 }
 
 /// A student's SelfAlign parameters: the LCA prototypes and the CRA guide heads.

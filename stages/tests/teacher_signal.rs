@@ -2,7 +2,8 @@
 //! implementation written independently (`scripts/fixtures/teacher_signal.py` →
 //! `fixtures/teacher_signal.json`: ranks with averaged ties for the AUC, whole-matrix softmaxes,
 //! lexsorted neighbours), on vectors with planted concepts, images with one to three captions,
-//! explicit batches, τ_s 0.5 and k 3.
+//! explicit batches, τ_s 0.5 and k 3; the mass split (own / true positives / negatives) at
+//! every temperature of the sweep.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,6 +31,7 @@ fn close(got: &Direction, want: &Value, what: &str) {
         ("auc", got.auc),
         ("mass_on_positives", got.mass_on_positives),
         ("mass_uniform", got.mass_uniform),
+        ("mass_on_own", got.mass_on_own),
         ("positives_per_row", got.positives_per_row),
         ("precision_at_k", got.precision_at_k),
         ("precision_random", got.precision_random),
@@ -37,6 +39,42 @@ fn close(got: &Direction, want: &Value, what: &str) {
         let w = want[name].as_f64().unwrap();
         assert!((g - w).abs() <= 1e-9, "{what} {name}: {g} vs numpy {w}");
     }
+    let sweep = want["by_temperature"].as_array().unwrap();
+    assert_eq!(
+        got.by_temperature.len(),
+        sweep.len(),
+        "{what}: the sweep's length"
+    );
+    for (g, w) in got.by_temperature.iter().zip(sweep) {
+        let tau = g.temperature;
+        for (name, g) in [
+            ("temperature", g.temperature),
+            ("own", g.own),
+            ("positives", g.positives),
+            ("negatives", g.negatives),
+        ] {
+            let w = w[name].as_f64().unwrap();
+            assert!(
+                (g - w).abs() <= 1e-9,
+                "{what} τ {tau} {name}: {g} vs numpy {w}"
+            );
+        }
+        let total = g.own + g.positives + g.negatives;
+        assert!(
+            (total - 1.0).abs() < 1e-12,
+            "{what}: the mass adds to {total}"
+        );
+    }
+    // The configured temperature (0.5) is also in the sweep: the same figures.
+    let at = got
+        .by_temperature
+        .iter()
+        .find(|m| m.temperature == 0.5)
+        .unwrap();
+    assert_eq!(
+        (at.own, at.positives),
+        (got.mass_on_own, got.mass_on_positives)
+    );
 }
 
 #[test]
@@ -88,4 +126,7 @@ fn diagnostics_equal_the_float64_reference() {
     // The planted concepts are visible to both teachers: a signal well above chance.
     assert!(s.i2t.auc > 0.6 && s.t2i.auc > 0.6, "{s:?}");
     assert!(s.i2t.mass_on_positives > s.i2t.mass_uniform, "{s:?}");
+    // Sharper soft labels move mass off the negatives, onto the own pair first.
+    let own: Vec<f64> = s.i2t.by_temperature.iter().map(|m| m.own).collect();
+    assert!(own.windows(2).all(|w| w[1] > w[0]), "{own:?}");
 }

@@ -172,12 +172,12 @@ fn metrics_tabulates_the_eval_stages_with_deltas_and_every_cached_run() {
     let masked = numbers.replace_all(&table, |c: &regex::Captures| "#".repeat(c[0].len()));
     insta::assert_snapshot!(masked, @r"
     $ cusa-pipe metrics --baseline again
-    stage         split  best epoch  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P  i2t teacher AUC  i2t mass %  i2t uniform %  i2t P@10  t2i teacher AUC  t2i mass %  t2i uniform %  t2i P@10
-    softlabels    train           -        -        -         -        -        -         -      -            -          -          -        -        -             ####         ###            ###      ####             ####         ###            ###      ####
-    train           val           1     ####        -         -      ###        -         -  #####            -          -          -        -        -                -           -              -         -                -           -              -         -
-    eval           test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -         -                -           -              -         -
+    stage         split  best epoch  i2t R@1  i2t R@5  i2t R@10  t2i R@1  t2i R@5  t2i R@10   rsum  rsum 2-fold  i2t mAP@R  t2i mAP@R  i2t R-P  t2i R-P  i2t teacher AUC  i2t mass %  i2t uniform %  i2t own %  i2t P@10  t2i teacher AUC  t2i mass %  t2i uniform %  t2i own %  t2i P@10
+    softlabels    train           -        -        -         -        -        -         -      -            -          -          -        -        -             ####         ###            ###        ###      ####             ####         ###            ###        ###      ####
+    train           val           1     ####        -         -      ###        -         -  #####            -          -          -        -        -                -           -              -          -         -                -           -              -          -         -
+    eval           test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -          -         -                -           -              -          -         -
       Δ vs again                        ####     ####      ####     ####     ####      ####   ####         ####       ####       ####     ####     ####
-    again          test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -         -                -           -              -         -
+    again          test           -     ####     ####      ####      ###     ####     #####  #####        #####       ####       ####     ####     ####                -           -              -          -         -                -           -              -          -         -
     [exit 0]
     ");
     let m = metrics(&p, "eval");

@@ -1,8 +1,9 @@
 //! The teacher-quality study (`examples/teacher-quality.yaml`) end to end at a tiny size: one
 //! controlled level, one seed, two epochs, the real teachers beside it. The controlled teachers
 //! hit their target AUC on batches they were not calibrated on, the soft labels built from
-//! them measure the same signal, the sharp runs train at their τ_s, and the export's report
-//! plots each run's difference to the baseline against the teachers' AUC.
+//! them measure the same signal, the sharp and matched runs train at their τ_s, the CSA-only
+//! and USA-only runs with and without the uni heads, and the export's report plots each run's
+//! difference to the baseline against the teachers' AUC.
 
 use std::path::Path;
 
@@ -39,7 +40,20 @@ fn tiny_study() -> Project {
         assert!(stages[s]["matrix"]["teacher"].is_sequence(), "{s}");
         stages[s]["matrix"]["teacher"] = yaml("[auc62]");
     }
-    for s in ["base", "cusa_real", "cusa", "cusa_sharp", "cusa_real_sharp"] {
+    // The matched runs: each teacher's own τ_s (the value), 0.62 at 0.25.
+    assert!(stages["cusa_matched"]["matrix"]["teacher"].is_mapping());
+    stages["cusa_matched"]["matrix"]["teacher"] = yaml("{auc62: 0.25}");
+    stages["eval_cusa_matched"]["matrix"]["teacher"] = yaml("[auc62]");
+    for s in [
+        "base",
+        "cusa_real",
+        "cusa",
+        "cusa_sharp",
+        "cusa_real_sharp",
+        "cusa_matched",
+        "csa_real_sharp",
+        "usa_real_sharp",
+    ] {
         let with = &mut stages[s]["with"];
         with["student"] = yaml(
             "{kind: scenes-small, image_size: 32, channels: [16, 32], width: 32, heads: 2, layers: 1, dim: 32}",
@@ -68,6 +82,12 @@ fn the_teacher_quality_study_runs_end_to_end_at_a_tiny_size() {
         "eval_cusa@teacher=auc62,seed=0",
         "cusa_sharp@teacher=auc62,seed=0",
         "cusa_real_sharp@seed=0",
+        "cusa_matched@teacher=auc62,seed=0",
+        "eval_cusa_matched@teacher=auc62,seed=0",
+        "csa_real_sharp@seed=0",
+        "eval_csa_real_sharp@seed=0",
+        "usa_real_sharp@seed=0",
+        "eval_usa_real_sharp@seed=0",
         "report",
     ] {
         assert!(
@@ -114,12 +134,39 @@ fn the_teacher_quality_study_runs_end_to_end_at_a_tiny_size() {
         p.latest_log("cusa@teacher=auc62,seed=0")
             .contains("objective: base + csa + usa\n")
     );
+    // The matched runs at their teacher's own τ_s (the matrix value).
+    assert!(
+        p.latest_log("cusa_matched@teacher=auc62,seed=0")
+            .contains("objective: base + csa + usa (soft labels at τ_s 0.25)")
+    );
+    // CSA alone: no USA, so no uni heads.
+    let csa = p.latest_log("csa_real_sharp@seed=0");
+    assert!(
+        csa.contains("objective: base + csa (soft labels at τ_s 0.1)")
+            && !csa.contains("uni heads"),
+        "{csa}"
+    );
+    assert!(
+        p.latest_log("cusa_real_sharp@seed=0")
+            .contains(", uni heads\n")
+    );
 
     // The export pairs each CUSA run with its teachers' signal and plots the differences.
     let export = json(p.output("report").join("export.json"));
     let points = export["against_teacher_signal"].as_array().unwrap();
     let names: Vec<&str> = points.iter().map(|x| x["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["real", "auc62", "real-sharp", "auc62-sharp"]);
+    assert_eq!(
+        names,
+        [
+            "real",
+            "auc62",
+            "real-sharp",
+            "auc62-sharp",
+            "real-sharp-usa",
+            "real-sharp-csa",
+            "auc62-matched"
+        ]
+    );
     for x in points {
         let d = &x["delta"]["RSUM"];
         assert_eq!(d["n"], 1, "{x}");

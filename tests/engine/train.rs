@@ -496,5 +496,29 @@ fn soft_labels_measure_the_teachers_signal_on_the_true_positives() {
             count > 0.0,
             "the scenes have extended positives in every split: {d}"
         );
+        // The mass split at each temperature of the sweep adds up to the whole row, and a
+        // sharper τ_s puts more of it on the own pair (the diagonal's cosine is 1).
+        let sweep = d["by_temperature"].as_array().unwrap();
+        let taus: Vec<f64> = sweep
+            .iter()
+            .map(|m| m["temperature"].as_f64().unwrap())
+            .collect();
+        assert_eq!(taus, [1.0, 0.5, 0.2, 0.1, 0.05], "{dir}");
+        let own: Vec<f64> = sweep.iter().map(|m| m["own"].as_f64().unwrap()).collect();
+        for m in sweep {
+            let total: f64 = ["own", "positives", "negatives"]
+                .iter()
+                .map(|k| m[*k].as_f64().unwrap())
+                .sum();
+            assert!((total - 1.0).abs() < 1e-9, "{dir}: {m}");
+        }
+        assert!(own.windows(2).all(|w| w[1] > w[0]), "{dir}: {own:?}");
+        assert_eq!(d["mass_on_own"].as_f64(), Some(own[0]), "{dir}: τ_s 1");
     }
+    assert!(
+        r.stderr
+            .contains("note: soft-label mass on the own image / on true positives by τ_s: i2t 1 "),
+        "{}",
+        r.stderr
+    );
 }

@@ -370,8 +370,8 @@ fn signal_section(i: &Inputs<'_>, html: &mut String) -> Result<(), StageError> {
         html,
         "<h2>Teacher signal</h2>\n<p class=\"note\">What the soft labels know about the one-hot target's false negatives, measured on the training split's exact positives \
          over {} batches of {} at τ_s {} (the softlabel stage's diagnostics): ROC AUC of the teacher similarity for true positives vs negatives (0.5: no signal), \
-         the soft labels' mass on true positives against a uniform row's, and precision@{} of the teacher's nearest neighbours against random.</p>\n\
-         <table class=\"metrics\"><tr><th>run</th><th>i2t AUC</th><th>i2t mass (uniform)</th><th>i2t P@k (random)</th><th>t2i AUC</th><th>t2i mass (uniform)</th><th>t2i P@k (random)</th></tr>\n",
+         the soft labels' mass on true positives against a uniform row's, their mass on the row's own image (all of it in the one-hot target), and precision@{} of the teacher's nearest neighbours against random.</p>\n\
+         <table class=\"metrics\"><tr><th>run</th><th>i2t AUC</th><th>i2t mass (uniform)</th><th>i2t own</th><th>i2t P@k (random)</th><th>t2i AUC</th><th>t2i mass (uniform)</th><th>t2i own</th><th>t2i P@k (random)</th></tr>\n",
         first["batches"], first["batch_size"], first["temperature"], first["k"]
     );
     for r in &shown {
@@ -379,16 +379,18 @@ fn signal_section(i: &Inputs<'_>, html: &mut String) -> Result<(), StageError> {
         let f = |d: &str, k: &str| s[d][k].as_f64().unwrap_or(f64::NAN);
         let _ = writeln!(
             html,
-            "<tr><td>{}</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3} ({:.3})</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3} ({:.3})</td></tr>",
+            "<tr><td>{}</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3}</td><td>{:.3} ({:.3})</td><td>{:.3}</td><td>{:.4} ({:.4})</td><td>{:.3}</td><td>{:.3} ({:.3})</td></tr>",
             esc(&r.group),
             f("i2t", "auc"),
             f("i2t", "mass_on_positives"),
             f("i2t", "mass_uniform"),
+            f("i2t", "mass_on_own"),
             f("i2t", "precision_at_k"),
             f("i2t", "precision_random"),
             f("t2i", "auc"),
             f("t2i", "mass_on_positives"),
             f("t2i", "mass_uniform"),
+            f("t2i", "mass_on_own"),
             f("t2i", "precision_at_k"),
             f("t2i", "precision_random"),
         );

@@ -107,7 +107,10 @@ impl Kind for SoftlabelKind {
     // 2: report.json carries the teacher signal; its teacher metadata sorted.
     // 3: the teacher signal in the run record's results (`cusa-pipe metrics`); the output
     //    tree is unchanged, so the stages downstream stay fresh.
-    const VERSION: u32 = 3;
+    // 4: the signal splits the mass into own image / true positives / negatives, at τ_s and
+    //    at a sweep of temperatures (report.json changes: the stages downstream rerun, to the
+    //    same results).
+    const VERSION: u32 = 4;
 
     fn validate(c: &mut SoftlabelConfig, _declared: &[String]) -> Result<Checked, ConfigError> {
         if c.neighbours == Some(0) {
@@ -273,6 +276,20 @@ impl Kind for SoftlabelKind {
                 i.auc, i.mass_on_positives, i.mass_uniform, s.k, i.precision_at_k, i.precision_random,
                 t.auc, t.mass_on_positives, t.mass_uniform, s.k, t.precision_at_k, t.precision_random,
             ));
+            // Where the mass goes as τ_s sharpens: own pair / true positives, per direction.
+            let sweep = |d: &signal::Direction| {
+                d.by_temperature
+                    .iter()
+                    .map(|m| format!("{} {:.3}/{:.3}", m.temperature, m.own, m.positives))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            summary.notes.push(format!(
+                "soft-label mass on the own image / on true positives by τ_s: i2t {}; t2i {} (uniform {:.3} on true positives)",
+                sweep(i),
+                sweep(t),
+                i.mass_uniform
+            ));
             for (name, d) in [("i2t", i), ("t2i", t)] {
                 summary
                     .metrics
@@ -287,6 +304,7 @@ impl Kind for SoftlabelKind {
                 results.insert(format!("{name} teacher AUC"), percent(d.auc));
                 results.insert(format!("{name} mass %"), percent(d.mass_on_positives));
                 results.insert(format!("{name} uniform %"), percent(d.mass_uniform));
+                results.insert(format!("{name} own %"), percent(d.mass_on_own));
                 results.insert(format!("{name} P@{}", s.k), percent(d.precision_at_k));
             }
         }

@@ -14,9 +14,12 @@
 //! excluded from the AUC and the positives: they are the one-hot target's positives already.
 //! Figures: the ROC AUC of the score for true-positive vs negative pairs (ties count ½; 0.5 is
 //! no signal), the soft labels' mass (softmax over the whole row, diagonal included, at τ_s) on
-//! the true positives against what a uniform row would put there (their count / B), and the
-//! precision@k of each item's k nearest teacher neighbours in the whole split (other images'
-//! items only) against the rate of positives among all candidates.
+//! the true positives against what a uniform row would put there (their count / B) and on the
+//! row's own image (all the one-hot target wants), the same mass split (own / true positives /
+//! negatives) at a sweep of temperatures (τ_s = 1 down to 0.05: AUC is scale-free, the soft
+//! labels are not — at τ_s = 1 cosines in a narrow band give nearly uniform rows whatever the
+//! teacher knows), and the precision@k of each item's k nearest teacher neighbours in the
+//! whole split (other images' items only) against the rate of positives among all candidates.
 //!
 //! Invariants: the figures are a pure function of the vectors, the positives, the batches and
 //! τ_s (float64 accumulation, batches drawn from a fixed seed); `scripts/fixtures/
@@ -51,12 +54,34 @@ pub struct Direction {
     pub mass_on_positives: f64,
     /// What a uniform row would put there (mean count of true positives / B).
     pub mass_uniform: f64,
+    /// Mean soft-label mass per row on its own image's columns (the diagonal and the image's
+    /// other captions in the batch): what the one-hot target puts all of a row's mass on.
+    pub mass_on_own: f64,
     /// Mean count of true positives per row (own image excluded).
     pub positives_per_row: f64,
     /// Precision of the k nearest teacher neighbours (whole split).
     pub precision_at_k: f64,
     /// The rate of true positives among all candidates (what random neighbours would get).
     pub precision_random: f64,
+    /// Where the soft labels' mass goes at each temperature of [`SWEEP`]: how sharp τ_s must
+    /// be before the soft labels say anything, and what they then take from the own pair.
+    pub by_temperature: Vec<Mass>,
+}
+
+/// The temperatures the soft labels' mass is also reported at ([`Direction::by_temperature`]):
+/// CUSA's τ_s = 1 down to sharp ones. AUC and precision do not depend on τ_s; the mass does.
+pub const SWEEP: [f64; 5] = [1.0, 0.5, 0.2, 0.1, 0.05];
+
+/// Where a row's soft-label mass goes at one temperature (mean per row; the three add to 1).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Mass {
+    pub temperature: f64,
+    /// On the row's own image (the one-hot target's positives).
+    pub own: f64,
+    /// On the true extra positives (the one-hot target's false negatives).
+    pub positives: f64,
+    /// On the true negatives.
+    pub negatives: f64,
 }
 
 /// Both directions, with how they were measured.
@@ -132,66 +157,102 @@ pub fn auc(mut pairs: Vec<(f64, bool)>) -> f64 {
     }
 }
 
-/// One batch of one direction: its (score, label) pairs, summed mass on positives, summed
-/// uniform mass, summed positive count, and its row count.
-type BatchFigures = (Vec<(f64, bool)>, f64, f64, f64, usize);
+/// One direction's batch figures: the AUC, the mass at the configured temperature and then
+/// at each of [`SWEEP`], the uniform mass and the positives per row.
+struct Scored {
+    auc: f64,
+    mass: Vec<Mass>,
+    uniform: f64,
+    count: f64,
+}
 
-/// The figures of one direction over `batches`. `score(k_row, l_row)` is the teacher's
-/// similarity of two caption rows' items; `truth(row_caption, col_caption)` whether the pair
-/// is a true positive.
+/// One batch of one direction: its (score, label) pairs, summed (own, positives, negatives)
+/// mass per temperature, summed uniform mass, summed positive count, and its row count.
+type BatchFigures = (Vec<(f64, bool)>, Vec<[f64; 3]>, f64, f64, usize);
+
+/// The figures of one direction over `batches`, the mass at each of `temperatures`.
+/// `score(k_row, l_row)` is the teacher's similarity of two caption rows' items;
+/// `truth(row_caption, col_caption)` whether the pair is a true positive.
 fn direction(
     inputs: &Inputs<'_>,
     batches: &[Vec<u32>],
-    temperature: f64,
+    temperatures: &[f64],
     score: &(dyn Fn(u32, u32) -> f64 + Sync),
     truth: &(dyn Fn(u32, u32) -> bool + Sync),
-) -> (f64, f64, f64, f64) {
+) -> Scored {
     let per_batch: Vec<BatchFigures> = batches
         .par_iter()
         .map(|batch| {
             let b = batch.len();
             let mut pairs = Vec::with_capacity(b * b);
-            let (mut mass, mut uniform, mut count) = (0.0, 0.0, 0.0);
+            let mut mass = vec![[0.0; 3]; temperatures.len()];
+            let (mut uniform, mut count) = (0.0, 0.0);
             for &k in batch {
                 let row: Vec<f64> = batch.iter().map(|&l| score(k, l)).collect();
                 let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let exp: Vec<f64> = row
-                    .iter()
-                    .map(|s| ((s - max) / temperature).exp())
-                    .collect();
-                let z: f64 = exp.iter().sum();
                 let own = inputs.caption_image[k as usize];
-                let mut positives = 0usize;
-                let mut on_positives = 0.0;
-                for (col, &l) in batch.iter().enumerate() {
-                    if inputs.caption_image[l as usize] == own {
-                        continue;
-                    }
-                    let t = truth(k, l);
-                    pairs.push((row[col], t));
-                    if t {
-                        positives += 1;
-                        on_positives += exp[col] / z;
+                // 0: own image, 1: true positive, 2: negative.
+                let kind: Vec<usize> = batch
+                    .iter()
+                    .map(|&l| {
+                        if inputs.caption_image[l as usize] == own {
+                            0
+                        } else if truth(k, l) {
+                            1
+                        } else {
+                            2
+                        }
+                    })
+                    .collect();
+                for (col, &c) in kind.iter().enumerate() {
+                    if c != 0 {
+                        pairs.push((row[col], c == 1));
                     }
                 }
-                mass += on_positives;
+                let positives = kind.iter().filter(|&&c| c == 1).count();
                 uniform += positives as f64 / b as f64;
                 count += positives as f64;
+                for (m, &t) in mass.iter_mut().zip(temperatures) {
+                    let exp: Vec<f64> = row.iter().map(|s| ((s - max) / t).exp()).collect();
+                    let z: f64 = exp.iter().sum();
+                    let mut on = [0.0; 3];
+                    for (&c, e) in kind.iter().zip(&exp) {
+                        on[c] += e / z;
+                    }
+                    m.iter_mut().zip(on).for_each(|(m, x)| *m += x);
+                }
             }
             (pairs, mass, uniform, count, b)
         })
         .collect();
     let rows: usize = per_batch.iter().map(|x| x.4).sum();
     let mut pairs = Vec::new();
-    let (mut mass, mut uniform, mut count) = (0.0, 0.0, 0.0);
+    let mut mass = vec![[0.0; 3]; temperatures.len()];
+    let (mut uniform, mut count) = (0.0, 0.0);
     for (p, m, u, c, _) in per_batch {
         pairs.extend(p);
-        mass += m;
+        for (a, x) in mass.iter_mut().zip(m) {
+            a.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+        }
         uniform += u;
         count += c;
     }
     let rows = rows.max(1) as f64;
-    (auc(pairs), mass / rows, uniform / rows, count / rows)
+    Scored {
+        auc: auc(pairs),
+        mass: mass
+            .into_iter()
+            .zip(temperatures)
+            .map(|([own, positives, negatives], &temperature)| Mass {
+                temperature,
+                own: own / rows,
+                positives: positives / rows,
+                negatives: negatives / rows,
+            })
+            .collect(),
+        uniform: uniform / rows,
+        count: count / rows,
+    }
 }
 
 /// Precision of the `k` nearest neighbours of every item among the other images' items, and
@@ -250,14 +311,9 @@ impl Which {
     }
 }
 
-/// One direction's batch figures (AUC, mass on positives, uniform mass, positives per row):
-/// the teacher's score and the truth of a (row, column) pair of caption rows.
-fn scored(
-    inputs: &Inputs<'_>,
-    batches: &[Vec<u32>],
-    temperature: f64,
-    which: Which,
-) -> (f64, f64, f64, f64) {
+/// One direction's batch figures at `temperatures`: the teacher's score and the truth of a
+/// (row, column) pair of caption rows.
+fn scored(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperatures: &[f64], which: Which) -> Scored {
     let image_of = |c: u32| inputs.caption_image[c as usize];
     let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
     match which {
@@ -270,7 +326,7 @@ fn scored(
             direction(
                 inputs,
                 batches,
-                temperature,
+                temperatures,
                 &|k, l| dot(img(image_of(k)), img(image_of(l))),
                 &|k, l| describes(l, image_of(k)),
             )
@@ -284,7 +340,7 @@ fn scored(
             direction(
                 inputs,
                 batches,
-                temperature,
+                temperatures,
                 &|k, l| dot(cap(k), cap(l)),
                 &|k, l| describes(k, image_of(l)),
             )
@@ -295,7 +351,7 @@ fn scored(
 /// The ROC AUC of one direction alone (what a controlled teacher is calibrated on): the same
 /// figure [`measure`] reports, reading only that direction's teacher vectors.
 pub fn direction_auc(inputs: &Inputs<'_>, batches: &[Vec<u32>], which: Which) -> f64 {
-    scored(inputs, batches, 1.0, which).0
+    scored(inputs, batches, &[], which).auc
 }
 
 /// The teacher-signal figures (see the module doc).
@@ -310,8 +366,21 @@ pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: u
     };
     let image_of = |c: u32| inputs.caption_image[c as usize];
     let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
-    let (auc_i, mass_i, uni_i, count_i) = scored(inputs, batches, temperature, Which::I2t);
-    let (auc_t, mass_t, uni_t, count_t) = scored(inputs, batches, temperature, Which::T2i);
+    let temperatures: Vec<f64> = std::iter::once(temperature).chain(SWEEP).collect();
+    let figures = |which: Which, (precision_at_k, precision_random): (f64, f64)| {
+        let s = scored(inputs, batches, &temperatures, which);
+        let at = &s.mass[0];
+        Direction {
+            auc: s.auc,
+            mass_on_positives: at.positives,
+            mass_uniform: s.uniform,
+            mass_on_own: at.own,
+            positives_per_row: s.count,
+            precision_at_k,
+            precision_random,
+            by_temperature: s.mass[1..].to_vec(),
+        }
+    };
     // Whole-split neighbours. Images: another image j is a hit when one of its captions
     // describes the query image.
     let n_images = inputs.images.len() / inputs.dim_i.max(1);
@@ -339,22 +408,8 @@ pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: u
         batches: batches.len(),
         temperature,
         k,
-        i2t: Direction {
-            auc: auc_i,
-            mass_on_positives: mass_i,
-            mass_uniform: uni_i,
-            positives_per_row: count_i,
-            precision_at_k: p_i,
-            precision_random: r_i,
-        },
-        t2i: Direction {
-            auc: auc_t,
-            mass_on_positives: mass_t,
-            mass_uniform: uni_t,
-            positives_per_row: count_t,
-            precision_at_k: p_t,
-            precision_random: r_t,
-        },
+        i2t: figures(Which::I2t, (p_i, r_i)),
+        t2i: figures(Which::T2i, (p_t, r_t)),
     }
 }
 

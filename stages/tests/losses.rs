@@ -15,7 +15,8 @@ fn check<B: AutodiffBackend>(tol: f64) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/losses.json");
     let rows = loss_parity_within::<B>(&fixture, &Default::default(), tol).unwrap();
     let checks: Vec<&str> = rows.iter().map(|r| r.check.as_str()).collect();
-    // The soft labels, the diagnostic, five cases with their values and gradients.
+    // The soft labels, the diagnostic, seven cases (CSA and USA both ways) with their values
+    // and gradients.
     for expected in [
         "soft labels (image)",
         "infonce_reference d/dtau",
@@ -23,6 +24,8 @@ fn check<B: AutodiffBackend>(tol: f64) {
         "vse d/df_i",
         "csa d/dtau_c",
         "usa d/dtau_ut",
+        "csa_reverse d/df_t",
+        "usa_reverse d/dtau_ui",
         "diagnostic: log_softmax(sᵀ) vs log_softmax(own product), largest",
     ] {
         assert!(
@@ -30,7 +33,7 @@ fn check<B: AutodiffBackend>(tol: f64) {
             "{expected} is compared: {checks:?}"
         );
     }
-    assert_eq!(rows.len(), 23, "{checks:?}");
+    assert_eq!(rows.len(), 32, "{checks:?}");
     let failed: Vec<_> = rows.iter().filter(|r| !r.passed()).collect();
     assert!(failed.is_empty(), "out of bounds: {failed:#?}");
 }

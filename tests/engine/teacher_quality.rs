@@ -2,8 +2,8 @@
 //! controlled level, one seed, two epochs, the real teachers beside it. The controlled teachers
 //! hit their target AUC on batches they were not calibrated on, the soft labels built from
 //! them measure the same signal, the sharp and matched runs train at their τ_s, the CSA-only
-//! and USA-only runs with and without the uni heads, and the export's report plots each run's
-//! difference to the baseline against the teachers' AUC.
+//! and USA-only runs with and without the uni heads, the reverse-KL run with KL(Q‖P), and the
+//! export's report plots each run's difference to the baseline against the teachers' AUC.
 
 use std::path::Path;
 
@@ -53,6 +53,7 @@ fn tiny_study() -> Project {
         "cusa_matched",
         "csa_real_sharp",
         "usa_real_sharp",
+        "csa_reverse_real_sharp",
     ] {
         let with = &mut stages[s]["with"];
         with["student"] = yaml(
@@ -88,6 +89,8 @@ fn the_teacher_quality_study_runs_end_to_end_at_a_tiny_size() {
         "eval_csa_real_sharp@seed=0",
         "usa_real_sharp@seed=0",
         "eval_usa_real_sharp@seed=0",
+        "csa_reverse_real_sharp@seed=0",
+        "eval_csa_reverse_real_sharp@seed=0",
         "report",
     ] {
         assert!(
@@ -150,6 +153,19 @@ fn the_teacher_quality_study_runs_end_to_end_at_a_tiny_size() {
         p.latest_log("cusa_real_sharp@seed=0")
             .contains(", uni heads\n")
     );
+    // USA alone: the uni heads, no cross-modal soft labels.
+    let usa = p.latest_log("usa_real_sharp@seed=0");
+    assert!(
+        usa.contains("objective: base + usa (soft labels at τ_s 0.1)")
+            && usa.contains(", uni heads\n"),
+        "{usa}"
+    );
+    // The reverse KL, said in the log (the forward runs say nothing).
+    assert!(
+        p.latest_log("csa_reverse_real_sharp@seed=0")
+            .contains("objective: base + csa (soft labels at τ_s 0.1) (reverse KL: KL(Q‖P))")
+    );
+    assert!(!csa.contains("reverse"));
 
     // The export pairs each CUSA run with its teachers' signal and plots the differences.
     let export = json(p.output("report").join("export.json"));
@@ -163,6 +179,7 @@ fn the_teacher_quality_study_runs_end_to_end_at_a_tiny_size() {
             "real-sharp",
             "auc62-sharp",
             "real-sharp-usa",
+            "real-sharp-csa-reverse",
             "real-sharp-csa",
             "auc62-matched"
         ]

@@ -433,6 +433,30 @@ fn train_config_mistakes_are_located_before_anything_runs() {
         "{}",
         r.stderr
     );
+    // The KL direction: a known one, and only where CSA or USA reads the soft labels.
+    let p = project("");
+    let r = p.run(&["run", "--set", "train.with.loss.soft_kl=sideways"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("unknown variant `sideways`, expected `forward` or `reverse`"),
+        "{}",
+        r.stderr
+    );
+    let r = p.run(&[
+        "run",
+        "--set",
+        "train.with.loss={base: infonce, soft_kl: reverse}",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--> --set train.with.loss=")
+            && r.stderr.contains(
+                "only the CSA and USA terms compare with soft labels: add `csa:` or `usa:`, or drop it"
+            ),
+        "{}",
+        r.stderr
+    );
     let p = project("    precision: bf16-mixed\n");
     let r = p.run(&["run", "train"]);
     assert_eq!(r.code, 2, "{}", r.stderr);

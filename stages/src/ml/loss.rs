@@ -119,21 +119,51 @@ pub fn kl_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<
     (p * (log_p - log_q)).sum() / b as f64
 }
 
-/// CSA without α: ½(KL(P^II‖Q^i2t) + KL(P^TT‖Q^t2i)), Q from cos(f_I, f_T)/τ_c.
+/// KL(Q‖P) with `batchmean`: Σ_ij Q_ij (log Q_ij − log P_ij) / B, given log Q — the reverse
+/// of [`kl_batchmean`] (mode-seeking: the student's mass goes where the teacher's is, rather
+/// than covering all of the teacher's).
+pub fn kl_reverse_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [b, _] = p.dims();
+    let log_p = p.clamp_min(1e-30).log();
+    (log_q.clone().exp() * (log_q - log_p)).sum() / b as f64
+}
+
+/// Which way CSA and USA measure the distance of the student's distribution Q to the
+/// teachers' P: `forward` KL(P‖Q) (the paper's and its code's), or `reverse` KL(Q‖P).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kl {
+    #[default]
+    Forward,
+    Reverse,
+}
+
+impl Kl {
+    /// The divergence, batchmean, given P and log Q.
+    pub fn of<B: Backend>(self, p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
+        match self {
+            Kl::Forward => kl_batchmean(p, log_q),
+            Kl::Reverse => kl_reverse_batchmean(p, log_q),
+        }
+    }
+}
+
+/// CSA without α: ½(KL(P^II‖Q^i2t) + KL(P^TT‖Q^t2i)), Q from cos(f_I, f_T)/τ_c (each KL
+/// the other way round with [`Kl::Reverse`]).
 pub fn csa<B: Backend>(
     f_i: Tensor<B, 2>,
     f_t: Tensor<B, 2>,
     tau_c: Tensor<B, 1>,
     p_image: Tensor<B, 2>,
     p_text: Tensor<B, 2>,
+    kl: Kl,
 ) -> Tensor<B, 1> {
     let s = over(cosine(f_i, f_t), tau_c);
-    (kl_batchmean(p_image, log_softmax(s.clone(), 1))
-        + kl_batchmean(p_text, log_softmax(s.transpose(), 1)))
-        / 2.0
+    (kl.of(p_image, log_softmax(s.clone(), 1)) + kl.of(p_text, log_softmax(s.transpose(), 1))) / 2.0
 }
 
-/// USA without β: ½(KL(P^II‖Q^II) + KL(P^TT‖Q^TT)), Q from the uni heads' own similarities.
+/// USA without β: ½(KL(P^II‖Q^II) + KL(P^TT‖Q^TT)), Q from the uni heads' own similarities
+/// (each KL the other way round with [`Kl::Reverse`]).
 pub fn usa<B: Backend>(
     g_i: Tensor<B, 2>,
     g_t: Tensor<B, 2>,
@@ -141,8 +171,9 @@ pub fn usa<B: Backend>(
     tau_ut: Tensor<B, 1>,
     p_image: Tensor<B, 2>,
     p_text: Tensor<B, 2>,
+    kl: Kl,
 ) -> Tensor<B, 1> {
     let q_ii = log_softmax(over(cosine(g_i.clone(), g_i), tau_ui), 1);
     let q_tt = log_softmax(over(cosine(g_t.clone(), g_t), tau_ut), 1);
-    (kl_batchmean(p_image, q_ii) + kl_batchmean(p_text, q_tt)) / 2.0
+    (kl.of(p_image, q_ii) + kl.of(p_text, q_tt)) / 2.0
 }

@@ -119,6 +119,8 @@ pub struct Objective {
     pub terms: Vec<Term>,
     /// τ_s of the teachers' soft labels the CSA and USA terms read (CUSA's: 1.0).
     pub soft_temperature: f64,
+    /// The direction of CSA's and USA's KL (CUSA's: forward, KL(P‖Q)).
+    pub soft_kl: loss::Kl,
     /// Where SelfAlign's terms are computed: on the host with their gradients by hand on a CPU
     /// backend, with tensor operations and autodiff on a GPU. The same function either way
     /// (both checked against numpy).
@@ -215,7 +217,14 @@ impl Objective {
                         .soft_labels
                         .clone()
                         .ok_or_else(|| missing(term, "teacher soft labels"))?;
-                    loss::csa(f_i.clone(), f_t.clone(), temps.tau_c.val(), p_i, p_t) * alpha
+                    loss::csa(
+                        f_i.clone(),
+                        f_t.clone(),
+                        temps.tau_c.val(),
+                        p_i,
+                        p_t,
+                        self.soft_kl,
+                    ) * alpha
                 }
                 Term::Usa { beta } => {
                     let (p_i, p_t) = targets
@@ -232,6 +241,7 @@ impl Objective {
                         temps.tau_ut.val(),
                         p_i,
                         p_t,
+                        self.soft_kl,
                     ) * beta
                 }
                 Term::Lca(c) => {

@@ -67,6 +67,7 @@ fn variants(locals: bool) -> Vec<(&'static str, LossConfig)> {
         lca: lca.then(LcaConfig::default),
         cra: cra.then(CraConfig::default),
         soft_temperature: None,
+        soft_kl: None,
     };
     let mut v = vec![
         ("base", loss(false, false, false, false)),

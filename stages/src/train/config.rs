@@ -290,6 +290,10 @@ pub struct LossConfig {
     /// [default: 1.0, CUSA's: nearly uniform rows; smaller lets the teachers' ranking through].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soft_temperature: Option<f64>,
+    /// The direction of CSA's and USA's KL: `forward` KL(P‖Q) [default: the paper's and its
+    /// code's] or `reverse` KL(Q‖P). Unset is forward (and leaves the fingerprint as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_kl: Option<crate::ml::loss::Kl>,
 }
 
 impl Default for LossConfig {
@@ -303,6 +307,7 @@ impl Default for LossConfig {
             lca: None,
             cra: None,
             soft_temperature: None,
+            soft_kl: None,
         }
     }
 }
@@ -321,6 +326,7 @@ impl LossConfig {
         Objective {
             terms,
             soft_temperature: self.soft_temperature.unwrap_or(1.0),
+            soft_kl: self.soft_kl.unwrap_or_default(),
             selfalign_on: Where::Host,
         }
     }
@@ -456,6 +462,12 @@ impl TrainConfig {
                     "only the CSA and USA terms read soft labels: add `csa:` or `usa:`, or drop it",
                 ));
             }
+        }
+        if self.loss.soft_kl.is_some() && self.loss.csa.is_none() && self.loss.usa.is_none() {
+            return Err(ConfigError::new(
+                "loss.soft_kl",
+                "only the CSA and USA terms compare with soft labels: add `csa:` or `usa:`, or drop it",
+            ));
         }
         Ok(())
     }

@@ -264,7 +264,22 @@ pub fn loss_parity_within<B: AutodiffBackend>(
             1e-3,
         ));
     }
-    for case in ["infonce_reference", "infonce_mean", "vse", "csa", "usa"] {
+    let kl_of = |case: &str| {
+        if case.ends_with("_reverse") {
+            loss::Kl::Reverse
+        } else {
+            loss::Kl::Forward
+        }
+    };
+    for case in [
+        "infonce_reference",
+        "infonce_mean",
+        "vse",
+        "csa",
+        "usa",
+        "csa_reverse",
+        "usa_reverse",
+    ] {
         let expected = &f["cases"][case];
         let (f_i, f_t, g_i, g_t) = (leaf("f_i")?, leaf("f_t")?, leaf("g_i")?, leaf("g_t")?);
         let (tau, tau_c, tau_ui, tau_ut) = (
@@ -289,12 +304,13 @@ pub fn loss_parity_within<B: AutodiffBackend>(
                 loss::same_image::<B>(&ids, device),
                 0.2,
             ),
-            "csa" => loss::csa(
+            "csa" | "csa_reverse" => loss::csa(
                 f_i.clone(),
                 f_t.clone(),
                 tau_c.clone(),
                 p_image.clone(),
                 p_text.clone(),
+                kl_of(case),
             ),
             _ => loss::usa(
                 g_i.clone(),
@@ -303,6 +319,7 @@ pub fn loss_parity_within<B: AutodiffBackend>(
                 tau_ut.clone(),
                 p_image.clone(),
                 p_text.clone(),
+                kl_of(case),
             ),
         };
         let got = values(value.clone());
@@ -359,6 +376,7 @@ pub fn step_loss(cusa: bool) -> LossConfig {
         lca: None,
         cra: None,
         soft_temperature: None,
+        soft_kl: None,
     }
 }
 
@@ -831,6 +849,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             freeze_epochs: 1,
         })],
         soft_temperature: 1.0,
+        soft_kl: Default::default(),
         selfalign_on: place,
     };
     let want = &f["cases"]["lca"];
@@ -892,6 +911,7 @@ pub fn selfalign_parity_within<B: AutodiffBackend>(
             hardest: setting("hardest")? as usize,
         })],
         soft_temperature: 1.0,
+        soft_kl: Default::default(),
         selfalign_on: place,
     };
     let (v, t) = (leaf_v()?, leaf_t()?);

@@ -115,11 +115,16 @@ where
         objective.selfalign_on = crate::ml::selfalign::Where::Device;
     }
     ctx.log.line(format!(
-        "objective: {}{}{}",
+        "objective: {}{}{}{}",
         objective.names().join(" + "),
         match c.loss.soft_temperature {
             Some(t) => format!(" (soft labels at τ_s {t})"),
             None => String::new(),
+        },
+        if c.loss.soft_kl == Some(crate::ml::loss::Kl::Reverse) {
+            " (reverse KL: KL(Q‖P))"
+        } else {
+            ""
         },
         if c.embedding == Embedding::SelfalignConcat {
             "; validation with the selfalign-concat embedding"

@@ -129,4 +129,15 @@ fn diagnostics_equal_the_float64_reference() {
     // Sharper soft labels move mass off the negatives, onto the own pair first.
     let own: Vec<f64> = s.i2t.by_temperature.iter().map(|m| m.own).collect();
     assert!(own.windows(2).all(|w| w[1] > w[0]), "{own:?}");
+    // A τ_s outside the sweep: the same sweep, and its own figures between its neighbours'
+    // (0.5 and 0.2).
+    let k = f["k"].as_u64().unwrap() as usize;
+    let off = measure(&inputs, &batches, 0.3, k);
+    assert_eq!(off.i2t.by_temperature, s.i2t.by_temperature);
+    assert_eq!(off.i2t.auc, s.i2t.auc);
+    assert!(
+        own[1] < off.i2t.mass_on_own && off.i2t.mass_on_own < own[2],
+        "{} not within {own:?}",
+        off.i2t.mass_on_own
+    );
 }

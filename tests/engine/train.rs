@@ -416,76 +416,74 @@ small_eval:
 
 #[test]
 fn train_config_mistakes_are_located_before_anything_runs() {
-    let p = project("");
-    let r = p.run(&["run", "--set", "train.with.softlabels=null"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("`loss.csa` and `loss.usa` need `softlabels:` (a softlabel stage's output)"),
-        "{}",
-        r.stderr
-    );
-    let p = project("");
-    let r = p.run(&["run", "--set", "train.with.batch_size=1"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("must be at least 2 (in-batch negatives)"),
-        "{}",
-        r.stderr
-    );
-    // The KL direction: a known one, and only where CSA or USA reads the soft labels.
-    let p = project("");
-    let r = p.run(&["run", "--set", "train.with.loss.soft_kl=sideways"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("unknown variant `sideways`, expected `forward` or `reverse`"),
-        "{}",
-        r.stderr
-    );
-    let r = p.run(&[
-        "run",
-        "--set",
-        "train.with.loss={base: infonce, soft_kl: reverse}",
-    ]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("--> --set train.with.loss=")
-            && r.stderr.contains(
-                "only the CSA and USA terms compare with soft labels: add `csa:` or `usa:`, or drop it"
-            ),
-        "{}",
-        r.stderr
-    );
-    let p = project("    precision: bf16-mixed\n");
-    let r = p.run(&["run", "train"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("precision")
-            && r.stderr.contains(
-                "`bf16-mixed` applies to `student: {kind: clip}` (the small students compute in fp32)"
-            ),
-        "{}",
-        r.stderr
-    );
-    let p = project("    precision: fp16-mixed\n");
-    let r = p.run(&["run", "train"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("unknown variant `fp16-mixed`, expected `fp32` or `bf16-mixed`"),
-        "{}",
-        r.stderr
-    );
-    let p = project("    device: cuda\n");
-    let r = p.run(&["run", "-j", "1", "train"]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    let why = if cfg!(feature = "cuda") {
+    let cuda = if cfg!(feature = "cuda") {
         "`device: cuda` but the stage has no GPU"
     } else {
         "`device: cuda` but this cusa-pipe was built without the `cuda` feature"
     };
-    assert!(r.stderr.contains(why), "{}", r.stderr);
+    // (lines added to the train stage, command, exit code, what stderr says)
+    let cases: [(&str, &[&str], i32, &[&str]); 7] = [
+        (
+            "",
+            &["run", "--set", "train.with.softlabels=null"],
+            2,
+            &["`loss.csa` and `loss.usa` need `softlabels:` (a softlabel stage's output)"],
+        ),
+        (
+            "",
+            &["run", "--set", "train.with.batch_size=1"],
+            2,
+            &["must be at least 2 (in-batch negatives)"],
+        ),
+        // The KL direction: a known one, and only where CSA or USA reads the soft labels.
+        (
+            "",
+            &["run", "--set", "train.with.loss.soft_kl=sideways"],
+            2,
+            &["unknown variant `sideways`, expected `forward` or `reverse`"],
+        ),
+        (
+            "",
+            &[
+                "run",
+                "--set",
+                "train.with.loss={base: infonce, soft_kl: reverse}",
+            ],
+            2,
+            &[
+                "--> --set train.with.loss=",
+                "only the CSA and USA terms compare with soft labels: add `csa:` or `usa:`, or drop it",
+            ],
+        ),
+        (
+            "    precision: bf16-mixed\n",
+            &["run", "train"],
+            2,
+            &[
+                "precision",
+                "`bf16-mixed` applies to `student: {kind: clip}` (the small students compute in fp32)",
+            ],
+        ),
+        (
+            "    precision: fp16-mixed\n",
+            &["run", "train"],
+            2,
+            &["unknown variant `fp16-mixed`, expected `fp32` or `bf16-mixed`"],
+        ),
+        (
+            "    device: cuda\n",
+            &["run", "-j", "1", "train"],
+            1,
+            &[cuda],
+        ),
+    ];
+    for (extra, args, code, messages) in cases {
+        let r = project(extra).run(args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        for m in messages {
+            assert!(r.stderr.contains(m), "{args:?}: {m}\n{}", r.stderr);
+        }
+    }
 }
 
 #[test]

@@ -115,8 +115,12 @@ pub fn soft_labels<B: Backend>(teacher: Tensor<B, 2>, tau_s: f64) -> Tensor<B, 2
 /// KL(P‖Q) with `batchmean`: Σ_ij P_ij (log P_ij − log Q_ij) / B, given log Q.
 pub fn kl_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
     let [b, _] = p.dims();
-    let log_p = p.clone().clamp_min(1e-30).log();
-    (p * (log_p - log_q)).sum() / b as f64
+    (p.clone() * (log_soft_labels(p) - log_q)).sum() / b as f64
+}
+
+/// log P of soft labels, zeros clamped to 1e-30 (both KL directions read it).
+fn log_soft_labels<B: Backend>(p: Tensor<B, 2>) -> Tensor<B, 2> {
+    p.clamp_min(1e-30).log()
 }
 
 /// KL(Q‖P) with `batchmean`: Σ_ij Q_ij (log Q_ij − log P_ij) / B, given log Q — the reverse
@@ -124,8 +128,7 @@ pub fn kl_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<
 /// than covering all of the teacher's).
 pub fn kl_reverse_batchmean<B: Backend>(p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
     let [b, _] = p.dims();
-    let log_p = p.clamp_min(1e-30).log();
-    (log_q.clone().exp() * (log_q - log_p)).sum() / b as f64
+    (log_q.clone().exp() * (log_q - log_soft_labels(p))).sum() / b as f64
 }
 
 /// Which way CSA and USA measure the distance of the student's distribution Q to the

@@ -157,8 +157,8 @@ pub fn auc(mut pairs: Vec<(f64, bool)>) -> f64 {
     }
 }
 
-/// One direction's batch figures: the AUC, the mass at the configured temperature and then
-/// at each of [`SWEEP`], the uniform mass and the positives per row.
+/// One direction's batch figures: the AUC, the mass at each temperature asked for, the
+/// uniform mass and the positives per row.
 struct Scored {
     auc: f64,
     mass: Vec<Mass>,
@@ -366,10 +366,20 @@ pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: u
     };
     let image_of = |c: u32| inputs.caption_image[c as usize];
     let describes = |c: u32, i: u32| image_of(c) == i || inputs.positives.contains(&(c, i));
-    let temperatures: Vec<f64> = std::iter::once(temperature).chain(SWEEP).collect();
+    // The sweep, and τ_s after it when it is not one of them (computed once either way).
+    let mut temperatures = SWEEP.to_vec();
+    if !SWEEP.contains(&temperature) {
+        temperatures.push(temperature);
+    }
     let figures = |which: Which, (precision_at_k, precision_random): (f64, f64)| {
-        let s = scored(inputs, batches, &temperatures, which);
-        let at = &s.mass[0];
+        let mut s = scored(inputs, batches, &temperatures, which);
+        let at = s
+            .mass
+            .iter()
+            .find(|m| m.temperature == temperature)
+            .cloned()
+            .expect("τ_s is among the temperatures");
+        s.mass.truncate(SWEEP.len());
         Direction {
             auc: s.auc,
             mass_on_positives: at.positives,
@@ -378,7 +388,7 @@ pub fn measure(inputs: &Inputs<'_>, batches: &[Vec<u32>], temperature: f64, k: u
             positives_per_row: s.count,
             precision_at_k,
             precision_random,
-            by_temperature: s.mass[1..].to_vec(),
+            by_temperature: s.mass,
         }
     };
     // Whole-split neighbours. Images: another image j is a hit when one of its captions

@@ -121,7 +121,7 @@ where
             Some(t) => format!(" (soft labels at τ_s {t})"),
             None => String::new(),
         },
-        if c.loss.soft_kl == Some(crate::ml::loss::Kl::Reverse) {
+        if objective.soft_kl == crate::ml::loss::Kl::Reverse {
             " (reverse KL: KL(Q‖P))"
         } else {
             ""

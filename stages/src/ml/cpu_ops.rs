@@ -1,5 +1,8 @@
 //! Two steps of the CPU students as single-pass operations: GELU and the 3×3 stride-2
-//! patches of the scenes-small convolutions, each with its own backward.
+//! patches of the scenes-small convolutions, each with its own backward; and, for terms computed
+//! on the host (SelfAlign's), a copy of a tensor's values without a pass through burn
+//! ([`f32_values`]) and an operation that hands their computed gradient to the graph
+//! ([`given_gradient`]).
 //!
 //! Why it exists: on burn-ndarray every tensor operation is a fresh full-size pass, and these
 //! two are compositions of many. burn's GELU is five passes forward and fifteen backward (the
@@ -102,6 +105,17 @@ fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Host<B, D> {
     }
 }
 
+/// A copy of `x`'s values when it is an f32 burn-ndarray tensor (with or without autodiff):
+/// one copy of its storage, where reading it through `into_data` costs a pass and a copy more.
+/// `None` on any other backend or float type.
+pub(crate) fn f32_values<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Vec<f32>> {
+    match host(x.clone()) {
+        Host::Plain(t) => Some(values(&t.into_primitive().tensor()).into_owned()),
+        Host::Tracked(t) => Some(values(&t.into_primitive().tensor().primitive).into_owned()),
+        Host::Other(_) => None,
+    }
+}
+
 fn back<B: Backend, T: 'static, const D: usize>(t: T) -> Tensor<B, D> {
     downcast::<T, Tensor<B, D>>(t)
         .ok()
@@ -154,6 +168,66 @@ where
                 out,
             )))
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A computed gradient
+
+#[derive(Debug)]
+struct GivenGradient;
+
+impl Backward<Inner, 1> for GivenGradient {
+    /// The gradient of the output with respect to the input, in the input's layout.
+    type State = (Vec<f32>, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (given, shape) = ops.state;
+        unary::<Inner, _>(ops.parents, ops.node, grads, |upstream| {
+            let u = values(&upstream)[0];
+            tensor(map(&given, |g| g * u), &shape)
+        });
+    }
+}
+
+/// A one-element tensor holding 0 whose gradient with respect to `x` is `gradient` (rounded
+/// to f32, times the gradient it receives): how a term computed outside the graph hands its
+/// own gradient to burn's autodiff, without the product and sum an expression of tensors
+/// takes each way. Only for an f32 burn-ndarray tensor under autodiff; `Err` gives `x` back
+/// otherwise.
+pub(crate) fn given_gradient<B: Backend>(
+    x: Tensor<B, 1>,
+    gradient: &[f64],
+) -> Result<Tensor<B, 1>, Tensor<B, 1>> {
+    assert_eq!(
+        x.dims()[0],
+        gradient.len(),
+        "a gradient element per element"
+    );
+    match host(x) {
+        Host::Tracked(x) => {
+            let p = x.into_primitive().tensor();
+            let shape = shape_of(&p.primitive);
+            let given: Vec<f32> = gradient
+                .par_iter()
+                .with_min_len(CHUNK)
+                .map(|&g| g as f32)
+                .collect();
+            let zero = tensor(vec![0.0], &[1]);
+            let out = match GivenGradient
+                .prepare::<NoCheckpointing>([p.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((given, shape), zero),
+                OpsKind::UnTracked(prep) => prep.finish(zero),
+            };
+            Ok(back(Tensor::<Cpu, 1>::from_primitive(
+                TensorPrimitive::Float(out),
+            )))
+        }
+        Host::Plain(x) => Err(back(x)),
+        Host::Other(x) => Err(x),
     }
 }
 
@@ -555,5 +629,48 @@ mod tests {
             ));
             assert!(bits(plain) == theirs.0);
         }
+    }
+
+    /// The handed-over gradient is the input's gradient (scaled by what the output receives),
+    /// the output adds 0, and only tracked f32 ndarray tensors take the operation.
+    #[test]
+    fn a_given_gradient_is_the_inputs_gradient() {
+        let dev = Default::default();
+        let n = 40_003;
+        let x = awkward(n);
+        let given: Vec<f64> = awkward(n).iter().rev().map(|&v| v as f64 * 0.1).collect();
+        let xt = Tensor::<Cpu, 1>::from_data(TensorData::new(x.clone(), [n]), &dev).require_grad();
+        let carrier = given_gradient(xt.clone(), &given).expect("a tracked f32 tensor");
+        let out = carrier.clone() * 3.0 + xt.clone().sum();
+        assert_eq!(bits(carrier.inner()), vec![0.0f32.to_bits()]);
+        let grads = out.backward();
+        let expected: Vec<u32> = given
+            .iter()
+            .map(|&g| ((g as f32) * 3.0 + 1.0).to_bits())
+            .collect();
+        assert!(bits(xt.grad(&grads).expect("x's gradient")) == expected);
+        let plain = Tensor::<Inner, 1>::from_data(TensorData::new(x.clone(), [n]), &dev);
+        assert!(given_gradient(plain, &given).is_err());
+        type F64 = Autodiff<NdArray<f64>>;
+        let other = Tensor::<F64, 1>::zeros([n], &dev).require_grad();
+        assert!(given_gradient(other, &given).is_err());
+    }
+
+    /// The host copy has the tensor's values in its logical order, laid out contiguously or not.
+    #[test]
+    fn f32_values_read_any_layout() {
+        let dev = Default::default();
+        let x = Tensor::<Cpu, 2>::random([37, 11], Distribution::Normal(0.0, 1.0), &dev);
+        for t in [
+            x.clone(),
+            x.clone().transpose(),
+            x.clone().slice([3..20, 2..9]),
+        ] {
+            let expected = t.clone().into_data().to_vec::<f32>().expect("f32");
+            assert_eq!(f32_values(&t), Some(expected.clone()));
+            assert_eq!(f32_values(&t.inner()), Some(expected));
+        }
+        type F64 = NdArray<f64>;
+        assert_eq!(f32_values(&Tensor::<F64, 1>::zeros([3], &dev)), None);
     }
 }

@@ -294,6 +294,16 @@ pub fn word_batch<B: Backend>(
     )
 }
 
+/// `[b, n, c]` through a Linear as one `[b·n, c]` product: burn applies a Linear to a 3-d
+/// input as b batched products, and its weight gradient as b `[c, d]` products summed
+/// afterwards (a `[b, c, d]` intermediate); one 2-d product does the same work once.
+fn rows_through<B: Backend>(p: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, n, c] = x.dims();
+    let y = p.forward(x.reshape([b * n, c]));
+    let d = y.dims()[1];
+    y.reshape([b, n, d])
+}
+
 impl<B: Backend> Student<B> for ScenesSmall<B> {
     type Inputs = PixelWordInputs;
 
@@ -319,7 +329,7 @@ impl<B: Backend> Student<B> for ScenesSmall<B> {
             .image_locals
             .as_ref()
             .zip(cells)
-            .map(|(p, cells)| Locals::dense(p.forward(cells)));
+            .map(|(p, cells)| Locals::dense(rows_through(p, cells)));
         let (cross, uni) = self.image_heads.forward(pooled);
         Encoded { cross, uni, locals }
     }
@@ -333,7 +343,7 @@ impl<B: Backend> Student<B> for ScenesSmall<B> {
         let (ids, pad) = word_batch(inputs, rows, device);
         let (pooled, states) = self.text_backbone.forward(ids, pad.clone());
         let locals = self.text_locals.as_ref().map(|p| Locals {
-            states: p.forward(states),
+            states: rows_through(p, states),
             valid: pad.bool_not().float(),
         });
         let (cross, uni) = self.text_heads.forward(pooled);

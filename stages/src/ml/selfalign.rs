@@ -143,7 +143,7 @@ impl<B: Backend> Locals<B> {
     /// Locals without padding (image regions).
     pub fn dense(states: Tensor<B, 3>) -> Self {
         let [b, n, _] = states.dims();
-        let valid = Tensor::ones([b, n], &states.device());
+        let valid = Tensor::ones([b, n], (&states.device(), states.dtype()));
         Self { states, valid }
     }
 
@@ -212,20 +212,34 @@ const BLOCK_ROWS: usize = 256;
 
 /// E = exp((s − max s)/ε) of host scores, in f32 (computed in f64 when the scores are).
 pub(crate) fn host_kernel(scores: TensorData, epsilon: f64) -> Vec<f32> {
-    use rayon::prelude::*;
     if scores.dtype == burn::tensor::DType::F64 {
-        let s: Vec<f64> = scores.into_vec().expect("f64 scores");
-        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        return s
-            .par_iter()
-            .map(|&x| ((x - max) / epsilon).exp() as f32)
-            .collect();
+        return host_kernel_f64(&scores.into_vec().expect("f64 scores"), epsilon);
     }
-    let mut e: Vec<f32> = scores
-        .convert::<f32>()
-        .into_vec()
-        .expect("converted to f32");
-    let max = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    host_kernel_f32(
+        scores
+            .convert::<f32>()
+            .into_vec()
+            .expect("converted to f32"),
+        epsilon,
+    )
+}
+
+/// [`host_kernel`] of f64 scores.
+pub(crate) fn host_kernel_f64(s: &[f64], epsilon: f64) -> Vec<f32> {
+    use rayon::prelude::*;
+    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    s.par_iter()
+        .map(|&x| ((x - max) / epsilon).exp() as f32)
+        .collect()
+}
+
+/// [`host_kernel`] of f32 scores, in place.
+pub(crate) fn host_kernel_f32(mut e: Vec<f32>, epsilon: f64) -> Vec<f32> {
+    use rayon::prelude::*;
+    let max = e
+        .par_chunks(1 << 14)
+        .map(|c| c.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .reduce(|| f32::NEG_INFINITY, f32::max);
     let scale = (1.0 / epsilon) as f32;
     e.par_chunks_mut(1 << 14)
         .for_each(|c| c.iter_mut().for_each(|x| *x = ((*x - max) * scale).exp()));
@@ -330,8 +344,12 @@ impl<B: Backend> Assignments<B> {
                 let kernel = (s - max).mul_scalar(1.0 / epsilon).exp();
                 // The reference's first step divides by the total (it matters with no
                 // iteration).
-                let mut rows = Tensor::ones([n, 1], &device) / kernel.clone().sum().reshape([1, 1]);
-                let mut cols = Tensor::ones([1, k], &device);
+                // In the kernel's float type: a device's default type is fixed by the first
+                // tensor made on it in the process, and need not be this one.
+                let dtype = kernel.dtype();
+                let mut rows =
+                    Tensor::ones([n, 1], (&device, dtype)) / kernel.clone().sum().reshape([1, 1]);
+                let mut cols = Tensor::ones([1, k], (&device, dtype));
                 for _ in 0..iterations {
                     // Column sums of diag(u)·E·diag(v) are (uᵀE)_j·v_j: dividing them by
                     // k·(uᵀE)_j·v_j leaves v_j = 1/(k·(uᵀE)_j); rows likewise.
@@ -473,42 +491,49 @@ pub(crate) fn hardest_negatives(
     n: usize,
     k: usize,
 ) -> Hardest {
+    use rayon::prelude::*;
     let b = image_ids.len();
     let cols = b * n;
-    let mut out = Hardest {
-        weights: vec![0.0; b * cols],
-        shift: vec![None; b],
-    };
-    let (mut candidates, mut pool) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
-    for i in 0..b {
-        let row = &scores[i * cols..(i + 1) * cols];
-        candidates.clear();
-        candidates
-            .extend((0..cols).filter(|&j| image_ids[j / n] != image_ids[i] && valid[j] != 0.0));
-        if candidates.is_empty() {
-            continue;
-        }
-        pool.clear();
-        pool.extend(candidates.iter().map(|&j| row[j]));
-        let take = k.min(pool.len());
-        let (_, &mut kth, _) = pool.select_nth_unstable_by(take - 1, |a, b| b.total_cmp(a));
-        let (above, copies) = pool.iter().fold((0, 0), |(a, c), &x| {
-            (a + usize::from(x > kth), c + usize::from(x == kth))
-        });
-        let share = (take - above) as f32 / copies as f32;
-        out.shift[i] = Some(pool.iter().copied().fold(f64::NEG_INFINITY, f64::max));
-        let w = &mut out.weights[i * cols..(i + 1) * cols];
-        for &j in &candidates {
-            w[j] = if row[j] > kth {
-                1.0
-            } else if row[j] == kth {
-                share
-            } else {
-                0.0
-            };
-        }
+    if cols == 0 {
+        return Hardest {
+            weights: Vec::new(),
+            shift: vec![None; b],
+        };
     }
-    out
+    let mut weights = vec![0.0f32; b * cols];
+    // Rows in parallel: each row's selection is its own, so the result does not depend on
+    // the thread count.
+    let shift = weights
+        .par_chunks_mut(cols)
+        .zip(scores.par_chunks(cols))
+        .enumerate()
+        .map(|(i, (w, row))| {
+            let candidates: Vec<usize> = (0..cols)
+                .filter(|&j| image_ids[j / n] != image_ids[i] && valid[j] != 0.0)
+                .collect();
+            if candidates.is_empty() {
+                return None;
+            }
+            let mut pool: Vec<f64> = candidates.iter().map(|&j| row[j]).collect();
+            let take = k.min(pool.len());
+            let (_, &mut kth, _) = pool.select_nth_unstable_by(take - 1, |a, b| b.total_cmp(a));
+            let (above, copies) = pool.iter().fold((0, 0), |(a, c), &x| {
+                (a + usize::from(x > kth), c + usize::from(x == kth))
+            });
+            let share = (take - above) as f32 / copies as f32;
+            for &j in &candidates {
+                w[j] = if row[j] > kth {
+                    1.0
+                } else if row[j] == kth {
+                    share
+                } else {
+                    0.0
+                };
+            }
+            Some(pool.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        })
+        .collect();
+    Hardest { weights, shift }
 }
 
 /// A host copy of a tensor's values.
@@ -995,19 +1020,27 @@ mod tests {
 
     #[test]
     fn host_and_device_sinkhorn_agree() {
+        // f64 whatever the ndarray device's default float type (the first tensor any test in
+        // this process makes fixes it, and the f32 tests share the device).
+        let f64_tensor = |v: Vec<f64>, shape: [usize; 2]| -> Tensor<B, 2> {
+            Tensor::from_data(
+                TensorData::new(v, shape),
+                (&Default::default(), burn::tensor::DType::F64),
+            )
+        };
         let (n, k) = (40, 16);
         let scores: Vec<f64> = (0..n * k)
             .map(|i| ((i * 7919 % 201) as f64 - 100.0) / 100.0)
             .collect();
         for iterations in [0, 1, 2, 3] {
             let host_q = host(sinkhorn(
-                tensor(scores.clone(), [n, k]),
+                f64_tensor(scores.clone(), [n, k]),
                 0.05,
                 iterations,
                 Where::Host,
             ));
             let device_q = host(sinkhorn(
-                tensor(scores.clone(), [n, k]),
+                f64_tensor(scores.clone(), [n, k]),
                 0.05,
                 iterations,
                 Where::Device,

@@ -5,8 +5,9 @@
 //! Why it exists: written with tensor operations (what a GPU runs, `selfalign`'s
 //! [`Where::Device`](super::selfalign::Where) path), LCA and CRA are some twenty element-wise
 //! passes forward and as many backward, each a fresh full-size tensor on burn-ndarray; here
-//! each step is one loop over the values, rows in parallel, and the matrix products go to the
-//! `gemm` crate.
+//! each step is one loop over the values, rows in parallel, each row written in place, and
+//! the matrix products go to the `gemm` crate, transposed operands read through their strides
+//! (measured: no slower than making a transposed copy first).
 //!
 //! Invariants:
 //! * the mathematics of the tensor path (docs/method.md): both are checked against the float64
@@ -16,20 +17,28 @@
 //!   rows, each block on one thread with one summation order, and every reduction across rows
 //!   is summed in row order;
 //! * the scalar returned to the graph has the computed loss as its value, and as gradient with
-//!   respect to each input that requires one, exactly the computed gradient: Σ x·g − (Σ x·g,
-//!   detached) adds 0 to the value.
+//!   respect to each input that requires one, exactly the computed gradient: on burn-ndarray
+//!   f32 under autodiff one operation per input that adds 0 and hands over g
+//!   (`cpu_ops::given_gradient`), elsewhere Σ x·g − (Σ x·g, detached), which adds 0 to the
+//!   value.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Element, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::selfalign::{NO_NEGATIVES, hardest_negatives, host_kernel, host_scaling};
+use super::selfalign::{
+    NO_NEGATIVES, hardest_negatives, host_kernel_f32, host_kernel_f64, host_scaling,
+};
 
 /// A float type the products run in: the backend's own (f32 when it trains in f32, f64 for
 /// the float64 checks).
 pub(crate) trait Real: Element + Copy + Send + Sync + 'static {
     fn of(x: f64) -> Self;
     fn get(self) -> f64;
+    /// Sinkhorn's kernel E = exp((s − max s)/ε) of scores in this type (in f32).
+    fn kernel(scores: Vec<Self>, epsilon: f64) -> Vec<f32>;
+    /// f32 values in this type.
+    fn from_f32s(v: Vec<f32>) -> Vec<Self>;
 }
 
 impl Real for f32 {
@@ -38,6 +47,12 @@ impl Real for f32 {
     }
     fn get(self) -> f64 {
         self as f64
+    }
+    fn kernel(scores: Vec<Self>, epsilon: f64) -> Vec<f32> {
+        host_kernel_f32(scores, epsilon)
+    }
+    fn from_f32s(v: Vec<f32>) -> Vec<Self> {
+        v
     }
 }
 
@@ -48,6 +63,12 @@ impl Real for f64 {
     fn get(self) -> f64 {
         self
     }
+    fn kernel(scores: Vec<Self>, epsilon: f64) -> Vec<f32> {
+        host_kernel_f64(&scores, epsilon)
+    }
+    fn from_f32s(v: Vec<f32>) -> Vec<Self> {
+        v.into_iter().map(f64::from).collect()
+    }
 }
 
 /// Whether a tensor's values are f64 (then the products run in f64).
@@ -57,6 +78,9 @@ pub(crate) fn is_f64<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
 
 /// A host copy of a tensor's values in `T`.
 pub(crate) fn read<B: Backend, const D: usize, T: Real>(t: Tensor<B, D>) -> Vec<T> {
+    if let Some(v) = super::cpu_ops::f32_values(&t) {
+        return T::from_f32s(v);
+    }
     // The product makes a fresh tensor: reading one the autograd graph still shares goes
     // element by element on ndarray (10× slower than this extra pass).
     t.detach()
@@ -79,6 +103,14 @@ pub(crate) fn attach<B: Backend>(
         device,
     );
     for (x, grad) in parts {
+        // burn-ndarray f32 under autodiff: an operation that hands over the gradient.
+        let x = match super::cpu_ops::given_gradient(x, &grad) {
+            Ok(carrier) => {
+                out = out + carrier;
+                continue;
+            }
+            Err(x) => x,
+        };
         let g = Tensor::<B, 1>::from_data(
             TensorData::new(grad, x.shape()).convert::<B::FloatElem>(),
             device,
@@ -96,35 +128,38 @@ fn block_rows(m: usize) -> usize {
     m.div_ceil(8).max(32)
 }
 
-/// The transpose of a row-major `rows × cols` matrix, row-major (`cols × rows`): products
-/// read contiguous rows (the `gemm` crate packs a strided operand several times slower).
-fn transpose<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const TILE: usize = 32;
-    let mut out = vec![T::of(0.0); x.len()];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    out.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(tile, dst)| {
-            let c0 = tile * TILE;
-            let width = dst.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    for c in 0..width {
-                        dst[c * rows + r] = x[r * cols + c0 + c];
-                    }
-                }
-            }
-        });
-    out
-}
-
 /// `a · b` (`m × k` times `k × n`, both row-major), row-major `m × n`; blocks of
 /// [`block_rows`] rows in parallel, one thread each.
 fn product<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
+    product_strided(m, n, k, (a, 1, k), (b, 1, n))
+}
+
+/// `a · bᵀ` with `b` stored `n × k` row-major (rows of `a` against rows of `b`).
+fn product_nt<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
+    product_strided(m, n, k, (a, 1, k), (b, k, 1))
+}
+
+/// `aᵀ · b` with `a` stored `k × m` row-major.
+fn product_tn<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
+    product_strided(m, n, k, (a, m, 1), (b, 1, n))
+}
+
+/// `a · b` (`m × k` times `k × n`), each operand read through its (column stride, row
+/// stride): a transposed operand needs no transposed copy (the `gemm` crate packs either
+/// layout; measured as fast as, or faster than, a copy first). Row-major `m × n` out, in
+/// blocks of [`block_rows`] rows in parallel, one thread each.
+fn product_strided<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, a_cs, a_rs): (&[T], usize, usize),
+    (b, b_cs, b_rs): (&[T], usize, usize),
+) -> Vec<T> {
+    let fits = |len: usize, rows: usize, cols: usize, cs: usize, rs: usize| {
+        len == rows * cols && (rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len)
+    };
     assert!(
-        a.len() == m * k && b.len() == k * n,
+        fits(a.len(), m, k, a_cs, a_rs) && fits(b.len(), k, n, b_cs, b_rs),
         "product operand shapes"
     );
     let mut out = vec![T::of(0.0); m * n];
@@ -133,13 +168,13 @@ fn product<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
     }
     let block = block_rows(m);
     out.par_chunks_mut(block * n)
-        .zip(a.par_chunks(block * k))
-        .for_each(|(dst, lhs)| {
+        .enumerate()
+        .for_each(|(i, dst)| {
             let rows = dst.len() / n;
-            // SAFETY: dst is rows × n (column stride 1, row stride n), lhs rows × k (column
-            // stride 1, row stride k), b k × n (column stride 1, row stride n): the assert
-            // above and the matching chunk sizes pin every length; read_dst = false only
-            // writes dst.
+            // SAFETY: dst is rows × n (column stride 1, row stride n); the block's rows of a
+            // start at element i·block·a_rs and reach (i·block + rows − 1)·a_rs + (k − 1)·a_cs,
+            // within a (checked by `fits` above for all m rows); b is read whole within its
+            // length likewise; read_dst = false only writes dst.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -149,12 +184,12 @@ fn product<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T> {
                     1,
                     n as isize,
                     false,
-                    lhs.as_ptr(),
-                    1,
-                    k as isize,
+                    a.as_ptr().add(i * block * a_rs),
+                    a_cs as isize,
+                    a_rs as isize,
                     b.as_ptr(),
-                    1,
-                    n as isize,
+                    b_cs as isize,
+                    b_rs as isize,
                     T::of(0.0),
                     T::of(1.0),
                     false,
@@ -242,65 +277,80 @@ pub(crate) fn cra_direction<T: Real>(
     let cols = b * n;
     let (g, g_norms) = unit_rows(guides, d);
     let (l, l_norms) = unit_rows(locals, d);
-    let cosines = product(b, cols, d, &g, &transpose(&l, cols, d));
+    let cosines = product_nt(b, cols, d, &g, &l);
     let scores: Vec<f64> = cosines.par_iter().map(|c| c.get() / temperature).collect();
     let hard = hardest_negatives(&scores, image_ids, valid, n, hardest.max(1));
     let weight = mean_of_means_weights(valid, b, n);
-    // Per guide: its log-sum over the kept negatives, its loss, its gradient row.
-    let rows: Vec<(f64, Vec<T>)> = (0..b)
-        .into_par_iter()
-        .map(|i| {
-            let s = &scores[i * cols..(i + 1) * cols];
-            let w = &hard.weights[i * cols..(i + 1) * cols];
-            let (lse, terms) = match hard.shift[i] {
-                Some(shift) => {
-                    let terms: Vec<f64> = s
-                        .iter()
-                        .zip(w)
-                        .map(|(&x, &w)| {
-                            if w == 0.0 {
+    // Per guide: its log-sum over the kept negatives, its loss, its gradient row (written in
+    // place; one f64 scratch row per thread).
+    let mut d_scores = vec![T::of(0.0); b * cols];
+    let losses: Vec<f64> = d_scores
+        .par_chunks_mut(cols.max(1))
+        .enumerate()
+        .map_init(
+            || vec![0.0f64; cols],
+            |grad, (i, out)| {
+                let s = &scores[i * cols..(i + 1) * cols];
+                let w = &hard.weights[i * cols..(i + 1) * cols];
+                let (lse, sum) = match hard.shift[i] {
+                    Some(shift) => {
+                        let mut sum = 0.0;
+                        for ((t, &x), &w) in grad.iter_mut().zip(s).zip(w) {
+                            *t = if w == 0.0 {
                                 0.0
                             } else {
                                 w as f64 * (x - shift).exp()
-                            }
-                        })
-                        .collect();
-                    let sum: f64 = terms.iter().sum();
-                    (shift + sum.ln(), Some((terms, sum)))
-                }
-                None => (NO_NEGATIVES, None),
-            };
-            let (mut loss, mut d_lse) = (0.0, 0.0);
-            let mut grad = vec![0.0f64; cols];
-            for m in 0..n {
-                let a = weight[i * n + m];
-                if a == 0.0 {
-                    continue;
-                }
-                let x = lse - s[i * n + m];
-                // softplus(x) = log(1 + eˣ) and its derivative σ(x), stable both ways.
-                loss += a * (x.max(0.0) + (-x.abs()).exp().ln_1p());
-                let sigma = if x >= 0.0 {
-                    1.0 / (1.0 + (-x).exp())
-                } else {
-                    x.exp() / (1.0 + x.exp())
+                            };
+                            sum += *t;
+                        }
+                        (shift + sum.ln(), Some(sum))
+                    }
+                    None => (NO_NEGATIVES, None),
                 };
-                d_lse += a * sigma;
-                grad[i * n + m] -= a * sigma;
-            }
-            if let Some((terms, sum)) = terms {
-                for (g, t) in grad.iter_mut().zip(terms) {
-                    *g += d_lse * t / sum;
+                let (mut loss, mut d_lse) = (0.0, 0.0);
+                let mut d_positive = vec![0.0f64; n];
+                for (m, d) in d_positive.iter_mut().enumerate() {
+                    let a = weight[i * n + m];
+                    if a == 0.0 {
+                        continue;
+                    }
+                    let x = lse - s[i * n + m];
+                    // softplus(x) = log(1 + eˣ) and its derivative σ(x), stable both ways.
+                    loss += a * (x.max(0.0) + (-x.abs()).exp().ln_1p());
+                    let sigma = if x >= 0.0 {
+                        1.0 / (1.0 + (-x).exp())
+                    } else {
+                        x.exp() / (1.0 + x.exp())
+                    };
+                    d_lse += a * sigma;
+                    *d = 0.0 - a * sigma;
                 }
-            }
-            let grad = grad.into_iter().map(|g| T::of(g / temperature)).collect();
-            (loss, grad)
-        })
+                match sum {
+                    Some(sum) => {
+                        for (o, t) in out.iter_mut().zip(grad.iter()) {
+                            *o = T::of((0.0 + d_lse * t / sum) / temperature);
+                        }
+                    }
+                    None => out.iter_mut().for_each(|o| *o = T::of(0.0)),
+                }
+                for (m, &d) in d_positive.iter().enumerate() {
+                    if d != 0.0 {
+                        let j = i * n + m;
+                        let t = if sum.is_some() { grad[j] } else { 0.0 };
+                        let base = match sum {
+                            Some(sum) => d + d_lse * t / sum,
+                            None => d,
+                        };
+                        out[j] = T::of(base / temperature);
+                    }
+                }
+                loss
+            },
+        )
         .collect();
-    let value = rows.iter().map(|(loss, _)| loss).sum();
-    let d_scores: Vec<T> = rows.into_iter().flat_map(|(_, g)| g).collect();
+    let value = losses.iter().sum();
     let d_guides = unit_rows_backward(&g, &g_norms, &product(b, d, cols, &d_scores, &l), d);
-    let d_unit = product(cols, d, b, &transpose(&d_scores, b, cols), &g);
+    let d_unit = product_tn(cols, d, b, &d_scores, &g);
     let d_locals = unit_rows_backward(&l, &l_norms, &d_unit, d);
     (value, d_guides, d_locals)
 }
@@ -334,20 +384,19 @@ pub(crate) fn lca<T: Real>(
     let (t, t_norms) = unit_rows(x.text, d);
     // Sinkhorn over every region of the batch, in scaling form.
     let regions = b * r;
-    let prototypes_t = transpose(x.prototypes, k, d);
-    let scores = product(regions, k, d, &v, &prototypes_t);
-    let kernel = host_kernel(TensorData::new(scores, [regions, k]), c.epsilon);
+    let scores = product_nt(regions, k, d, &v, x.prototypes);
+    let kernel = T::kernel(scores, c.epsilon);
     let (u, cols) = host_scaling(&kernel, regions, k, c.sinkhorn_iterations);
     // Each word's region: the most similar of its own image's (the first of equals).
     let best: Vec<usize> = (0..b)
         .into_par_iter()
         .flat_map_iter(|p| {
-            let sims = product(
+            let sims = product_nt(
                 l,
                 r,
                 d,
                 &t[p * l * d..(p + 1) * l * d],
-                &transpose(&v[p * r * d..(p + 1) * r * d], r, d),
+                &v[p * r * d..(p + 1) * r * d],
             );
             (0..l)
                 .map(|w| {
@@ -363,49 +412,87 @@ pub(crate) fn lca<T: Real>(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let logits = product(b * l, k, d, &t, &prototypes_t);
+    let logits = product_nt(b * l, k, d, &t, x.prototypes);
     let weight = mean_of_means_weights(x.text_valid, b, l);
-    let rows: Vec<(f64, Vec<T>)> = (0..b * l)
-        .into_par_iter()
-        .map(|w| {
-            let a = weight[w];
-            if a == 0.0 {
-                return (0.0, vec![T::of(0.0); k]);
-            }
-            let region = best[w];
-            let scale = regions as f64 * u[region];
-            let q: Vec<f64> = kernel[region * k..(region + 1) * k]
-                .iter()
-                .zip(&cols)
-                .map(|(&e, &v)| scale * e as f64 * v)
-                .collect();
-            let z: Vec<f64> = logits[w * k..(w + 1) * k]
-                .iter()
-                .map(|z| z.get() / c.temperature)
-                .collect();
-            let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = z.iter().map(|z| (z - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            let lse = max + sum.ln();
-            let mass: f64 = q.iter().sum();
-            let ce = lse * mass - q.iter().zip(&z).map(|(q, z)| q * z).sum::<f64>();
-            let grad = e
-                .iter()
-                .zip(&q)
-                .map(|(e, q)| T::of(a * (e / sum * mass - q) / c.temperature))
-                .collect();
-            (a * ce, grad)
-        })
+    // Per word: its cross-entropy against its region's assignment and its gradient row,
+    // written in place (one f64 scratch row per thread for the exponentials).
+    let mut d_logits = vec![T::of(0.0); b * l * k];
+    let losses: Vec<f64> = d_logits
+        .par_chunks_mut(k.max(1))
+        .enumerate()
+        .map_init(
+            || vec![0.0f64; k],
+            |e, (w, grad)| {
+                let a = weight[w];
+                if a == 0.0 {
+                    return 0.0;
+                }
+                let region = best[w];
+                let scale = regions as f64 * u[region];
+                let kernel_row = &kernel[region * k..(region + 1) * k];
+                let z = &logits[w * k..(w + 1) * k];
+                let max = z
+                    .iter()
+                    .map(|z| z.get() / c.temperature)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let (mut sum, mut mass, mut qz) = (0.0, 0.0, 0.0);
+                for (((e, z), &kv), &v) in e.iter_mut().zip(z).zip(kernel_row).zip(&cols) {
+                    let z = z.get() / c.temperature;
+                    let q = scale * kv as f64 * v;
+                    *e = (z - max).exp();
+                    sum += *e;
+                    mass += q;
+                    qz += q * z;
+                }
+                let lse = max + sum.ln();
+                for (((g, e), &kv), &v) in grad.iter_mut().zip(e.iter()).zip(kernel_row).zip(&cols)
+                {
+                    let q = scale * kv as f64 * v;
+                    *g = T::of(a * (e / sum * mass - q) / c.temperature);
+                }
+                a * (lse * mass - qz)
+            },
+        )
         .collect();
-    let value = rows.iter().map(|(loss, _)| loss).sum();
-    let d_logits: Vec<T> = rows.into_iter().flat_map(|(_, g)| g).collect();
+    let value = losses.iter().sum();
     let d_text = want_text.then(|| {
         let d_unit = product(b * l, d, k, &d_logits, x.prototypes);
         unit_rows_backward(&t, &t_norms, &d_unit, d)
     });
     let d_prototypes = want_prototypes.then(|| {
-        let grad = product(k, d, b * l, &transpose(&d_logits, b * l, k), &t);
+        let grad = product_tn(k, d, b * l, &d_logits, &t);
         grad.into_iter().map(|g| g.get()).collect()
     });
     (value, d_text, d_prototypes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Products through strides equal a plain float64 triple loop, with shapes that cut the
+    /// row blocks raggedly.
+    #[test]
+    fn strided_products_are_the_products() {
+        let (m, n, k) = (301, 7, 45);
+        let value = |i: usize| ((i * 7919) % 211) as f64 / 211.0 - 0.5;
+        let a: Vec<f64> = (0..m * k).map(value).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| value(i + 5)).collect();
+        let reference: Vec<f64> = (0..m * n)
+            .map(|x| (0..k).map(|p| a[x / n * k + p] * b[p * n + x % n]).sum())
+            .collect();
+        let transpose = |x: &[f64], rows: usize, cols: usize| -> Vec<f64> {
+            (0..rows * cols)
+                .map(|i| x[(i % rows) * cols + i / rows])
+                .collect()
+        };
+        let close = |got: Vec<f64>| {
+            got.iter()
+                .zip(&reference)
+                .all(|(g, r)| (g - r).abs() <= 1e-12)
+        };
+        assert!(close(product(m, n, k, &a, &b)));
+        assert!(close(product_nt(m, n, k, &a, &transpose(&b, k, n))));
+        assert!(close(product_tn(m, n, k, &transpose(&a, m, k), &b)));
+    }
 }

@@ -325,23 +325,17 @@ pub(crate) fn cra_direction<T: Real>(
                     d_lse += a * sigma;
                     *d = 0.0 - a * sigma;
                 }
-                match sum {
-                    Some(sum) => {
-                        for (o, t) in out.iter_mut().zip(grad.iter()) {
-                            *o = T::of((0.0 + d_lse * t / sum) / temperature);
-                        }
+                // The row starts at 0 (a guide without negatives keeps 0 off its positives).
+                let negative = |j: usize| sum.map_or(0.0, |sum| d_lse * grad[j] / sum);
+                if sum.is_some() {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = T::of((0.0 + negative(j)) / temperature);
                     }
-                    None => out.iter_mut().for_each(|o| *o = T::of(0.0)),
                 }
                 for (m, &d) in d_positive.iter().enumerate() {
                     if d != 0.0 {
                         let j = i * n + m;
-                        let t = if sum.is_some() { grad[j] } else { 0.0 };
-                        let base = match sum {
-                            Some(sum) => d + d_lse * t / sum,
-                            None => d,
-                        };
-                        out[j] = T::of(base / temperature);
+                        out[j] = T::of((d + negative(j)) / temperature);
                     }
                 }
                 loss

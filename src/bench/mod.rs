@@ -101,7 +101,23 @@ pub struct BenchArgs {
     gpu: gpu::GpuArgs,
 }
 
-pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
+/// `p` made absolute when it names a file by a path (`dir/prog`), as is when it is a bare
+/// name looked up on PATH (`dvc`).
+fn program_path(p: &Path) -> PathBuf {
+    if p.components().count() > 1 {
+        std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+    } else {
+        p.to_path_buf()
+    }
+}
+
+pub fn bench(mut args: BenchArgs) -> anyhow::Result<i32> {
+    // Some peers run from inside the bench folder: a program given by a relative path
+    // (`target/bench-venv/bin/dvc`) is resolved against where the command was typed.
+    for program in [&mut args.python, &mut args.aws] {
+        *program = program_path(program);
+    }
+    args.dvc = args.dvc.as_deref().map(program_path);
     match args.suite {
         Suite::Engine => engine(args),
         Suite::Dataset => dataset::dataset(&args.dir, &args.python, args.repeat),

@@ -242,7 +242,7 @@ pub(crate) fn host_kernel_f32(mut e: Vec<f32>, epsilon: f64) -> Vec<f32> {
         .reduce(|| f32::NEG_INFINITY, f32::max);
     let scale = (1.0 / epsilon) as f32;
     e.par_chunks_mut(1 << 14)
-        .for_each(|c| c.iter_mut().for_each(|x| *x = ((*x - max) * scale).exp()));
+        .for_each(|c| super::fast_exp::exp_shifted(c, max, scale));
     e
 }
 

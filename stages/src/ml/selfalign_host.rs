@@ -12,7 +12,12 @@
 //! Invariants:
 //! * the mathematics of the tensor path (docs/method.md): both are checked against the float64
 //!   fixture, values and gradients (`stages/tests/selfalign.rs`);
-//! * matrix products in the backend's float type (f32 or f64), every element-wise step in f64;
+//! * matrix products in the backend's float type (f32 or f64), every element-wise step in f64
+//!   except the exponentials of f32 training (Sinkhorn's kernel and LCA's word softmax, by
+//!   [`fast_exp`](super::fast_exp), within 2 ulp of f32's);
+//! * the large host buffers (products, kernel, gradient rows) are kept between steps and
+//!   written whole before they are read (`buffer`, `keep`): a fresh one is mapped page by
+//!   page as it is first written, which doubled the cost of the largest product;
 //! * the bytes do not depend on the thread count: products run in blocks of a fixed number of
 //!   rows, each block on one thread with one summation order, and every reduction across rows
 //!   is summed in row order;
@@ -25,7 +30,9 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Element, Tensor, TensorData};
 use rayon::prelude::*;
+use std::sync::{Mutex, PoisonError};
 
+use super::fast_exp;
 use super::selfalign::{
     NO_NEGATIVES, hardest_negatives, host_kernel_f32, host_kernel_f64, host_scaling,
 };
@@ -39,9 +46,69 @@ pub(crate) trait Real: Element + Copy + Send + Sync + 'static {
     fn kernel(scores: Vec<Self>, epsilon: f64) -> Vec<f32>;
     /// f32 values in this type.
     fn from_f32s(v: Vec<f32>) -> Vec<Self>;
+    /// Whether the word softmax's exponentials may be f32 ([`fast_exp`]): in f32 training,
+    /// where the logits are f32 already; the float64 checks keep f64's.
+    const FAST_EXP: bool;
+    /// The kept buffers of this type ([`buffer`], [`keep`]).
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>>;
+}
+
+/// Kept f32 and f64 buffers, a few of each.
+static POOL_F32: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+static POOL_F64: Mutex<Vec<Vec<f64>>> = Mutex::new(Vec::new());
+
+/// Buffers smaller than this are not kept (the allocator reuses them anyway); at most
+/// [`KEPT`] are kept per type, the largest: one step of LCA and both CRA directions gives back
+/// about twenty (≈ 100 MB at batch 128, 1024 prototypes), which the next step takes again.
+const KEPT_FROM: usize = 1 << 14;
+const KEPT: usize = 24;
+
+/// A vector of `n` values for a result that overwrites every one of them: a kept buffer when
+/// one holds `n` (old values still in it), a fresh zeroed one otherwise.
+///
+/// Why: a fresh vector of many megabytes is mapped by the kernel page by page as it is first
+/// written; measured on the Sinkhorn scores product (4608 × 1024 floats), writing into a
+/// fresh vector took twice as long as into a kept one (29 against 15 ms).
+fn buffer<T: Real>(n: usize) -> Vec<T> {
+    if n >= KEPT_FROM {
+        let mut pool = T::pool().lock().unwrap_or_else(PoisonError::into_inner);
+        let fits = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= n)
+            .min_by_key(|&i| pool[i].capacity());
+        if let Some(i) = fits {
+            let mut v = pool.swap_remove(i);
+            drop(pool);
+            if v.len() >= n {
+                v.truncate(n);
+            } else {
+                v.resize(n, T::of(0.0));
+            }
+            return v;
+        }
+    }
+    vec![T::of(0.0); n]
+}
+
+/// Gives a buffer back for a later [`buffer`] (the smallest kept one goes when too many are).
+fn keep<T: Real>(v: Vec<T>) {
+    if v.capacity() < KEPT_FROM {
+        return;
+    }
+    let mut pool = T::pool().lock().unwrap_or_else(PoisonError::into_inner);
+    pool.push(v);
+    if pool.len() > KEPT {
+        let smallest = (0..pool.len())
+            .min_by_key(|&i| pool[i].capacity())
+            .expect("not empty");
+        pool.swap_remove(smallest);
+    }
 }
 
 impl Real for f32 {
+    const FAST_EXP: bool = true;
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>> {
+        &POOL_F32
+    }
     fn of(x: f64) -> Self {
         x as f32
     }
@@ -57,6 +124,10 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const FAST_EXP: bool = false;
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>> {
+        &POOL_F64
+    }
     fn of(x: f64) -> Self {
         x
     }
@@ -107,6 +178,7 @@ pub(crate) fn attach<B: Backend>(
         let x = match super::cpu_ops::given_gradient(x, &grad) {
             Ok(carrier) => {
                 out = out + carrier;
+                keep(grad);
                 continue;
             }
             Err(x) => x,
@@ -121,9 +193,9 @@ pub(crate) fn attach<B: Backend>(
     out
 }
 
-/// Rows per block of an `m`-row product: an eighth of the rows (work for up to eight threads,
-/// and the other operand packed once per block), at least 32. A function of the shape alone:
-/// the blocks, not the threads, fix each sum's order.
+/// Rows (or columns) per block of an `m`-row (`m`-column) product: an eighth of them (work
+/// for up to eight threads, and the other operand packed once per block), at least 32. A
+/// function of the shape alone.
 fn block_rows(m: usize) -> usize {
     m.div_ceil(8).max(32)
 }
@@ -147,7 +219,10 @@ fn product_tn<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T]) -> Vec<T>
 /// `a · b` (`m × k` times `k × n`), each operand read through its (column stride, row
 /// stride): a transposed operand needs no transposed copy (the `gemm` crate packs either
 /// layout; measured as fast as, or faster than, a copy first). Row-major `m × n` out, in
-/// blocks of [`block_rows`] rows in parallel, one thread each.
+/// blocks in parallel, one thread each: blocks of [`block_rows`] rows, or of as many columns
+/// when the result is wider than tall (then the large operand is packed once in all instead
+/// of once per block: CRA's 128 × 4608 cosines took 2.3 instead of 3.7 ms). Either way each
+/// value is one `gemm` call's, summed in one order, so the split does not change a bit.
 fn product_strided<T: Real>(
     m: usize,
     n: usize,
@@ -162,43 +237,67 @@ fn product_strided<T: Real>(
         fits(a.len(), m, k, a_cs, a_rs) && fits(b.len(), k, n, b_cs, b_rs),
         "product operand shapes"
     );
-    let mut out = vec![T::of(0.0); m * n];
+    let mut out = buffer::<T>(m * n);
     if m == 0 || n == 0 || k == 0 {
+        out.fill(T::of(0.0));
         return out;
     }
-    let block = block_rows(m);
-    out.par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let rows = dst.len() / n;
-            // SAFETY: dst is rows × n (column stride 1, row stride n); the block's rows of a
-            // start at element i·block·a_rs and reach (i·block + rows − 1)·a_rs + (k − 1)·a_cs,
-            // within a (checked by `fits` above for all m rows); b is read whole within its
-            // length likewise; read_dst = false only writes dst.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr().add(i * block * a_rs),
-                    a_cs as isize,
-                    a_rs as isize,
-                    b.as_ptr(),
-                    b_cs as isize,
-                    b_rs as isize,
-                    T::of(0.0),
-                    T::of(1.0),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+    // One block: `rows` rows from `row`, `cols` columns from `col`, of a · b into out.
+    struct Out<T>(*mut T);
+    // SAFETY: blocks write disjoint elements of `out` (below), which outlives them.
+    unsafe impl<T> Sync for Out<T> {}
+    impl<T> Out<T> {
+        /// The element `offset` values from the start (a method, so that closures capture
+        /// the whole `Out` rather than its pointer field).
+        fn at(&self, offset: usize) -> *mut T {
+            // SAFETY: callers pass offsets within out (see `block`).
+            unsafe { self.0.add(offset) }
+        }
+    }
+    let dst = Out(out.as_mut_ptr());
+    let block = |row: usize, rows: usize, col: usize, cols: usize| {
+        // SAFETY: out is m × n (column stride 1, row stride n) and the block's rows·cols
+        // values from (row, col) lie within it; a is read from row `row` for `rows` rows and
+        // b from column `col` for `cols` columns, within their lengths (checked by `fits`
+        // above for all m rows and n columns); read_dst = false only writes the block's
+        // values of out, and no two blocks share one.
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                k,
+                dst.at(row * n + col),
+                1,
+                n as isize,
+                false,
+                a.as_ptr().add(row * a_rs),
+                a_cs as isize,
+                a_rs as isize,
+                b.as_ptr().add(col * b_cs),
+                b_cs as isize,
+                b_rs as isize,
+                T::of(0.0),
+                T::of(1.0),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    if n > m {
+        let width = block_rows(n);
+        (0..n.div_ceil(width)).into_par_iter().for_each(|j| {
+            let col = j * width;
+            block(0, m, col, width.min(n - col));
         });
+    } else {
+        let height = block_rows(m);
+        (0..m.div_ceil(height)).into_par_iter().for_each(|i| {
+            let row = i * height;
+            block(row, height.min(m - row), 0, n);
+        });
+    }
     out
 }
 
@@ -215,7 +314,7 @@ fn unit_rows<T: Real>(x: &[T], d: usize) -> (Vec<T>, Vec<f64>) {
                 .max(1e-12)
         })
         .collect();
-    let mut unit = vec![T::of(0.0); x.len()];
+    let mut unit = buffer::<T>(x.len());
     unit.par_chunks_mut(d.max(1))
         .zip(x.par_chunks(d.max(1)))
         .zip(&norms)
@@ -230,7 +329,7 @@ fn unit_rows<T: Real>(x: &[T], d: usize) -> (Vec<T>, Vec<f64>) {
 /// The gradient of x given that of x̂ = x / max(|x|, ε), row by row: (dx̂ − x̂ (x̂·dx̂)) / |x|,
 /// or dx̂ / ε where the clamp holds (the norm then gets no gradient).
 fn unit_rows_backward<T: Real>(unit: &[T], norms: &[f64], d_unit: &[T], d: usize) -> Vec<f64> {
-    let mut out = vec![0.0; unit.len()];
+    let mut out = buffer::<f64>(unit.len());
     out.par_chunks_mut(d.max(1))
         .zip(unit.par_chunks(d.max(1)))
         .zip(d_unit.par_chunks(d.max(1)))
@@ -278,12 +377,17 @@ pub(crate) fn cra_direction<T: Real>(
     let (g, g_norms) = unit_rows(guides, d);
     let (l, l_norms) = unit_rows(locals, d);
     let cosines = product_nt(b, cols, d, &g, &l);
-    let scores: Vec<f64> = cosines.par_iter().map(|c| c.get() / temperature).collect();
+    let mut scores = buffer::<f64>(cosines.len());
+    scores
+        .par_iter_mut()
+        .zip(&cosines)
+        .for_each(|(s, c)| *s = c.get() / temperature);
+    keep(cosines);
     let hard = hardest_negatives(&scores, image_ids, valid, n, hardest.max(1));
     let weight = mean_of_means_weights(valid, b, n);
     // Per guide: its log-sum over the kept negatives, its loss, its gradient row (written in
     // place; one f64 scratch row per thread).
-    let mut d_scores = vec![T::of(0.0); b * cols];
+    let mut d_scores = buffer::<T>(b * cols);
     let losses: Vec<f64> = d_scores
         .par_chunks_mut(cols.max(1))
         .enumerate()
@@ -331,6 +435,8 @@ pub(crate) fn cra_direction<T: Real>(
                     for (j, o) in out.iter_mut().enumerate() {
                         *o = T::of((0.0 + negative(j)) / temperature);
                     }
+                } else {
+                    out.fill(T::of(0.0));
                 }
                 for (m, &d) in d_positive.iter().enumerate() {
                     if d != 0.0 {
@@ -343,9 +449,16 @@ pub(crate) fn cra_direction<T: Real>(
         )
         .collect();
     let value = losses.iter().sum();
-    let d_guides = unit_rows_backward(&g, &g_norms, &product(b, d, cols, &d_scores, &l), d);
+    keep(scores);
+    let d_unit = product(b, d, cols, &d_scores, &l);
+    let d_guides = unit_rows_backward(&g, &g_norms, &d_unit, d);
+    keep(d_unit);
     let d_unit = product_tn(cols, d, b, &d_scores, &g);
     let d_locals = unit_rows_backward(&l, &l_norms, &d_unit, d);
+    keep(d_unit);
+    keep(d_scores);
+    keep(l);
+    keep(g);
     (value, d_guides, d_locals)
 }
 
@@ -410,15 +523,16 @@ pub(crate) fn lca<T: Real>(
     let weight = mean_of_means_weights(x.text_valid, b, l);
     // Per word: its cross-entropy against its region's assignment and its gradient row,
     // written in place (one f64 scratch row per thread for the exponentials).
-    let mut d_logits = vec![T::of(0.0); b * l * k];
+    let mut d_logits = buffer::<T>(b * l * k);
     let losses: Vec<f64> = d_logits
         .par_chunks_mut(k.max(1))
         .enumerate()
         .map_init(
-            || vec![0.0f64; k],
-            |e, (w, grad)| {
+            || (vec![0.0f64; k], vec![0.0f32; k]),
+            |(e, e32), (w, grad)| {
                 let a = weight[w];
                 if a == 0.0 {
+                    grad.fill(T::of(0.0));
                     return 0.0;
                 }
                 let region = best[w];
@@ -429,12 +543,24 @@ pub(crate) fn lca<T: Real>(
                     .iter()
                     .map(|z| z.get() / c.temperature)
                     .fold(f64::NEG_INFINITY, f64::max);
+                if T::FAST_EXP {
+                    for (a, z) in e32.iter_mut().zip(z) {
+                        *a = (z.get() / c.temperature - max) as f32;
+                    }
+                    fast_exp::exp_shifted(e32, 0.0, 1.0);
+                    for (e, &a) in e.iter_mut().zip(e32.iter()) {
+                        *e = a as f64;
+                    }
+                } else {
+                    for (e, z) in e.iter_mut().zip(z) {
+                        *e = (z.get() / c.temperature - max).exp();
+                    }
+                }
                 let (mut sum, mut mass, mut qz) = (0.0, 0.0, 0.0);
-                for (((e, z), &kv), &v) in e.iter_mut().zip(z).zip(kernel_row).zip(&cols) {
+                for (((e, z), &kv), &v) in e.iter().zip(z).zip(kernel_row).zip(&cols) {
                     let z = z.get() / c.temperature;
                     let q = scale * kv as f64 * v;
-                    *e = (z - max).exp();
-                    sum += *e;
+                    sum += e;
                     mass += q;
                     qz += q * z;
                 }
@@ -451,12 +577,23 @@ pub(crate) fn lca<T: Real>(
     let value = losses.iter().sum();
     let d_text = want_text.then(|| {
         let d_unit = product(b * l, d, k, &d_logits, x.prototypes);
-        unit_rows_backward(&t, &t_norms, &d_unit, d)
+        let d_text = unit_rows_backward(&t, &t_norms, &d_unit, d);
+        keep(d_unit);
+        d_text
     });
     let d_prototypes = want_prototypes.then(|| {
         let grad = product_tn(k, d, b * l, &d_logits, &t);
-        grad.into_iter().map(|g| g.get()).collect()
+        let mut wide = buffer::<f64>(grad.len());
+        wide.par_iter_mut()
+            .zip(&grad)
+            .for_each(|(w, g)| *w = g.get());
+        keep(grad);
+        wide
     });
+    keep(kernel);
+    for used in [logits, d_logits, v, t] {
+        keep(used);
+    }
     (value, d_text, d_prototypes)
 }
 
@@ -465,28 +602,41 @@ mod tests {
     use super::*;
 
     /// Products through strides equal a plain float64 triple loop, with shapes that cut the
-    /// row blocks raggedly.
+    /// row blocks (tall results) and the column blocks (wide ones) raggedly, twice each: the
+    /// second time into kept buffers that still hold the first time's values; and an empty
+    /// inner dimension gives zeros even into a kept buffer.
     #[test]
     fn strided_products_are_the_products() {
-        let (m, n, k) = (301, 7, 45);
         let value = |i: usize| ((i * 7919) % 211) as f64 / 211.0 - 0.5;
-        let a: Vec<f64> = (0..m * k).map(value).collect();
-        let b: Vec<f64> = (0..k * n).map(|i| value(i + 5)).collect();
-        let reference: Vec<f64> = (0..m * n)
-            .map(|x| (0..k).map(|p| a[x / n * k + p] * b[p * n + x % n]).sum())
-            .collect();
         let transpose = |x: &[f64], rows: usize, cols: usize| -> Vec<f64> {
             (0..rows * cols)
                 .map(|i| x[(i % rows) * cols + i / rows])
                 .collect()
         };
-        let close = |got: Vec<f64>| {
-            got.iter()
-                .zip(&reference)
-                .all(|(g, r)| (g - r).abs() <= 1e-12)
-        };
-        assert!(close(product(m, n, k, &a, &b)));
-        assert!(close(product_nt(m, n, k, &a, &transpose(&b, k, n))));
-        assert!(close(product_tn(m, n, k, &transpose(&a, m, k), &b)));
+        for (m, n, k) in [
+            (301, 7, 45),
+            (7, 301, 45),
+            (301, 7, 45),
+            (7, 301, 45),
+            (40, 600, 0),
+        ] {
+            let a: Vec<f64> = (0..m * k).map(|i| value(i + m)).collect();
+            let b: Vec<f64> = (0..k * n).map(|i| value(i + 5 * n)).collect();
+            let reference: Vec<f64> = (0..m * n)
+                .map(|x| (0..k).map(|p| a[x / n * k + p] * b[p * n + x % n]).sum())
+                .collect();
+            let close = |got: Vec<f64>| {
+                let ok = got.len() == reference.len()
+                    && got
+                        .iter()
+                        .zip(&reference)
+                        .all(|(g, r)| (g - r).abs() <= 1e-12);
+                keep(got);
+                ok
+            };
+            assert!(close(product(m, n, k, &a, &b)), "{m}×{n}×{k}");
+            assert!(close(product_nt(m, n, k, &a, &transpose(&b, k, n))));
+            assert!(close(product_tn(m, n, k, &transpose(&a, m, k), &b)));
+        }
     }
 }

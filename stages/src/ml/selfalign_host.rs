@@ -522,7 +522,7 @@ pub(crate) fn lca<T: Real>(
     let logits = product_nt(b * l, k, d, &t, x.prototypes);
     let weight = mean_of_means_weights(x.text_valid, b, l);
     // Per word: its cross-entropy against its region's assignment and its gradient row,
-    // written in place (one f64 scratch row per thread for the exponentials).
+    // written in place (f64 and f32 scratch rows per thread for the exponentials).
     let mut d_logits = buffer::<T>(b * l * k);
     let losses: Vec<f64> = d_logits
         .par_chunks_mut(k.max(1))

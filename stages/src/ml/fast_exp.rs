@@ -2,8 +2,9 @@
 //! softmax): millions of exponentials a step, which glibc computes one call at a time.
 //!
 //! Why it exists: one formula — Cody–Waite range reduction by ln 2, Cephes' degree-6
-//! polynomial (its last coefficient, 0.50000001, is 0.5 in f32) on [−ln2/2, ln2/2], the power of two set by integer arithmetic — written with
-//! plain additions, multiplications and selects, so the compiler runs it 8 lanes at a time.
+//! polynomial on [−ln2/2, ln2/2] (its last coefficient, 0.50000001, is 0.5 in f32), the power
+//! of two set by integer arithmetic — written with plain additions, multiplications and
+//! selects, so the compiler runs it 8 lanes at a time.
 //! The crate is built for baseline x86-64; the AVX2 build of the same loop is chosen at run
 //! time ([`exp_shifted`]).
 //!

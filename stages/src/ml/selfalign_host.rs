@@ -60,6 +60,8 @@ static POOL_F64: Mutex<Vec<Vec<f64>>> = Mutex::new(Vec::new());
 /// Buffers smaller than this are not kept (the allocator reuses them anyway); at most
 /// [`KEPT`] are kept per type, the largest: one step of LCA and both CRA directions gives back
 /// about twenty (≈ 100 MB at batch 128, 1024 prototypes), which the next step takes again.
+/// They stay allocated until the process ends (a training's process; the memory is of the
+/// order of the step's own).
 const KEPT_FROM: usize = 1 << 14;
 const KEPT: usize = 24;
 

@@ -394,8 +394,8 @@ pub(crate) fn cra_direction<T: Real>(
         .par_chunks_mut(cols.max(1))
         .enumerate()
         .map_init(
-            || vec![0.0f64; cols],
-            |grad, (i, out)| {
+            || (vec![0.0f64; cols], vec![0.0f64; n]),
+            |(grad, d_positive), (i, out)| {
                 let s = &scores[i * cols..(i + 1) * cols];
                 let w = &hard.weights[i * cols..(i + 1) * cols];
                 let (lse, sum) = match hard.shift[i] {
@@ -414,9 +414,9 @@ pub(crate) fn cra_direction<T: Real>(
                     None => (NO_NEGATIVES, None),
                 };
                 let (mut loss, mut d_lse) = (0.0, 0.0);
-                let mut d_positive = vec![0.0f64; n];
                 for (m, d) in d_positive.iter_mut().enumerate() {
                     let a = weight[i * n + m];
+                    *d = 0.0;
                     if a == 0.0 {
                         continue;
                     }
@@ -457,10 +457,9 @@ pub(crate) fn cra_direction<T: Real>(
     keep(d_unit);
     let d_unit = product_tn(cols, d, b, &d_scores, &g);
     let d_locals = unit_rows_backward(&l, &l_norms, &d_unit, d);
-    keep(d_unit);
-    keep(d_scores);
-    keep(l);
-    keep(g);
+    for used in [d_unit, d_scores, l, g] {
+        keep(used);
+    }
     (value, d_guides, d_locals)
 }
 
@@ -605,8 +604,9 @@ mod tests {
 
     /// Products through strides equal a plain float64 triple loop, with shapes that cut the
     /// row blocks (tall results) and the column blocks (wide ones) raggedly, twice each: the
-    /// second time into kept buffers that still hold the first time's values; and an empty
-    /// inner dimension gives zeros even into a kept buffer.
+    /// results are large enough to be kept, so the second time writes into buffers that
+    /// still hold the first time's values; and an empty inner dimension gives zeros even into
+    /// a kept buffer (its result is smaller than the ones kept before it).
     #[test]
     fn strided_products_are_the_products() {
         let value = |i: usize| ((i * 7919) % 211) as f64 / 211.0 - 0.5;
@@ -615,13 +615,15 @@ mod tests {
                 .map(|i| x[(i % rows) * cols + i / rows])
                 .collect()
         };
-        for (m, n, k) in [
-            (301, 7, 45),
-            (7, 301, 45),
-            (301, 7, 45),
-            (7, 301, 45),
-            (40, 600, 0),
-        ] {
+        let shapes = [
+            (301, 70, 45),
+            (70, 301, 45),
+            (301, 70, 45),
+            (70, 301, 45),
+            (30, 600, 0),
+        ];
+        assert!(shapes.iter().all(|&(m, n, _)| m * n >= KEPT_FROM));
+        for (m, n, k) in shapes {
             let a: Vec<f64> = (0..m * k).map(|i| value(i + m)).collect();
             let b: Vec<f64> = (0..k * n).map(|i| value(i + 5 * n)).collect();
             let reference: Vec<f64> = (0..m * n)

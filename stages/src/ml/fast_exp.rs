@@ -6,7 +6,8 @@
 //! of two set by integer arithmetic — written with plain additions, multiplications and
 //! selects, so the compiler runs it 8 lanes at a time.
 //! The crate is built for baseline x86-64; the AVX2 build of the same loop is chosen at run
-//! time ([`exp_shifted`]).
+//! time ([`exp_shifted`]); [`exp1`] itself is inlined into other loops built the same way
+//! (LCA's word rows in `selfalign_host`).
 //!
 //! Invariants:
 //! * the same bits on every CPU and every lane width: each lane computes the same rounded
@@ -27,9 +28,10 @@ const ROUND: f32 = 12_582_912.0;
 const HIGHEST: f32 = 88.722_83;
 const LOWEST: f32 = -103.972_08;
 
-/// e^x, the formula every lane runs.
+/// e^x, the formula every lane runs (inlined wherever it is called, so a caller built for
+/// AVX2 runs it 8 lanes at a time).
 #[inline(always)]
-fn exp1(x: f32) -> f32 {
+pub(crate) fn exp1(x: f32) -> f32 {
     let c = x.clamp(LOWEST, HIGHEST);
     let t = c * LOG2E + ROUND;
     let n = t - ROUND;

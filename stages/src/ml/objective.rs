@@ -197,6 +197,8 @@ impl Objective {
         let mut total: Option<Tensor<B, 1>> = None;
         let mut values = Vec::with_capacity(self.terms.len());
         let mut guide_stats = None;
+        // LCA and CRA read the same locals: on the host, once (one evaluation's copies).
+        let share = selfalign::Share::default();
         for term in &self.terms {
             let value = match *term {
                 Term::Base(Base::Infonce(reduction)) => loss::infonce(
@@ -257,7 +259,7 @@ impl Objective {
                     } else {
                         prototypes
                     };
-                    selfalign::lca(v, t, prototypes, &c, self.selfalign_on) * c.weight
+                    selfalign::lca(v, t, prototypes, &c, self.selfalign_on, &share) * c.weight
                 }
                 Term::Cra(c) => {
                     let (Some(v), Some(t)) = (&e.image.locals, &e.text.locals) else {
@@ -274,8 +276,10 @@ impl Objective {
                     guide_stats = Some((image_stats, text_stats));
                     let ids = &targets.image_ids;
                     let (tau, hardest, place) = (c.temperature, c.hardest, self.selfalign_on);
-                    let t2v = selfalign::cra_direction(text_guide, v, ids, tau, hardest, place);
-                    let v2t = selfalign::cra_direction(image_guide, t, ids, tau, hardest, place);
+                    let t2v =
+                        selfalign::cra_direction(text_guide, v, ids, tau, hardest, place, &share);
+                    let v2t =
+                        selfalign::cra_direction(image_guide, t, ids, tau, hardest, place, &share);
                     (t2v + v2t) * (0.5 * c.weight)
                 }
             };

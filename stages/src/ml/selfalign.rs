@@ -36,6 +36,9 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::selfalign_host as host;
+use std::any::Any;
+use std::cell::RefCell;
+use std::sync::Arc;
 
 /// `loss.lca:` — the concept-level term.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -156,6 +159,41 @@ impl<B: Backend> Locals<B> {
     }
 }
 
+/// The host copies of one evaluation's locals, shared by the host terms (LCA reads both
+/// modalities, each CRA direction one): each `Locals` is read and normalised once, by the first
+/// term that needs it. A `Share` borrows the locals it holds copies of, so they cannot change
+/// or go while it lives (one objective evaluation); the device path does not use it.
+pub struct Share<'a, B: Backend> {
+    held: RefCell<Vec<Held<'a, B>>>,
+}
+
+/// Locals and their host copy (a `HostLocals` of the backend's float type).
+type Held<'a, B> = (&'a Locals<B>, Arc<dyn Any + Send + Sync>);
+
+impl<B: Backend> Default for Share<'_, B> {
+    fn default() -> Self {
+        Self {
+            held: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl<'a, B: Backend> Share<'a, B> {
+    /// `locals` on the host in `T`: unit rows, their norms and the validity.
+    pub(crate) fn host<T: host::Real>(&self, locals: &'a Locals<B>) -> Arc<host::HostLocals<T>> {
+        let mut held = self.held.borrow_mut();
+        let same = held
+            .iter()
+            .find(|(l, _)| std::ptr::eq(*l, locals))
+            .and_then(|(_, h)| h.clone().downcast::<host::HostLocals<T>>().ok());
+        same.unwrap_or_else(|| {
+            let made = Arc::new(host::HostLocals::<T>::of(locals));
+            held.push((locals, made.clone()));
+            made
+        })
+    }
+}
+
 /// Rows of `[b, n, d]` scaled to unit length along the last axis (`F.normalize`, eps 1e-12).
 pub fn l2_normalize3<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let norm = x.clone().square().sum_dim(2).sqrt().clamp_min(1e-12);
@@ -247,6 +285,13 @@ pub(crate) fn host_kernel_f32(mut e: Vec<f32>, epsilon: f64) -> Vec<f32> {
 }
 
 /// u and v after `iterations` column-then-row normalisations of E (`n × k`, row-major).
+///
+/// In passes over blocks of [`BLOCK_ROWS`] rows, each pass doing one normalisation's rows and
+/// the next one's column sums while a row is in cache: the first pass sums every row (for the
+/// total) and every column, each later pass makes the rows' scales from the columns' and adds
+/// the rows, so scaled, into the next column sums. `iterations` normalisations take
+/// `iterations + 1` passes over E. Each column sum adds its blocks in block order, so the
+/// result does not depend on the thread count.
 pub(crate) fn host_scaling(
     e: &[f32],
     n: usize,
@@ -254,48 +299,114 @@ pub(crate) fn host_scaling(
     iterations: usize,
 ) -> (Vec<f64>, Vec<f64>) {
     use rayon::prelude::*;
-    let block_sums = |u: &[f64]| -> Vec<f64> {
-        let partial: Vec<Vec<f64>> = e
-            .par_chunks(BLOCK_ROWS * k)
-            .zip(u.par_chunks(BLOCK_ROWS))
-            .map(|(rows, u)| {
-                let mut col = vec![0.0f64; k];
-                for (row, &ui) in rows.chunks_exact(k).zip(u) {
-                    for (c, &x) in col.iter_mut().zip(row) {
-                        *c += ui * x as f64;
-                    }
-                }
+    // One pass: per row r_i = Σ_j E_ij (cols None) or 1 / (n Σ_j E_ij v_j); with `sums`, each
+    // block's Σ_i w_i E_ij, w_i = 1 or r_i. Returns the rows' values and the column sums.
+    let pass = |cols: Option<&[f64]>, sums: bool| -> (Vec<f64>, Option<Vec<f64>>) {
+        let mut rows = vec![0.0f64; n];
+        let partial: Vec<Option<Vec<f64>>> = e
+            .par_chunks(BLOCK_ROWS * k.max(1))
+            .zip(rows.par_chunks_mut(BLOCK_ROWS))
+            .map(|(block, out)| {
+                let mut col = sums.then(|| vec![0.0f64; k]);
+                scaling_block(block, k, cols, n as f64, out, col.as_deref_mut());
                 col
             })
             .collect();
-        partial.into_iter().fold(vec![0.0; k], |mut a, p| {
-            a.iter_mut().zip(p).for_each(|(a, p)| *a += p);
-            a
-        })
+        let sums = sums.then(|| {
+            partial
+                .into_iter()
+                .flatten()
+                .fold(vec![0.0; k], |mut a, p| {
+                    a.iter_mut().zip(p).for_each(|(a, p)| *a += p);
+                    a
+                })
+        });
+        (rows, sums)
     };
-    let total: f64 = e
-        .par_chunks(BLOCK_ROWS * k)
-        .map(|c| c.chunks(k).map(|row| dot_lanes(row, None)).sum::<f64>())
+    let (row_totals, col_totals) = pass(None, iterations > 0);
+    let total: f64 = row_totals
+        .chunks(BLOCK_ROWS)
+        .map(|c| c.iter().sum::<f64>())
         .collect::<Vec<f64>>()
         .iter()
         .sum();
     let mut rows = vec![1.0 / total; n];
     let mut cols = vec![1.0; k];
-    for _ in 0..iterations {
-        cols = block_sums(&rows)
-            .into_iter()
-            .map(|c| 1.0 / (k as f64 * c))
-            .collect();
-        rows = e
-            .par_chunks_exact(k)
-            .map(|row| 1.0 / (n as f64 * dot_lanes(row, Some(&cols))))
-            .collect();
+    // Σ_i u_i E_ij with u_i = 1/total for the first normalisation.
+    let mut col_sums = col_totals.map(|c| c.into_iter().map(|s| s / total).collect::<Vec<_>>());
+    for it in 0..iterations {
+        let sums = col_sums
+            .take()
+            .expect("each pass before the last sums the columns");
+        cols = sums.into_iter().map(|c| 1.0 / (k as f64 * c)).collect();
+        let (r, next) = pass(Some(&cols), it + 1 < iterations);
+        rows = r;
+        col_sums = next;
     }
     (rows, cols)
 }
 
+/// One block of [`host_scaling`]'s pass, 4 f64 lanes at a time where the CPU has AVX2 (no
+/// fused multiply-add either way: the same bits).
+fn scaling_block(
+    block: &[f32],
+    k: usize,
+    cols: Option<&[f64]>,
+    n: f64,
+    out: &mut [f64],
+    sums: Option<&mut [f64]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { scaling_block_avx2(block, k, cols, n, out, sums) };
+        return;
+    }
+    scaling_block_plain(block, k, cols, n, out, sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scaling_block_avx2(
+    block: &[f32],
+    k: usize,
+    cols: Option<&[f64]>,
+    n: f64,
+    out: &mut [f64],
+    sums: Option<&mut [f64]>,
+) {
+    scaling_block_plain(block, k, cols, n, out, sums)
+}
+
+#[inline(always)]
+fn scaling_block_plain(
+    block: &[f32],
+    k: usize,
+    cols: Option<&[f64]>,
+    n: f64,
+    out: &mut [f64],
+    mut sums: Option<&mut [f64]>,
+) {
+    for (row, r) in block.chunks_exact(k.max(1)).zip(out.iter_mut()) {
+        let (value, weight) = match cols {
+            None => (dot_lanes(row, None), 1.0),
+            Some(v) => {
+                let scale = 1.0 / (n * dot_lanes(row, Some(v)));
+                (scale, scale)
+            }
+        };
+        *r = value;
+        if let Some(sums) = sums.as_deref_mut() {
+            for (c, &x) in sums.iter_mut().zip(row) {
+                *c += weight * x as f64;
+            }
+        }
+    }
+}
+
 /// Σ xᵢ·yᵢ (y = 1 when `None`) in f64, over eight interleaved partial sums: one fixed order
 /// that the compiler turns into vector instructions (a plain running sum cannot be).
+#[inline(always)]
 fn dot_lanes(x: &[f32], y: Option<&[f64]>) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0.0f64; LANES];
@@ -424,15 +535,16 @@ pub fn sinkhorn<B: Backend>(
 /// averaged over a caption's valid words, then over captions. `image` and `text` are the pairs'
 /// locals (row i of both belong to pair i); `prototypes` `[k, d]` are unit rows (detached while
 /// frozen).
-pub fn lca<B: Backend>(
-    image: &Locals<B>,
-    text: &Locals<B>,
+pub fn lca<'a, B: Backend>(
+    image: &'a Locals<B>,
+    text: &'a Locals<B>,
     prototypes: Tensor<B, 2>,
     c: &LcaConfig,
     place: Where,
+    share: &Share<'a, B>,
 ) -> Tensor<B, 1> {
     if place == Where::Host {
-        return lca_on_host(image, text, prototypes, c);
+        return lca_on_host(image, text, prototypes, c, share);
     }
     let [b, r, d] = image.states.dims();
     let [_, l, _] = text.states.dims();
@@ -507,21 +619,26 @@ pub(crate) fn hardest_negatives(
         .par_chunks_mut(cols)
         .zip(scores.par_chunks(cols))
         .enumerate()
-        .map(|(i, (w, row))| {
-            let candidates: Vec<usize> = (0..cols)
-                .filter(|&j| image_ids[j / n] != image_ids[i] && valid[j] != 0.0)
-                .collect();
-            if candidates.is_empty() {
+        .map_init(Vec::new, |pool: &mut Vec<f64>, (i, (w, row))| {
+            // The candidates in column order: valid locals of pairs showing another image.
+            let candidates = || {
+                (0..b)
+                    .filter(move |&p| image_ids[p] != image_ids[i])
+                    .flat_map(move |p| p * n..(p + 1) * n)
+                    .filter(|&j| valid[j] != 0.0)
+            };
+            pool.clear();
+            pool.extend(candidates().map(|j| row[j]));
+            if pool.is_empty() {
                 return None;
             }
-            let mut pool: Vec<f64> = candidates.iter().map(|&j| row[j]).collect();
             let take = k.min(pool.len());
             let (_, &mut kth, _) = pool.select_nth_unstable_by(take - 1, |a, b| b.total_cmp(a));
             let (above, copies) = pool.iter().fold((0, 0), |(a, c), &x| {
                 (a + usize::from(x > kth), c + usize::from(x == kth))
             });
             let share = (take - above) as f32 / copies as f32;
-            for &j in &candidates {
+            for j in candidates() {
                 w[j] = if row[j] > kth {
                     1.0
                 } else if row[j] == kth {
@@ -547,16 +664,17 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
 /// image_ids[j]`), by InfoNCE on cosines / `temperature`: per positive p, −log(e^p / (e^p +
 /// Σ_neg e^n)), averaged over a guide's positives, then over guides. Fewer candidates than
 /// `hardest` keeps them all.
-pub fn cra_direction<B: Backend>(
+pub fn cra_direction<'a, B: Backend>(
     guides: Tensor<B, 2>,
-    locals: &Locals<B>,
+    locals: &'a Locals<B>,
     image_ids: &[u64],
     temperature: f64,
     hardest: usize,
     place: Where,
+    share: &Share<'a, B>,
 ) -> Tensor<B, 1> {
     if place == Where::Host {
-        return cra_on_host(guides, locals, image_ids, temperature, hardest);
+        return cra_on_host(guides, locals, image_ids, (temperature, hardest), share);
     }
     let [b, n, d] = locals.states.dims();
     let device = guides.device();
@@ -601,26 +719,27 @@ pub fn cra_direction<B: Backend>(
 
 /// [`lca`] on the host: value and gradients by hand (`selfalign_host`), in the backend's float
 /// type.
-fn lca_on_host<B: Backend>(
-    image: &Locals<B>,
-    text: &Locals<B>,
+fn lca_on_host<'a, B: Backend>(
+    image: &'a Locals<B>,
+    text: &'a Locals<B>,
     prototypes: Tensor<B, 2>,
     c: &LcaConfig,
+    share: &Share<'a, B>,
 ) -> Tensor<B, 1> {
-    fn run<B: Backend, T: host::Real>(
-        image: &Locals<B>,
-        text: &Locals<B>,
+    fn run<'a, B: Backend, T: host::Real>(
+        (image, text): (&'a Locals<B>, &'a Locals<B>),
         prototypes: &Tensor<B, 2>,
         c: &LcaConfig,
         want: (bool, bool),
+        share: &Share<'a, B>,
     ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
         let [b, r, d] = image.states.dims();
         let [_, l, _] = text.states.dims();
         let [k, _] = prototypes.dims();
+        let (v, t) = (share.host::<T>(image), share.host::<T>(text));
         let input = host::LcaInput::<T> {
-            image: &host::read(image.states.clone()),
-            text: &host::read(text.states.clone()),
-            text_valid: &host::read(text.valid.clone()),
+            image: &v.unit,
+            text: &t,
             prototypes: &host::read(prototypes.clone()),
             b,
             r,
@@ -636,9 +755,9 @@ fn lca_on_host<B: Backend>(
     // while frozen.
     let want = (true, prototypes.is_require_grad());
     let (value, d_text, d_prototypes) = if host::is_f64(&text.states) {
-        run::<B, f64>(image, text, &prototypes, c, want)
+        run::<B, f64>((image, text), &prototypes, c, want, share)
     } else {
-        run::<B, f32>(image, text, &prototypes, c, want)
+        run::<B, f32>((image, text), &prototypes, c, want, share)
     };
     let mut parts = Vec::new();
     if let Some(g) = d_text {
@@ -652,23 +771,23 @@ fn lca_on_host<B: Backend>(
 
 /// [`cra_direction`] on the host: value and gradients by hand (`selfalign_host`), in the
 /// backend's float type.
-fn cra_on_host<B: Backend>(
+fn cra_on_host<'a, B: Backend>(
     guides: Tensor<B, 2>,
-    locals: &Locals<B>,
+    locals: &'a Locals<B>,
     image_ids: &[u64],
-    temperature: f64,
-    hardest: usize,
+    (temperature, hardest): (f64, usize),
+    share: &Share<'a, B>,
 ) -> Tensor<B, 1> {
-    fn run<B: Backend, T: host::Real>(
+    fn run<'a, B: Backend, T: host::Real>(
         guides: &Tensor<B, 2>,
-        locals: &Locals<B>,
+        locals: &'a Locals<B>,
         image_ids: &[u64],
         (temperature, hardest): (f64, usize),
+        share: &Share<'a, B>,
     ) -> (f64, Vec<f64>, Vec<f64>) {
         host::cra_direction::<T>(
             &host::read(guides.clone()),
-            &host::read(locals.states.clone()),
-            &host::read(locals.valid.clone()),
+            &share.host::<T>(locals),
             image_ids,
             locals.states.dims().into(),
             temperature,
@@ -679,9 +798,9 @@ fn cra_on_host<B: Backend>(
     // Both inputs are computed tensors, always differentiated.
     let settings = (temperature, hardest);
     let (value, d_guides, d_locals) = if host::is_f64(&guides) {
-        run::<B, f64>(&guides, locals, image_ids, settings)
+        run::<B, f64>(&guides, locals, image_ids, settings, share)
     } else {
-        run::<B, f32>(&guides, locals, image_ids, settings)
+        run::<B, f32>(&guides, locals, image_ids, settings, share)
     };
     let parts = vec![
         (flat(guides), d_guides),
@@ -922,13 +1041,15 @@ mod tests {
             "no k cuts a pair of tied copies: {sorted:?}"
         );
         for (k, place) in (1..=9).flat_map(|k| [(k, Where::Host), (k, Where::Device)]) {
+            let locals = Locals::dense(tensor(l.clone(), [b, n, d]));
             let got = cra_direction(
                 tensor(g.clone(), [b, d]),
-                &Locals::dense(tensor(l.clone(), [b, n, d])),
+                &locals,
                 &ids,
                 0.7,
                 k,
                 place,
+                &Share::default(),
             );
             let got = host(got)[0];
             let want = cra_by_sorting(&g, &l, &ids, n, d, k);
@@ -953,7 +1074,8 @@ mod tests {
         for place in [Where::Host, Where::Device] {
             // One image in the whole batch: no guide has a negative.
             let locals = Locals::dense(l.clone());
-            let value = cra_direction(g.clone(), &locals, &[7, 7], 0.7, 512, place);
+            let share = Share::default();
+            let value = cra_direction(g.clone(), &locals, &[7, 7], 0.7, 512, place, &share);
             assert_eq!(host(value.clone())[0], 0.0, "{place:?}");
             let grads = value.backward();
             for grad in [host(g.grad(&grads).unwrap()), host(l.grad(&grads).unwrap())] {
@@ -985,16 +1107,36 @@ mod tests {
                 valid: tensor(valid.clone(), [b, l]),
             };
             let image_locals = Locals::dense(image.clone());
+            // One share for the three, as the objective evaluates them.
+            let share = Share::default();
             let lca_value = lca(
                 &image_locals,
                 &text_locals,
                 prototypes.clone(),
                 &LcaConfig::default(),
                 Where::Host,
+                &share,
             );
             let guides = tensor(values(b * d, 4), [b, d]).require_grad();
-            let t2v = cra_direction(guides.clone(), &image_locals, &ids, 0.7, 9, Where::Host);
-            let v2t = cra_direction(guides.clone(), &text_locals, &ids, 0.7, 9, Where::Host);
+            let host_place = Where::Host;
+            let t2v = cra_direction(
+                guides.clone(),
+                &image_locals,
+                &ids,
+                0.7,
+                9,
+                host_place,
+                &share,
+            );
+            let v2t = cra_direction(
+                guides.clone(),
+                &text_locals,
+                &ids,
+                0.7,
+                9,
+                host_place,
+                &share,
+            );
             let total = lca_value + t2v + v2t;
             let grads = total.clone().backward();
             let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();

@@ -15,6 +15,11 @@
 //! * matrix products in the backend's float type (f32 or f64), every element-wise step in f64
 //!   except the exponentials of f32 training (Sinkhorn's kernel and LCA's word softmax, by
 //!   [`fast_exp`](super::fast_exp), within 2 ulp of f32's);
+//! * each modality's locals are read and scaled to unit rows once per objective evaluation,
+//!   whichever terms use them ([`HostLocals`], held by `selfalign::Share`);
+//! * the row loops that carry most element-wise work (LCA's word rows, Sinkhorn's passes)
+//!   run 4 f64 / 8 f32 lanes where the CPU has AVX2, chosen at run time, with the same
+//!   operations in the same order either way (no fused multiply-add), so the same bits;
 //! * the large host buffers (products, kernel, gradient rows) are kept between steps and
 //!   written whole before they are read (`buffer`, `keep`): a fresh one is mapped page by
 //!   page as it is first written, which doubled the cost of the largest product;
@@ -32,7 +37,6 @@ use burn::tensor::{DType, Element, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::{Mutex, PoisonError};
 
-use super::fast_exp;
 use super::selfalign::{
     NO_NEGATIVES, hardest_negatives, host_kernel_f32, host_kernel_f64, host_scaling,
 };
@@ -141,6 +145,34 @@ impl Real for f64 {
     }
     fn from_f32s(v: Vec<f32>) -> Vec<Self> {
         v.into_iter().map(f64::from).collect()
+    }
+}
+
+/// One modality's locals on the host, as the terms use them: rows scaled to unit length
+/// (`[b, n, d]`), their clamped norms and the validity `[b, n]` (see `selfalign::Share`).
+pub(crate) struct HostLocals<T: Real> {
+    pub unit: Vec<T>,
+    pub norms: Vec<f64>,
+    pub valid: Vec<f64>,
+}
+
+impl<T: Real> HostLocals<T> {
+    pub(crate) fn of<B: Backend>(locals: &super::selfalign::Locals<B>) -> Self {
+        let d = locals.states.dims()[2];
+        let values: Vec<T> = read(locals.states.clone());
+        let (unit, norms) = unit_rows(&values, d);
+        keep(values);
+        Self {
+            unit,
+            norms,
+            valid: read(locals.valid.clone()),
+        }
+    }
+}
+
+impl<T: Real> Drop for HostLocals<T> {
+    fn drop(&mut self) {
+        keep(std::mem::take(&mut self.unit));
     }
 }
 
@@ -363,13 +395,11 @@ fn mean_of_means_weights(valid: &[f64], b: usize, n: usize) -> Vec<f64> {
 }
 
 /// One CRA direction's value and gradients (see `selfalign::cra_direction`): `guides`
-/// `[b, d]`, `locals` `[b, n, d]` (both before normalisation), `valid` `[b, n]`. The gradients
-/// with respect to both, as f64 in the inputs' layout.
-#[allow(clippy::too_many_arguments)]
+/// `[b, d]` before normalisation, `locals` `[b, n, d]` as the terms share them. The gradients
+/// with respect to the guides and the locals (before normalisation), as f64 in their layout.
 pub(crate) fn cra_direction<T: Real>(
     guides: &[T],
-    locals: &[T],
-    valid: &[f64],
+    locals: &HostLocals<T>,
     image_ids: &[u64],
     (b, n, d): (usize, usize, usize),
     temperature: f64,
@@ -377,8 +407,8 @@ pub(crate) fn cra_direction<T: Real>(
 ) -> (f64, Vec<f64>, Vec<f64>) {
     let cols = b * n;
     let (g, g_norms) = unit_rows(guides, d);
-    let (l, l_norms) = unit_rows(locals, d);
-    let cosines = product_nt(b, cols, d, &g, &l);
+    let (l, l_norms, valid) = (&locals.unit, &locals.norms, &locals.valid);
+    let cosines = product_nt(b, cols, d, &g, l);
     let mut scores = buffer::<f64>(cosines.len());
     scores
         .par_iter_mut()
@@ -452,25 +482,137 @@ pub(crate) fn cra_direction<T: Real>(
         .collect();
     let value = losses.iter().sum();
     keep(scores);
-    let d_unit = product(b, d, cols, &d_scores, &l);
+    let d_unit = product(b, d, cols, &d_scores, l);
     let d_guides = unit_rows_backward(&g, &g_norms, &d_unit, d);
     keep(d_unit);
     let d_unit = product_tn(cols, d, b, &d_scores, &g);
-    let d_locals = unit_rows_backward(&l, &l_norms, &d_unit, d);
-    for used in [d_unit, d_scores, l, g] {
+    let d_locals = unit_rows_backward(l, l_norms, &d_unit, d);
+    for used in [d_unit, d_scores, g] {
         keep(used);
     }
     (value, d_guides, d_locals)
 }
 
+/// One word of LCA's cross-entropy: its logits against the prototypes, its region's kernel
+/// row with the row scale n·u and the column scales v (its assignment q_j = n·u·E_j·v_j), its
+/// weight in the mean of means and the temperature.
+struct WordRow<'a, T> {
+    logits: &'a [T],
+    kernel: &'a [f32],
+    cols: &'a [f64],
+    scale: f64,
+    weight: f64,
+    temperature: f64,
+}
+
+impl<T: Real> WordRow<'_, T> {
+    /// The word's weighted loss a·(lse(z/τ)·Σq − Σ q·z/τ), and its gradient with respect to
+    /// the logits, a·(softmax(z/τ)·Σq − q)/τ, written into `grad`; `zt`, `e32` are scratch
+    /// rows of the logits' length. Sums over eight lanes (one fixed order); AVX2 where the CPU
+    /// has it (the same bits: no fused multiply-add either way).
+    fn cross_entropy(&self, grad: &mut [T], zt: &mut [f64], e32: &mut [f32]) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.cross_entropy_avx2(grad, zt, e32) };
+        }
+        self.cross_entropy_plain(grad, zt, e32)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn cross_entropy_avx2(&self, grad: &mut [T], zt: &mut [f64], e32: &mut [f32]) -> f64 {
+        self.cross_entropy_plain(grad, zt, e32)
+    }
+
+    #[inline(always)]
+    fn cross_entropy_plain(&self, grad: &mut [T], zt: &mut [f64], e32: &mut [f32]) -> f64 {
+        const LANES: usize = 8;
+        let tau = self.temperature;
+        let k = zt.len();
+        let whole = k / LANES * LANES;
+        // Passes over whole groups of eight lanes, then the tail into the first lanes.
+        let mut max = [f64::NEG_INFINITY; LANES];
+        for (t, z) in zt[..whole]
+            .chunks_exact_mut(LANES)
+            .zip(self.logits[..whole].chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                t[i] = z[i].get() / tau;
+                max[i] = max[i].max(t[i]);
+            }
+        }
+        for (i, (t, z)) in zt[whole..]
+            .iter_mut()
+            .zip(&self.logits[whole..])
+            .enumerate()
+        {
+            *t = z.get() / tau;
+            max[i] = max[i].max(*t);
+        }
+        let max = max.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // q_j, the word's assignment to prototype j.
+        let (scale, kernel, cols) = (self.scale, self.kernel, self.cols);
+        let q = |kv: f32, v: f64| scale * kv as f64 * v;
+        // The exponentials: f32's (fast_exp) in f32 training, f64's otherwise.
+        let (mut sum, mut mass, mut qz) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
+        if T::FAST_EXP {
+            for (e, t) in e32.iter_mut().zip(zt.iter()) {
+                *e = super::fast_exp::exp1((t - max) as f32);
+            }
+            let groups = e32[..whole]
+                .chunks_exact(LANES)
+                .zip(zt[..whole].chunks_exact(LANES))
+                .zip(kernel[..whole].chunks_exact(LANES))
+                .zip(cols[..whole].chunks_exact(LANES));
+            for (((e, t), kv), v) in groups {
+                for i in 0..LANES {
+                    let q = q(kv[i], v[i]);
+                    sum[i] += e[i] as f64;
+                    mass[i] += q;
+                    qz[i] += q * t[i];
+                }
+            }
+            for j in whole..k {
+                let (i, q) = (j - whole, q(kernel[j], cols[j]));
+                sum[i] += e32[j] as f64;
+                mass[i] += q;
+                qz[i] += q * zt[j];
+            }
+        } else {
+            // Kept in zt's place (instead of e32) once the logit has been summed.
+            for (j, t) in zt.iter_mut().enumerate() {
+                let q = q(kernel[j], cols[j]);
+                mass[j % LANES] += q;
+                qz[j % LANES] += q * *t;
+                *t = (*t - max).exp();
+                sum[j % LANES] += *t;
+            }
+        }
+        let total = |x: [f64; LANES]| x.iter().sum::<f64>();
+        let (sum, mass, qz) = (total(sum), total(mass), total(qz));
+        let lse = max + sum.ln();
+        let (share, a) = (mass / sum, self.weight / tau);
+        let rows = grad.iter_mut().zip(kernel).zip(cols);
+        if T::FAST_EXP {
+            for (((g, &kv), &v), &e) in rows.zip(e32.iter()) {
+                *g = T::of(a * (e as f64 * share - q(kv, v)));
+            }
+        } else {
+            for (((g, &kv), &v), &e) in rows.zip(zt.iter()) {
+                *g = T::of(a * (e * share - q(kv, v)));
+            }
+        }
+        self.weight * (lse * mass - qz)
+    }
+}
+
 /// LCA's shape and settings, for [`lca`].
-pub(crate) struct LcaInput<'a, T> {
-    /// Image locals `[b, r, d]` before normalisation (no gradient).
+pub(crate) struct LcaInput<'a, T: Real> {
+    /// Image locals `[b, r, d]`, unit rows (no gradient).
     pub image: &'a [T],
-    /// Word states `[b, l, d]` before normalisation.
-    pub text: &'a [T],
-    /// `[b, l]`, 1 for a real word.
-    pub text_valid: &'a [f64],
+    /// Word states `[b, l, d]` as the terms share them.
+    pub text: &'a HostLocals<T>,
     /// `[k, d]`, unit rows.
     pub prototypes: &'a [T],
     pub b: usize,
@@ -488,11 +630,10 @@ pub(crate) fn lca<T: Real>(
     (want_text, want_prototypes): (bool, bool),
 ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
     let LcaInput { b, r, l, d, k, .. } = *x;
-    let (v, _) = unit_rows(x.image, d);
-    let (t, t_norms) = unit_rows(x.text, d);
+    let (v, t, t_norms) = (x.image, &x.text.unit, &x.text.norms);
     // Sinkhorn over every region of the batch, in scaling form.
     let regions = b * r;
-    let scores = product_nt(regions, k, d, &v, x.prototypes);
+    let scores = product_nt(regions, k, d, v, x.prototypes);
     let kernel = T::kernel(scores, c.epsilon);
     let (u, cols) = host_scaling(&kernel, regions, k, c.sinkhorn_iterations);
     // Each word's region: the most similar of its own image's (the first of equals).
@@ -520,70 +661,44 @@ pub(crate) fn lca<T: Real>(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let logits = product_nt(b * l, k, d, &t, x.prototypes);
-    let weight = mean_of_means_weights(x.text_valid, b, l);
+    let logits = product_nt(b * l, k, d, t, x.prototypes);
+    let weight = mean_of_means_weights(&x.text.valid, b, l);
     // Per word: its cross-entropy against its region's assignment and its gradient row,
-    // written in place (f64 and f32 scratch rows per thread for the exponentials).
+    // written in place (f64 and f32 scratch rows per thread).
     let mut d_logits = buffer::<T>(b * l * k);
     let losses: Vec<f64> = d_logits
         .par_chunks_mut(k.max(1))
         .enumerate()
         .map_init(
             || (vec![0.0f64; k], vec![0.0f32; k]),
-            |(e, e32), (w, grad)| {
+            |(zt, e32), (w, grad)| {
                 let a = weight[w];
                 if a == 0.0 {
                     grad.fill(T::of(0.0));
                     return 0.0;
                 }
                 let region = best[w];
-                let scale = regions as f64 * u[region];
-                let kernel_row = &kernel[region * k..(region + 1) * k];
-                let z = &logits[w * k..(w + 1) * k];
-                let max = z
-                    .iter()
-                    .map(|z| z.get() / c.temperature)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if T::FAST_EXP {
-                    for (a, z) in e32.iter_mut().zip(z) {
-                        *a = (z.get() / c.temperature - max) as f32;
-                    }
-                    fast_exp::exp_shifted(e32, 0.0, 1.0);
-                    for (e, &a) in e.iter_mut().zip(e32.iter()) {
-                        *e = a as f64;
-                    }
-                } else {
-                    for (e, z) in e.iter_mut().zip(z) {
-                        *e = (z.get() / c.temperature - max).exp();
-                    }
-                }
-                let (mut sum, mut mass, mut qz) = (0.0, 0.0, 0.0);
-                for (((e, z), &kv), &v) in e.iter().zip(z).zip(kernel_row).zip(&cols) {
-                    let z = z.get() / c.temperature;
-                    let q = scale * kv as f64 * v;
-                    sum += e;
-                    mass += q;
-                    qz += q * z;
-                }
-                let lse = max + sum.ln();
-                for (((g, e), &kv), &v) in grad.iter_mut().zip(e.iter()).zip(kernel_row).zip(&cols)
-                {
-                    let q = scale * kv as f64 * v;
-                    *g = T::of(a * (e / sum * mass - q) / c.temperature);
-                }
-                a * (lse * mass - qz)
+                let row = WordRow {
+                    logits: &logits[w * k..(w + 1) * k],
+                    kernel: &kernel[region * k..(region + 1) * k],
+                    cols: &cols,
+                    scale: regions as f64 * u[region],
+                    weight: a,
+                    temperature: c.temperature,
+                };
+                row.cross_entropy(grad, zt, e32)
             },
         )
         .collect();
     let value = losses.iter().sum();
     let d_text = want_text.then(|| {
         let d_unit = product(b * l, d, k, &d_logits, x.prototypes);
-        let d_text = unit_rows_backward(&t, &t_norms, &d_unit, d);
+        let d_text = unit_rows_backward(t, t_norms, &d_unit, d);
         keep(d_unit);
         d_text
     });
     let d_prototypes = want_prototypes.then(|| {
-        let grad = product_tn(k, d, b * l, &d_logits, &t);
+        let grad = product_tn(k, d, b * l, &d_logits, t);
         let mut wide = buffer::<f64>(grad.len());
         wide.par_iter_mut()
             .zip(&grad)
@@ -592,7 +707,7 @@ pub(crate) fn lca<T: Real>(
         wide
     });
     keep(kernel);
-    for used in [logits, d_logits, v, t] {
+    for used in [logits, d_logits] {
         keep(used);
     }
     (value, d_text, d_prototypes)

@@ -717,6 +717,58 @@ pub(crate) fn lca<T: Real>(
 mod tests {
     use super::*;
 
+    /// A word row's loss and gradient: the AVX2 build and the plain one give the same bits,
+    /// in f32 (the f32 exponential) and f64, with a tail shorter than the eight lanes; and
+    /// the loss is the definition's, computed directly in f64.
+    #[test]
+    fn word_rows_have_the_same_bits_on_every_lane_width() {
+        fn check<T: Real>(k: usize) {
+            let value = |i: usize, m: usize| ((i * 7919 + m) % 4001) as f64 / 4001.0;
+            let logits: Vec<T> = (0..k).map(|i| T::of(value(i, 3) * 2.0 - 1.0)).collect();
+            let kernel: Vec<f32> = (0..k).map(|i| value(i, 5) as f32 + 1e-3).collect();
+            let cols: Vec<f64> = (0..k)
+                .map(|i| 1.0 / (k as f64 * (0.5 + value(i, 7))))
+                .collect();
+            let row = WordRow {
+                logits: &logits,
+                kernel: &kernel,
+                cols: &cols,
+                scale: 3.0,
+                weight: 0.25,
+                temperature: 0.1,
+            };
+            let run = |plain: bool| {
+                let mut grad = vec![T::of(0.0); k];
+                let (mut zt, mut e32) = (vec![0.0; k], vec![0.0f32; k]);
+                let loss = if plain {
+                    row.cross_entropy_plain(&mut grad, &mut zt, &mut e32)
+                } else {
+                    row.cross_entropy(&mut grad, &mut zt, &mut e32)
+                };
+                let mut bits: Vec<u64> = grad.iter().map(|g| g.get().to_bits()).collect();
+                bits.push(loss.to_bits());
+                (loss, bits)
+            };
+            let ((loss, plain), (_, dispatched)) = (run(true), run(false));
+            assert_eq!(plain, dispatched, "k {k}");
+            // a·(lse(z/τ)·Σq − Σ q·z/τ), by its definition.
+            let z: Vec<f64> = logits.iter().map(|z| z.get() / 0.1).collect();
+            let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + z.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+            let q: Vec<f64> = (0..k).map(|j| 3.0 * kernel[j] as f64 * cols[j]).collect();
+            let want = 0.25
+                * (lse * q.iter().sum::<f64>() - q.iter().zip(&z).map(|(q, z)| q * z).sum::<f64>());
+            assert!(
+                (loss - want).abs() <= 1e-6 * want.abs(),
+                "k {k}: {loss} vs {want}"
+            );
+        }
+        for k in [1, 7, 8, 1027] {
+            check::<f32>(k);
+            check::<f64>(k);
+        }
+    }
+
     /// Products through strides equal a plain float64 triple loop, with shapes that cut the
     /// row blocks (tall results) and the column blocks (wide ones) raggedly, twice each: the
     /// results are large enough to be kept, so the second time writes into buffers that

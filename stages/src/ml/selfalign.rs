@@ -308,7 +308,12 @@ pub(crate) fn host_scaling(
             .zip(rows.par_chunks_mut(BLOCK_ROWS))
             .map(|(block, out)| {
                 let mut col = sums.then(|| vec![0.0f64; k]);
-                scaling_block(block, k, cols, n as f64, out, col.as_deref_mut());
+                let p = Pass {
+                    k,
+                    cols,
+                    n: n as f64,
+                };
+                scaling_block(p, block, out, col.as_deref_mut());
                 col
             })
             .collect();
@@ -346,47 +351,36 @@ pub(crate) fn host_scaling(
     (rows, cols)
 }
 
-/// One block of [`host_scaling`]'s pass, 4 f64 lanes at a time where the CPU has AVX2 (no
-/// fused multiply-add either way: the same bits).
-fn scaling_block(
-    block: &[f32],
+/// One pass of [`host_scaling`]: `k` columns, the column scales v (`None`: plain sums), `n`
+/// rows in all.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
     k: usize,
-    cols: Option<&[f64]>,
+    cols: Option<&'a [f64]>,
     n: f64,
-    out: &mut [f64],
-    sums: Option<&mut [f64]>,
-) {
+}
+
+/// One block of a [`Pass`], 4 f64 lanes at a time where the CPU has AVX2 (no fused
+/// multiply-add either way: the same bits).
+fn scaling_block(p: Pass<'_>, block: &[f32], out: &mut [f64], sums: Option<&mut [f64]>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { scaling_block_avx2(block, k, cols, n, out, sums) };
+        unsafe { scaling_block_avx2(p, block, out, sums) };
         return;
     }
-    scaling_block_plain(block, k, cols, n, out, sums)
+    scaling_block_plain(p, block, out, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn scaling_block_avx2(
-    block: &[f32],
-    k: usize,
-    cols: Option<&[f64]>,
-    n: f64,
-    out: &mut [f64],
-    sums: Option<&mut [f64]>,
-) {
-    scaling_block_plain(block, k, cols, n, out, sums)
+fn scaling_block_avx2(p: Pass<'_>, block: &[f32], out: &mut [f64], sums: Option<&mut [f64]>) {
+    scaling_block_plain(p, block, out, sums)
 }
 
 #[inline(always)]
-fn scaling_block_plain(
-    block: &[f32],
-    k: usize,
-    cols: Option<&[f64]>,
-    n: f64,
-    out: &mut [f64],
-    mut sums: Option<&mut [f64]>,
-) {
+fn scaling_block_plain(p: Pass<'_>, block: &[f32], out: &mut [f64], mut sums: Option<&mut [f64]>) {
+    let Pass { k, cols, n } = p;
     for (row, r) in block.chunks_exact(k.max(1)).zip(out.iter_mut()) {
         let (value, weight) = match cols {
             None => (dot_lanes(row, None), 1.0),
@@ -1103,10 +1097,15 @@ mod tests {
         let block = &e[..BLOCK_ROWS * k];
         let run = |plain: bool, cols: Option<&[f64]>| {
             let (mut out, mut sums) = (vec![0.0; BLOCK_ROWS], vec![0.0; k]);
+            let p = Pass {
+                k,
+                cols,
+                n: n as f64,
+            };
             if plain {
-                scaling_block_plain(block, k, cols, n as f64, &mut out, Some(&mut sums));
+                scaling_block_plain(p, block, &mut out, Some(&mut sums));
             } else {
-                scaling_block(block, k, cols, n as f64, &mut out, Some(&mut sums));
+                scaling_block(p, block, &mut out, Some(&mut sums));
             }
             out.iter()
                 .chain(&sums)

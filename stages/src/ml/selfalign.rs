@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::selfalign_host as host;
 use std::any::Any;
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::rc::Rc;
 
 /// `loss.lca:` — the concept-level term.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -168,7 +168,7 @@ pub struct Share<'a, B: Backend> {
 }
 
 /// Locals and their host copy (a `HostLocals` of the backend's float type).
-type Held<'a, B> = (&'a Locals<B>, Arc<dyn Any + Send + Sync>);
+type Held<'a, B> = (&'a Locals<B>, Rc<dyn Any>);
 
 impl<B: Backend> Default for Share<'_, B> {
     fn default() -> Self {
@@ -180,14 +180,14 @@ impl<B: Backend> Default for Share<'_, B> {
 
 impl<'a, B: Backend> Share<'a, B> {
     /// `locals` on the host in `T`: unit rows, their norms and the validity.
-    pub(crate) fn host<T: host::Real>(&self, locals: &'a Locals<B>) -> Arc<host::HostLocals<T>> {
+    pub(crate) fn host<T: host::Real>(&self, locals: &'a Locals<B>) -> Rc<host::HostLocals<T>> {
         let mut held = self.held.borrow_mut();
         let same = held
             .iter()
             .find(|(l, _)| std::ptr::eq(*l, locals))
             .and_then(|(_, h)| h.clone().downcast::<host::HostLocals<T>>().ok());
         same.unwrap_or_else(|| {
-            let made = Arc::new(host::HostLocals::<T>::of(locals));
+            let made = Rc::new(host::HostLocals::<T>::of(locals));
             held.push((locals, made.clone()));
             made
         })
@@ -303,16 +303,16 @@ pub(crate) fn host_scaling(
     // block's Σ_i w_i E_ij, w_i = 1 or r_i. Returns the rows' values and the column sums.
     let pass = |cols: Option<&[f64]>, sums: bool| -> (Vec<f64>, Option<Vec<f64>>) {
         let mut rows = vec![0.0f64; n];
+        let p = Pass {
+            k,
+            cols,
+            n: n as f64,
+        };
         let partial: Vec<Option<Vec<f64>>> = e
             .par_chunks(BLOCK_ROWS * k.max(1))
             .zip(rows.par_chunks_mut(BLOCK_ROWS))
             .map(|(block, out)| {
                 let mut col = sums.then(|| vec![0.0f64; k]);
-                let p = Pass {
-                    k,
-                    cols,
-                    n: n as f64,
-                };
                 scaling_block(p, block, out, col.as_deref_mut());
                 col
             })
@@ -732,7 +732,7 @@ fn lca_on_host<'a, B: Backend>(
         let [k, _] = prototypes.dims();
         let (v, t) = (share.host::<T>(image), share.host::<T>(text));
         let input = host::LcaInput::<T> {
-            image: &v.unit,
+            image: &v,
             text: &t,
             prototypes: &host::read(prototypes.clone()),
             b,
@@ -1173,14 +1173,13 @@ mod tests {
                 &share,
             );
             let guides = tensor(values(b * d, 4), [b, d]).require_grad();
-            let host_place = Where::Host;
             let t2v = cra_direction(
                 guides.clone(),
                 &image_locals,
                 &ids,
                 0.7,
                 9,
-                host_place,
+                Where::Host,
                 &share,
             );
             let v2t = cra_direction(
@@ -1189,7 +1188,7 @@ mod tests {
                 &ids,
                 0.7,
                 9,
-                host_place,
+                Where::Host,
                 &share,
             );
             let total = lca_value + t2v + v2t;

@@ -609,9 +609,9 @@ impl<T: Real> WordRow<'_, T> {
 
 /// LCA's shape and settings, for [`lca`].
 pub(crate) struct LcaInput<'a, T: Real> {
-    /// Image locals `[b, r, d]`, unit rows (no gradient).
-    pub image: &'a [T],
-    /// Word states `[b, l, d]` as the terms share them.
+    /// Image locals `[b, r, d]` and word states `[b, l, d]` as the terms share them (the
+    /// image side gets no gradient).
+    pub image: &'a HostLocals<T>,
     pub text: &'a HostLocals<T>,
     /// `[k, d]`, unit rows.
     pub prototypes: &'a [T],
@@ -630,7 +630,7 @@ pub(crate) fn lca<T: Real>(
     (want_text, want_prototypes): (bool, bool),
 ) -> (f64, Option<Vec<f64>>, Option<Vec<f64>>) {
     let LcaInput { b, r, l, d, k, .. } = *x;
-    let (v, t, t_norms) = (x.image, &x.text.unit, &x.text.norms);
+    let (v, t, t_norms) = (&x.image.unit, &x.text.unit, &x.text.norms);
     // Sinkhorn over every region of the batch, in scaling form.
     let regions = b * r;
     let scores = product_nt(regions, k, d, v, x.prototypes);

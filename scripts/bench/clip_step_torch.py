@@ -11,7 +11,8 @@ teacher vectors (docs/method.md). AdamW (lr 1e-5, weight decay 1e-4, eps 1e-8). 
 rotating batches in which pair 5k+4 shows the image of pair 5k, 8-bit pixels copied to the
 device every step and normalised there (what a tuned PyTorch loop does; cusa-pipe normalises on
 the host); captions of `--text-len`
-tokens (start, words, end). fp32 (TF32 off for matrix products, PyTorch's default) or
+tokens (start, words, end). fp32 (TF32 off for matrix products, PyTorch's default; `--tf32`
+turns it on for products and convolutions, the arithmetic of burn's CUDA f32) or
 `torch.autocast(bfloat16)` for bf16-mixed. The device is synchronised after every step; the first
 step is timed apart, then `--warmup` untimed steps, then the median of `--steps`.
 
@@ -214,8 +215,12 @@ def main():
     ap.add_argument("--text-len", type=int, default=77)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tf32", action="store_true", help="f32 products and convolutions in TF32")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: torch sees no CUDA device", file=sys.stderr)
         sys.exit(3)

@@ -15,8 +15,8 @@
 # scripts/gpu/summarize.py merges everything into $OUT/gpu-check.json and prints the table.
 #
 # Settings (environment): BUDGET (s, whole check; 450), PART_T / STEP_T / TORCH_T (s, per part),
-# STEPS / WARMUP (timed / untimed steps), PARALLEL=1 (parity, train and the fp32 base step side by
-# side: cold-start kernel compilation is single-core per process), PACK=1 (archives instead of
+# STEPS / WARMUP (timed / untimed steps), PARALLEL=1 (parity, parity-f64, train and the fp32 base
+# step side by side: cold-start kernel compilation is single-core per process), PACK=1 (archives instead of
 # loose files), WORK (where the parts run and CubeCL keeps its caches), TORCH=0 (no peer),
 # PYTHON (with torch + transformers for the peer), CUBECL_AUTOTUNE_LEVEL (CubeCL's own).
 #
@@ -148,6 +148,8 @@ peer() {
   local args=(--clip "$CLIP" --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --text-len "$TEXT"
     --precision "$p" --loss "$l" --json "$OUT/$name.json")
   [ $DRY = 1 ] && args+=(--device cpu)
+  # burn's CUDA f32 takes its products in TF32 (README, "On a GPU"): the peer's fp32 does too.
+  [ "$p" = fp32 ] && args+=(--tf32)
   local t
   t=$(cap "${TORCH_T:-60}")
   if [ "$t" -lt 15 ]; then log "$name: skipped (the check's budget is spent)"; return 0; fi
@@ -163,16 +165,18 @@ peer() {
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits > "$OUT/idle.mem" 2>/dev/null
 STEP_ARGS=(--part step --clip "$CLIP" --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --text-len "$TEXT")
 if [ "${PARALLEL:-0}" = 1 ]; then
-  # Kernel compilation (NVRTC, one CPU core per process) dominates a cold start: parity, the
-  # short training and the fp32 base step run side by side, each compiling on its own core.
+  # Kernel compilation (NVRTC, one CPU core per process) dominates a cold start: both parities,
+  # the short training and the fp32 base step run side by side, each compiling on its own core.
   # Peak memory is then the GPU's total; the tiny parts use little of it.
   part parity "$PART_T" --part parity --precision "${PRECISIONS##* }" &
+  part parity-f64 "$PART_T" --part parity-f64 --precision fp32 &
   part train "$PART_T" --part train --precision fp32 &
   part step-fp32-base "$STEP_T" "${STEP_ARGS[@]}" --precision fp32 --loss base &
   wait
   peer torch-fp32-base fp32 base
 else
 part parity "$PART_T" --part parity --precision "${PRECISIONS##* }"
+part parity-f64 "$PART_T" --part parity-f64 --precision fp32
 part train "$PART_T" --part train --precision fp32
 for l in base cusa; do
   for p in $PRECISIONS; do

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
-use cusa_stages::ml::selfalign::Where;
+use cusa_stages::ml::Where;
 use cusa_stages::train::device_check::selfalign_parity_within;
 
 fn check<B: AutodiffBackend>(tol: f64, place: Where) {

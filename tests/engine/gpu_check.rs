@@ -1,7 +1,8 @@
 //! The GPU check kit rehearsed on the CPU: `scripts/gpu/check.sh --dry-run` runs every part of
-//! `cusa-pipe bench gpu` with the tiny CLIP on burn's ndarray backend (and the PyTorch peer when
-//! torch is installed), so the script, the binary's parts and the summary cannot rot between
-//! GPU leases; and a fixture that disagrees with the model is reported, not passed.
+//! `cusa-pipe bench gpu` (parity in f32 and in f64, train, step) with the tiny CLIP on burn's
+//! ndarray backend (and the PyTorch peer when torch is installed), so the script, the binary's
+//! parts and the summary cannot rot between GPU leases; and a fixture that disagrees with the
+//! model is reported, not passed.
 
 use std::path::Path;
 use std::process::Command;
@@ -56,6 +57,33 @@ fn gpu_check_dry_run_passes_every_part_on_the_cpu() {
     for r in rows {
         let v = r["value"].as_f64().unwrap();
         assert!(v <= r["high"].as_f64().unwrap(), "{r}");
+    }
+    // Judged on the CPU's IEEE f32, all but the diagnostic.
+    let reported: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["judged"] == false)
+        .map(|r| r["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reported,
+        ["diagnostic: log_softmax(sᵀ) vs log_softmax(own product), largest"]
+    );
+
+    // The same in f64, within the f64 bounds.
+    let f64_parity = &summary["parts"]["parity-f64"]["result"];
+    assert_eq!(f64_parity["passed"], true);
+    let rows = f64_parity["outcome"]["parity"].as_array().unwrap();
+    let checks: Vec<&str> = rows.iter().map(|r| r["check"].as_str().unwrap()).collect();
+    for (expected, bound) in [
+        ("clip-tiny image_embeds f64, worst error", 1e-6),
+        ("infonce_mean d/df_i", 1e-6),
+        ("csa value", 1e-6),
+        ("cra d/dv", 1e-6),
+    ] {
+        let row = rows.iter().find(|r| r["check"] == expected);
+        let row = row.unwrap_or_else(|| panic!("{expected} is checked in f64: {checks:?}"));
+        assert_eq!(row["high"].as_f64().unwrap(), bound, "{row}");
+        assert!(row["value"].as_f64().unwrap() <= bound, "{row}");
     }
 
     let train = &summary["parts"]["train"]["result"]["outcome"]["train"];

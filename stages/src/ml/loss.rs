@@ -8,7 +8,10 @@
 //!   entropy term included, so values equal `nn.KLDivLoss(reduction="batchmean")`;
 //! * temperatures are plain tensors here: clamping them is the caller's job, done on the
 //!   parameter values before every forward (as the reference code does), so a clamp never
-//!   zeroes a gradient.
+//!   zeroes a gradient;
+//! * InfoNCE and CSA compute the caption→image direction for the kind of device they run on
+//!   ([`Where`]): a transposed view of S on the host, its own product on a GPU; both forms are
+//!   checked.
 //!
 //! Checked against a float64 numpy implementation of the formulas with finite-difference
 //! gradients (`scripts/fixtures/losses.py` → `stages/tests/fixtures/losses.json`).
@@ -16,6 +19,8 @@
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
+
+use super::Where;
 
 /// How the base InfoNCE is reduced over the B×B targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -66,18 +71,47 @@ pub fn multi_positive_targets<B: Backend>(image_ids: &[u64], device: &B::Device)
     same / counts
 }
 
-/// Base InfoNCE: ½(CE_i2t + CE_t2i) on S = cos(f_I, f_T)/τ with multi-positive `targets`.
+/// S = cos(f_I, f_T)/τ and the caption→image direction Sᵀ: on the host a transposed view of S
+/// (one product); on a device its own product cos(f_T, f_I)/τ, a contiguous matrix, so that no
+/// reduction reads a transposed view (burn 0.21's CUDA backend reduced them wrongly on an H200).
+/// The same values: each entry is the same dot product.
+fn both_ways<B: Backend>(
+    f_i: Tensor<B, 2>,
+    f_t: Tensor<B, 2>,
+    tau: Tensor<B, 1>,
+    on: Where,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match on {
+        Where::Host => {
+            let s = over(cosine(f_i, f_t), tau);
+            (s.clone(), s.transpose())
+        }
+        Where::Device => (
+            over(cosine(f_i.clone(), f_t.clone()), tau.clone()),
+            over(cosine(f_t, f_i), tau),
+        ),
+    }
+}
+
+/// Base InfoNCE: ½(CE_i2t + CE_t2i) on S = cos(f_I, f_T)/τ with multi-positive `targets`
+/// (symmetric, as [`multi_positive_targets`] makes them: on a device the caption direction
+/// reads them as they are rather than through a transposed view).
 pub fn infonce<B: Backend>(
     f_i: Tensor<B, 2>,
     f_t: Tensor<B, 2>,
     tau: Tensor<B, 1>,
     targets: Tensor<B, 2>,
     reduction: Reduction,
+    on: Where,
 ) -> Tensor<B, 1> {
     let [b, _] = f_i.dims();
-    let s = over(cosine(f_i, f_t), tau);
-    let ce_i2t = -(targets.clone() * log_softmax(s.clone(), 1)).sum();
-    let ce_t2i = -(targets.transpose() * log_softmax(s.transpose(), 1)).sum();
+    let (s, s_t) = both_ways(f_i, f_t, tau, on);
+    let targets_t = match on {
+        Where::Host => targets.clone().transpose(),
+        Where::Device => targets.clone(),
+    };
+    let ce_i2t = -(targets * log_softmax(s, 1)).sum();
+    let ce_t2i = -(targets_t * log_softmax(s_t, 1)).sum();
     let scale = match reduction {
         Reduction::Mean => b as f64,
         Reduction::Reference => (b * b) as f64,
@@ -160,9 +194,10 @@ pub fn csa<B: Backend>(
     p_image: Tensor<B, 2>,
     p_text: Tensor<B, 2>,
     kl: Kl,
+    on: Where,
 ) -> Tensor<B, 1> {
-    let s = over(cosine(f_i, f_t), tau_c);
-    (kl.of(p_image, log_softmax(s.clone(), 1)) + kl.of(p_text, log_softmax(s.transpose(), 1))) / 2.0
+    let (s, s_t) = both_ways(f_i, f_t, tau_c, on);
+    (kl.of(p_image, log_softmax(s, 1)) + kl.of(p_text, log_softmax(s_t, 1))) / 2.0
 }
 
 /// USA without β: ½(KL(P^II‖Q^II) + KL(P^TT‖Q^TT)), Q from the uni heads' own similarities

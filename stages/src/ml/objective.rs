@@ -16,8 +16,9 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
+use super::Where;
 use super::loss::{self, Reduction};
-use super::selfalign::{self, CraConfig, GuideStats, LcaConfig, Where};
+use super::selfalign::{self, CraConfig, GuideStats, LcaConfig};
 use super::student::{Embeddings, Temperatures};
 use crate::ml::selfalign::SelfAlign;
 
@@ -121,10 +122,11 @@ pub struct Objective {
     pub soft_temperature: f64,
     /// The direction of CSA's and USA's KL (CUSA's: forward, KL(P‖Q)).
     pub soft_kl: loss::Kl,
-    /// Where SelfAlign's terms are computed: on the host with their gradients by hand on a CPU
-    /// backend, with tensor operations and autodiff on a GPU. The same function either way
-    /// (both checked against numpy).
-    pub selfalign_on: Where,
+    /// The kind of device it is computed for ([`Where`]): on a CPU backend SelfAlign's terms
+    /// on the host with their gradients by hand, on a GPU tensor operations and autodiff
+    /// throughout, with the caption→image similarities of InfoNCE and CSA as their own product.
+    /// The same function either way (both forms checked against numpy).
+    pub on: Where,
 }
 
 /// Why a batch cannot be scored.
@@ -207,6 +209,7 @@ impl Objective {
                     temps.tau.val(),
                     loss::multi_positive_targets::<B>(&targets.image_ids, &device),
                     reduction,
+                    self.on,
                 ),
                 Term::Base(Base::Vse(margin)) => loss::vse_hardest(
                     f_i.clone(),
@@ -226,6 +229,7 @@ impl Objective {
                         p_i,
                         p_t,
                         self.soft_kl,
+                        self.on,
                     ) * alpha
                 }
                 Term::Usa { beta } => {
@@ -259,7 +263,7 @@ impl Objective {
                     } else {
                         prototypes
                     };
-                    selfalign::lca(v, t, prototypes, &c, self.selfalign_on, &share) * c.weight
+                    selfalign::lca(v, t, prototypes, &c, self.on, &share) * c.weight
                 }
                 Term::Cra(c) => {
                     let (Some(v), Some(t)) = (&e.image.locals, &e.text.locals) else {
@@ -275,7 +279,7 @@ impl Objective {
                     let (text_guide, text_stats) = gt.forward_train(t.mean());
                     guide_stats = Some((image_stats, text_stats));
                     let ids = &targets.image_ids;
-                    let (tau, hardest, place) = (c.temperature, c.hardest, self.selfalign_on);
+                    let (tau, hardest, place) = (c.temperature, c.hardest, self.on);
                     let t2v =
                         selfalign::cra_direction(text_guide, v, ids, tau, hardest, place, &share);
                     let v2t =

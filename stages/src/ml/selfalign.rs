@@ -35,6 +35,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::Where;
 use super::selfalign_host as host;
 use std::any::Any;
 use std::cell::RefCell;
@@ -232,17 +233,6 @@ enum Scaling<B: Backend> {
         rows: Vec<f64>,
         cols: Vec<f64>,
     },
-}
-
-/// Where SelfAlign's terms are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Where {
-    /// On the host (the tensors are in host memory anyway): Sinkhorn by loops, and LCA and CRA
-    /// with their gradients by hand (`selfalign_host`).
-    #[default]
-    Host,
-    /// Tensor operations on the tensors' device, autodiff for the gradients.
-    Device,
 }
 
 /// Rows per block of the host column sums (fixed, so the sums' order is too).

@@ -3,7 +3,7 @@
 //! autodiff graph as one scalar whose gradient is the computed one ([`attach`]).
 //!
 //! Why it exists: written with tensor operations (what a GPU runs, `selfalign`'s
-//! [`Where::Device`](super::selfalign::Where) path), LCA and CRA are some twenty element-wise
+//! [`Where::Device`](super::Where) path), LCA and CRA are some twenty element-wise
 //! passes forward and as many backward, each a fresh full-size tensor on burn-ndarray; here
 //! each step is one loop over the values, rows in parallel, each row written in place, and
 //! the matrix products go to the `gemm` crate, transposed operands read through their strides

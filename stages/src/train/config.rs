@@ -5,11 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ConfigError;
 pub use crate::device::Device;
+use crate::ml::Where;
 use crate::ml::embed::Embedding;
 use crate::ml::loss::Reduction;
 use crate::ml::objective::{Base, Objective, Term};
 pub use crate::ml::precision::Precision;
-use crate::ml::selfalign::Where;
 pub use crate::ml::selfalign::{CraConfig, LcaConfig};
 
 /// `with:` of a train stage.
@@ -327,7 +327,7 @@ impl LossConfig {
             terms,
             soft_temperature: self.soft_temperature.unwrap_or(1.0),
             soft_kl: self.soft_kl.unwrap_or_default(),
-            selfalign_on: Where::Host,
+            on: Where::Host,
         }
     }
 

@@ -112,7 +112,7 @@ where
     ));
     let mut objective = c.loss.objective(c.reduction());
     if backend == "cuda" {
-        objective.selfalign_on = crate::ml::selfalign::Where::Device;
+        objective.on = crate::ml::Where::Device;
     }
     ctx.log.line(format!(
         "objective: {}{}{}{}",

@@ -362,13 +362,15 @@ impl Checkpoint {
     /// mis-shaped.
     pub fn apply<B: Backend>(&self, model: &mut Clip<B>) -> Result<(), WeightsError> {
         // The tensors go to burn-store's applier as snapshots directly (no re-serialising): it
-        // matches them to the model's paths and adapts them in the model's context.
+        // matches them to the model's paths and adapts them in the model's context, keeping
+        // their dtype, so they are given in the backend's float type (f64 for the check's
+        // `parity-f64`).
         let snapshots: Vec<TensorSnapshot> = self
             .tensors
             .iter()
             .map(|(name, t)| {
                 TensorSnapshot::from_data(
-                    TensorData::new(t.data.clone(), t.shape.clone()),
+                    TensorData::new(t.data.clone(), t.shape.clone()).convert::<B::FloatElem>(),
                     name.split('.').map(str::to_string).collect(),
                     Vec::new(),
                     ParamId::new(),

@@ -9,7 +9,8 @@
 # target/debug/cusa-pipe.
 # Every part runs under its own timeout and leaves its JSON and log in $OUT even when it fails
 # or is killed; after a burn part dies (killed, crashed) the remaining burn parts are skipped
-# (they would hang the same way) but the PyTorch peer still runs. Each timed configuration
+# (they would hang the same way; parity-f64 excepted, whose f64 kernels no other part runs) but
+# the PyTorch peer still runs. Each timed configuration
 # runs once in burn, then in PyTorch, each in its own process, while nvidia-smi samples the GPU's
 # memory. At the end
 # scripts/gpu/summarize.py merges everything into $OUT/gpu-check.json and prints the table.
@@ -136,8 +137,9 @@ part() {
   log "$name: rc=$rc"
   echo "{\"part\": \"$name\", \"rc\": $rc}" > "$OUT/$name.rc.json"
   tail -n 12 "$OUT/$name.log"
-  # 0 passed, 1 a figure out of bounds: the device works; anything else: it died.
-  [ $rc -gt 1 ] && BURN_DEAD=1
+  # 0 passed, 1 a figure out of bounds: the device works; anything else: it died. parity-f64
+  # runs f64 kernels no other part uses: its death says nothing about them.
+  [ $rc -gt 1 ] && [ "$name" != parity-f64 ] && BURN_DEAD=1
   return 0
 }
 
